@@ -1,0 +1,347 @@
+//! `mailmoat.toml` → validated [`Config`].
+//!
+//! Two layers, as ripgrep's low/high args: [`file`] mirrors the TOML file
+//! with raw strings and their spans; [`Config::from_toml`] turns that into
+//! typed values (`Duration`, `SocketAddr`, byte counts) and collects *every*
+//! invalid value before failing, each error naming its file, line and key.
+//! Running code only ever sees a validated `Config`.
+
+mod file;
+pub mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use file::{FileConfig, Raw, Scalar};
+pub use units::Rate;
+
+/// The file shipped in `config/mailmoat.toml`, with every key documented.
+pub const SHIPPED_CONFIG: &str = include_str!("../../config/mailmoat.toml");
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerSettings {
+    pub listen: Vec<SocketAddr>,
+    pub hostname: String,
+    #[serde(serialize_with = "ser_duration")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct UpstreamSettings {
+    pub servers: Vec<SocketAddr>,
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    pub proxy_protocol: ProxyProtocol,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    Off,
+    V1,
+    V2,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Limits {
+    pub max_line_length: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Timeouts {
+    #[serde(serialize_with = "ser_duration")]
+    pub idle: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub command_line: Duration,
+    /// Bytes per second a client must average during DATA.
+    pub data_min_rate: u64,
+    #[serde(serialize_with = "ser_duration")]
+    pub session: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub write: Duration,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AdminSettings {
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+/// Every problem found in a config file, one per line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; check the path given with -c")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Syntax {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{}", .problems.join("\n"))]
+    Invalid { problems: Vec<String> },
+}
+
+impl Default for Config {
+    /// The embedded defaults: strict limits, loopback-only listeners.
+    fn default() -> Self {
+        Config::from_toml("", Path::new("<defaults>")).expect("embedded defaults are valid")
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Parses and validates; `origin` names the file in error messages.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let raw: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Syntax {
+            path: origin.to_owned(),
+            source: Box::new(source),
+        })?;
+        let mut v = Validator {
+            text,
+            origin,
+            problems: Vec::new(),
+        };
+        let config = v.config(raw);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                problems: v.problems,
+            })
+        }
+    }
+
+    /// The effective configuration, as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Turns raw values into typed ones, remembering every failure.
+struct Validator<'a> {
+    text: &'a str,
+    origin: &'a Path,
+    problems: Vec<String>,
+}
+
+impl Validator<'_> {
+    fn config(&mut self, raw: FileConfig) -> Config {
+        let s = raw.server;
+        let u = raw.upstream;
+        let l = raw.limits;
+        let t = raw.timeouts;
+        Config {
+            server: ServerSettings {
+                listen: self.addrs("server.listen", s.listen, &["127.0.0.1:2525"]),
+                hostname: s
+                    .hostname
+                    .map_or_else(|| "localhost".into(), |h| h.into_inner()),
+                shutdown_grace: self.duration("server.shutdown_grace", s.shutdown_grace, "30s"),
+            },
+            upstream: UpstreamSettings {
+                servers: self.addrs("upstream.servers", u.servers, &["127.0.0.1:25"]),
+                connect_timeout: self.duration("upstream.connect_timeout", u.connect_timeout, "5s"),
+                proxy_protocol: self.parse(
+                    "upstream.proxy_protocol",
+                    u.proxy_protocol,
+                    "off",
+                    |s| match s {
+                        "off" => Ok(ProxyProtocol::Off),
+                        "v1" => Ok(ProxyProtocol::V1),
+                        "v2" => Ok(ProxyProtocol::V2),
+                        _ => Err("expected \"off\", \"v1\" or \"v2\"".into()),
+                    },
+                ),
+            },
+            limits: Limits {
+                max_line_length: self.size("limits.max_line_length", l.max_line_length, "2048")
+                    as usize,
+            },
+            timeouts: Timeouts {
+                idle: self.duration("timeouts.idle", t.idle, "60s"),
+                command_line: self.duration("timeouts.command_line", t.command_line, "30s"),
+                data_min_rate: self.parse(
+                    "timeouts.data_min_rate",
+                    t.data_min_rate,
+                    "1KiB/s",
+                    |s| units::parse_rate(s, true).map(|r| r.per_second().ceil() as u64),
+                ),
+                session: self.duration("timeouts.session", t.session, "10m"),
+                write: self.duration("timeouts.write", t.write, "30s"),
+            },
+            admin: AdminSettings {
+                listen: match raw.admin.listen {
+                    Some(text) if text.get_ref().as_str() == Some("") => None,
+                    raw_listen => {
+                        Some(
+                            self.parse("admin.listen", raw_listen, "127.0.0.1:9925", |s| {
+                                s.parse::<SocketAddr>()
+                                    .map_err(|e| format!("{e}; write IP:port"))
+                            }),
+                        )
+                    }
+                },
+            },
+            log: LogSettings {
+                format: self.parse("log.format", raw.log.format, "text", |s| match s {
+                    "text" => Ok(LogFormat::Text),
+                    "json" => Ok(LogFormat::Json),
+                    _ => Err("expected \"text\" or \"json\"".into()),
+                }),
+                level: raw
+                    .log
+                    .level
+                    .map_or_else(|| "info".into(), |l| l.into_inner()),
+            },
+        }
+    }
+
+    fn duration(&mut self, key: &str, raw: Raw<Scalar>, default: &str) -> Duration {
+        self.parse(key, raw, default, units::parse_duration)
+    }
+
+    fn size(&mut self, key: &str, raw: Raw<Scalar>, default: &str) -> u64 {
+        let value = self.parse(key, raw, default, units::parse_size);
+        if value == 0 {
+            self.problems.push(format!(
+                "{}: {key} must be greater than zero",
+                self.origin.display()
+            ));
+        }
+        value
+    }
+
+    fn addrs(&mut self, key: &str, raw: Raw<Vec<String>>, default: &[&str]) -> Vec<SocketAddr> {
+        let Some(raw) = raw else {
+            return default
+                .iter()
+                .map(|a| a.parse().expect("valid default"))
+                .collect();
+        };
+        let span = raw.span();
+        let addrs: Vec<SocketAddr> = raw
+            .into_inner()
+            .iter()
+            .filter_map(|a| match a.parse() {
+                Ok(addr) => Some(addr),
+                Err(e) => {
+                    self.problem(
+                        key,
+                        span.clone(),
+                        &format!(
+                            "{a:?}: {e}; write IP:port, e.g. \"127.0.0.1:25\" or \"[::1]:25\""
+                        ),
+                    );
+                    None
+                }
+            })
+            .collect();
+        if addrs.is_empty() {
+            self.problem(key, span, "needs at least one address");
+        }
+        addrs
+    }
+
+    /// Parses `raw` (or `default` when the key is absent) with `parse`,
+    /// recording a problem that names the key and its line.
+    fn parse<T>(
+        &mut self,
+        key: &str,
+        raw: Raw<Scalar>,
+        default: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> T {
+        if let Some(raw) = raw {
+            let text = match raw.get_ref() {
+                Scalar::String(s) => Ok(s.clone()),
+                Scalar::Integer(i) => Ok(i.to_string()),
+                other => Err(format!("{other}: expected a string or a number")),
+            };
+            match text.and_then(|t| parse(&t).map_err(|e| format!("{t:?}: {e}"))) {
+                Ok(value) => return value,
+                Err(e) => self.problem(key, raw.span(), &e),
+            }
+        }
+        parse(default).expect("valid default")
+    }
+
+    fn problem(&mut self, key: &str, span: std::ops::Range<usize>, message: &str) {
+        let line = self.text[..span.start.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1;
+        self.problems.push(format!(
+            "{}:{line}: {key} = {message}",
+            self.origin.display()
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_is_valid_and_matches_embedded_defaults() {
+        let shipped = Config::from_toml(SHIPPED_CONFIG, Path::new("config/mailmoat.toml")).unwrap();
+        assert_eq!(shipped.to_toml(), Config::default().to_toml());
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_with_key_and_line() {
+        let text = "[timeouts]\nidle = \"3x\"\nsession = \"forever\"\n";
+        let err = Config::from_toml(text, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("m.toml:2: timeouts.idle"), "{err}");
+        assert!(err.contains("m.toml:3: timeouts.session"), "{err}");
+    }
+
+    #[test]
+    fn misspelled_key_is_named() {
+        let err = Config::from_toml("[timeouts]\nidel = \"3s\"\n", Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("idel"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+}

@@ -1,0 +1,31 @@
+//! mailmoat: an inbound SMTP abuse-shaping proxy.
+//!
+//! It listens where the mail receiver used to, and relays each client to
+//! the real receiver (Postfix, Exim) while shaping it. The data path, top to
+//! bottom:
+//!
+//! - [`listener`]: listening sockets and the accept loop.
+//! - [`session`]: one client's lifecycle; [`session::relay`] is the
+//!   SMTP-aware loop with every timeout.
+//! - [`smtp`]: command, reply and DATA parsing, pure and fuzzable.
+//! - [`upstream`]: connecting to the receiver, with failover and PROXY.
+//!
+//! Around it: [`config`] (file → validated settings), [`server`]
+//! (wiring and graceful shutdown), [`admin`] (HTTP metrics and health),
+//! [`metrics`], and [`sink`], a built-in receiver for the demo and tests.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod listener;
+pub mod metrics;
+pub mod proxy_protocol;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod sink;
+pub mod smtp;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::Server;

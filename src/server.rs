@@ -1,0 +1,138 @@
+//! The running proxy: listeners, admin endpoint, and graceful shutdown.
+//!
+//! Shutdown order (linkerd2-proxy's): stop accepting; tell sessions to
+//! drain (each closes at its next quiet point); wait up to
+//! `server.shutdown_grace`; then abort what is left.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::session::Shared;
+use crate::{admin, listener};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} ({key}): {source}; is another process using it?")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct Server {
+    config: Arc<Config>,
+    listeners: Vec<TcpListener>,
+    admin: Option<TcpListener>,
+    metrics: Arc<Metrics>,
+}
+
+impl Server {
+    /// Binds every listener, so failures show before anything runs.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let listeners = config
+            .server
+            .listen
+            .iter()
+            .map(|&addr| {
+                listener::bind(addr).map_err(|source| ServerError::Bind {
+                    key: "server.listen",
+                    addr,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let admin = match config.admin.listen {
+            Some(addr) => Some(listener::bind(addr).map_err(|source| ServerError::Bind {
+                key: "admin.listen",
+                addr,
+                source,
+            })?),
+            None => None,
+        };
+        Ok(Server {
+            config: Arc::new(config),
+            listeners,
+            admin,
+            metrics: Arc::new(Metrics::new()),
+        })
+    }
+
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let shared = Arc::new(Shared {
+            metrics: self.metrics.clone(),
+            drain: CancellationToken::new(),
+            abort: CancellationToken::new(),
+        });
+        let stop_accepting = CancellationToken::new();
+        let sessions = TaskTracker::new();
+        let mut background = tokio::task::JoinSet::new();
+
+        for l in self.listeners {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "accepting SMTP clients");
+            }
+            background.spawn(listener::accept_loop(
+                l,
+                self.config.clone(),
+                shared.clone(),
+                sessions.clone(),
+                stop_accepting.clone(),
+            ));
+        }
+        if let Some(l) = self.admin {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "admin listener (metrics, health)");
+            }
+            let stop = shared.abort.clone();
+            background.spawn(admin::serve(
+                l,
+                self.config.clone(),
+                self.metrics.clone(),
+                stop,
+            ));
+        }
+
+        shutdown.await;
+        let grace = self.config.server.shutdown_grace;
+        tracing::info!(sessions = sessions.len(), grace = ?grace, "shutting down: no new clients, draining sessions");
+        stop_accepting.cancel();
+        shared.drain.cancel();
+        sessions.close();
+        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+            tracing::warn!(
+                sessions = sessions.len(),
+                "shutdown grace ran out; closing the remaining sessions"
+            );
+            shared.abort.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
+        }
+        shared.abort.cancel();
+        background.shutdown().await;
+        tracing::info!("stopped");
+    }
+}

@@ -1,0 +1,557 @@
+//! The SMTP-aware relay between an admitted client and its receiver.
+//!
+//! One task, one loop: parse what the client sent according to the phase
+//! (commands, DATA content, a SASL response, or opaque bytes after
+//! STARTTLS), forward it, match each receiver reply to the command it
+//! answers, and enforce every deadline. Replies reach the client in command
+//! order: `pending` holds one entry per command in flight, and a reply the
+//! proxy makes itself waits in that queue behind the receiver's earlier ones.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::io::{consume, read_into, write_all_within, WriteError};
+use super::CloseReason;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::smtp::{Command, DataEvent, DataScanner, Reply, ReplyAssembler, Verb};
+
+/// Commands in flight before the proxy stops reading from a pipelining client.
+const MAX_PIPELINE: usize = 100;
+/// Longest receiver reply accepted (EHLO replies are the long ones).
+const MAX_REPLY: usize = 64 * 1024;
+/// Deadline for the last words to a client we are closing on.
+const GOODBYE_WRITE: Duration = Duration::from_secs(2);
+/// EHLO extensions the proxy cannot shape; BINARYMIME needs CHUNKING.
+const HIDDEN_EXTENSIONS: [&str; 2] = ["CHUNKING", "BINARYMIME"];
+
+#[derive(Debug)]
+enum Phase {
+    /// Client lines are commands.
+    Command,
+    /// Message content until the end marker.
+    Data(DataScanner),
+    /// The next client line answers a `334` challenge.
+    SaslResponse,
+    /// After STARTTLS: bytes pass through unread.
+    Opaque,
+}
+
+/// What the reply at this position of the queue will answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    Greeting,
+    Ehlo,
+    Mail,
+    Rset,
+    Data,
+    DataEnd,
+    Auth,
+    Quit,
+    StartTls,
+    Other,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Upstream(Expect),
+    /// A reply the proxy gives itself, and whether the session ends after it.
+    Local(Vec<u8>, Option<CloseReason>),
+}
+
+/// Counts kept for the session's closing log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RelayFacts {
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
+    pub commands: u64,
+    pub messages: u64,
+}
+
+pub struct Relay<'a, C, U> {
+    client: C,
+    upstream: U,
+    config: &'a Config,
+    metrics: &'a Metrics,
+    drain: &'a CancellationToken,
+    abort: &'a CancellationToken,
+
+    phase: Phase,
+    pending: VecDeque<Pending>,
+    replies: ReplyAssembler,
+    client_in: Vec<u8>,
+    upstream_in: Vec<u8>,
+    to_client: Vec<u8>,
+    to_upstream: Vec<u8>,
+    /// A command whose reply decides how to read the client (DATA, AUTH,
+    /// STARTTLS) is in flight: read nothing more until it is answered.
+    awaiting_sync_reply: bool,
+    /// Between an accepted MAIL and the end of its message or RSET.
+    in_transaction: bool,
+    quit_sent: bool,
+    client_eof: bool,
+    draining: bool,
+    /// Skipping the rest of an over-long line.
+    discarding_line: bool,
+    /// The session ends once what is queued for the client is written.
+    closing: Option<CloseReason>,
+
+    session_deadline: Instant,
+    last_activity: Instant,
+    line_started: Option<Instant>,
+    data_started: Instant,
+    data_bytes: u64,
+    pub facts: RelayFacts,
+}
+
+impl<'a, C, U> Relay<'a, C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    /// A relay whose receiver's greeting is the first reply to come.
+    pub fn new(
+        client: C,
+        upstream: U,
+        config: &'a Config,
+        metrics: &'a Metrics,
+        drain: &'a CancellationToken,
+        abort: &'a CancellationToken,
+        session_deadline: Instant,
+    ) -> Self {
+        let now = Instant::now();
+        Relay {
+            client,
+            upstream,
+            config,
+            metrics,
+            drain,
+            abort,
+            phase: Phase::Command,
+            pending: VecDeque::from([Pending::Upstream(Expect::Greeting)]),
+            replies: ReplyAssembler::new(MAX_REPLY),
+            client_in: Vec::new(),
+            upstream_in: Vec::new(),
+            to_client: Vec::new(),
+            to_upstream: Vec::new(),
+            awaiting_sync_reply: false,
+            in_transaction: false,
+            quit_sent: false,
+            client_eof: false,
+            draining: false,
+            discarding_line: false,
+            closing: None,
+            session_deadline,
+            last_activity: now,
+            line_started: None,
+            data_started: now,
+            data_bytes: 0,
+            facts: RelayFacts::default(),
+        }
+    }
+
+    /// Relays until the session ends, and says why it ended.
+    pub async fn run(&mut self) -> CloseReason {
+        loop {
+            if let Err(reason) = self.step().await {
+                return reason;
+            }
+        }
+    }
+
+    async fn step(&mut self) -> Result<(), CloseReason> {
+        self.process_client_input();
+        self.flush().await?;
+        if let Some(reason) = self.closing {
+            return Err(reason);
+        }
+        if self.client_eof && self.pending.is_empty() {
+            return Err(if self.quit_sent {
+                CloseReason::ClientQuit
+            } else {
+                CloseReason::ClientClosed
+            });
+        }
+        if self.draining && self.is_quiet() {
+            return Err(self
+                .goodbye(
+                    CloseReason::Shutdown,
+                    "4.3.2 shutting down, try again later",
+                )
+                .await);
+        }
+
+        let read_client =
+            !self.client_eof && !self.awaiting_sync_reply && self.pending.len() < MAX_PIPELINE;
+        let (deadline, expiry) = self.next_deadline();
+        tokio::select! {
+            read = read_into(&mut self.client, &mut self.client_in), if read_client => {
+                match read {
+                    Ok(0) => self.client_eof = true,
+                    Ok(n) => {
+                        self.last_activity = Instant::now();
+                        self.metrics.bytes_from_client.inc_by(n as u64);
+                        self.facts.bytes_from_client += n as u64;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "client read failed");
+                        return Err(CloseReason::ClientClosed);
+                    }
+                }
+            }
+            read = read_into(&mut self.upstream, &mut self.upstream_in) => {
+                match read {
+                    Ok(0) => {
+                        return Err(if self.quit_sent { CloseReason::ClientQuit } else { CloseReason::UpstreamClosed });
+                    }
+                    Ok(_) => {
+                        self.last_activity = Instant::now();
+                        self.process_upstream_input()?;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upstream read failed");
+                        return Err(CloseReason::UpstreamError);
+                    }
+                }
+            }
+            () = sleep_until(deadline) => {
+                return Err(self.goodbye(expiry, "4.4.2 timeout exceeded, closing connection").await);
+            }
+            () = self.drain.cancelled(), if !self.draining => self.draining = true,
+            () = self.abort.cancelled() => {
+                return Err(self.goodbye(CloseReason::Shutdown, "4.3.2 shutting down, try again later").await);
+            }
+        }
+        Ok(())
+    }
+
+    /// Nothing in flight and no message open: a point where closing loses nothing.
+    fn is_quiet(&self) -> bool {
+        matches!(self.phase, Phase::Command)
+            && self.pending.is_empty()
+            && self.client_in.is_empty()
+            && !self.in_transaction
+    }
+
+    /// The earliest deadline now in force, and the reason it would close for.
+    fn next_deadline(&self) -> (Instant, CloseReason) {
+        let t = &self.config.timeouts;
+        let mut next = (self.session_deadline, CloseReason::SessionTimeout);
+        let mut consider = |at: Instant, reason| {
+            if at < next.0 {
+                next = (at, reason);
+            }
+        };
+        if let Some(started) = self.line_started {
+            consider(started + t.command_line, CloseReason::LineTimeout);
+        }
+        if matches!(self.phase, Phase::Data(_)) && t.data_min_rate > 0 {
+            let earned = Duration::from_secs_f64(self.data_bytes as f64 / t.data_min_rate as f64);
+            consider(
+                self.data_started + t.command_line + earned,
+                CloseReason::SlowData,
+            );
+        }
+        consider(self.last_activity + t.idle, CloseReason::IdleTimeout);
+        next
+    }
+
+    /// Writes a final `421` (best effort, short deadline) and returns `reason`.
+    async fn goodbye(&mut self, reason: CloseReason, text: &str) -> CloseReason {
+        let mut bytes = std::mem::take(&mut self.to_client);
+        bytes.extend_from_slice(
+            format!("421 {} {text}\r\n", self.config.server.hostname).as_bytes(),
+        );
+        let deadline = GOODBYE_WRITE.min(self.config.timeouts.write);
+        if let Ok(n) = write_all_within(&mut self.client, &mut bytes, deadline).await {
+            self.metrics.bytes_to_client.inc_by(n as u64);
+        }
+        reason
+    }
+
+    async fn flush(&mut self) -> Result<(), CloseReason> {
+        let deadline = self.config.timeouts.write;
+        match write_all_within(&mut self.upstream, &mut self.to_upstream, deadline).await {
+            Ok(0) => {}
+            Ok(_) => self.last_activity = Instant::now(),
+            Err(e) => {
+                tracing::debug!(error = ?e, "upstream write failed");
+                return Err(CloseReason::UpstreamError);
+            }
+        }
+        match write_all_within(&mut self.client, &mut self.to_client, deadline).await {
+            Ok(0) => Ok(()),
+            Ok(n) => {
+                self.last_activity = Instant::now();
+                self.metrics.bytes_to_client.inc_by(n as u64);
+                self.facts.bytes_to_client += n as u64;
+                Ok(())
+            }
+            Err(WriteError::TimedOut) => Err(CloseReason::WriteTimeout),
+            Err(WriteError::Io(e)) => {
+                tracing::debug!(error = %e, "client write failed");
+                Err(CloseReason::ClientClosed)
+            }
+        }
+    }
+
+    // ---- client → upstream -------------------------------------------------
+
+    fn process_client_input(&mut self) {
+        while !self.client_in.is_empty() && self.closing.is_none() {
+            let progressed = match self.phase {
+                Phase::Command | Phase::SaslResponse => self.take_line(),
+                Phase::Data(_) => self.take_data(),
+                Phase::Opaque => {
+                    self.to_upstream.append(&mut self.client_in);
+                    true
+                }
+            };
+            if !progressed {
+                break;
+            }
+        }
+        // The line timer runs from the first byte of an unfinished line until
+        // its end, however slowly the bytes in between trickle.
+        let partial_line = matches!(self.phase, Phase::Command | Phase::SaslResponse)
+            && (self.discarding_line
+                || (!self.client_in.is_empty() && !self.client_in.contains(&b'\n')));
+        if partial_line {
+            self.line_started.get_or_insert_with(Instant::now);
+        } else {
+            self.line_started = None;
+        }
+    }
+
+    /// Handles one complete line if there is one; false when it must wait.
+    fn take_line(&mut self) -> bool {
+        if self.awaiting_sync_reply || self.pending.len() >= MAX_PIPELINE {
+            return false;
+        }
+        let max = self.config.limits.max_line_length;
+        let Some(end) = self
+            .client_in
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|i| i + 1)
+        else {
+            if self.discarding_line {
+                self.client_in = Vec::new();
+            } else if self.client_in.len() >= max {
+                self.client_in = Vec::new();
+                self.discarding_line = true;
+                self.line_too_long();
+            }
+            return false;
+        };
+        self.line_started = None;
+        if std::mem::take(&mut self.discarding_line) {
+            consume(&mut self.client_in, end);
+            return true;
+        }
+        if end > max {
+            self.line_too_long();
+        } else if matches!(self.phase, Phase::SaslResponse) {
+            // Credentials: forwarded, never parsed or logged.
+            self.phase = Phase::Command;
+            self.forward_line(end, Expect::Auth);
+        } else {
+            self.command(end);
+        }
+        consume(&mut self.client_in, end);
+        true
+    }
+
+    fn line_too_long(&mut self) {
+        self.metrics.protocol_errors.inc();
+        self.phase = Phase::Command;
+        self.pending.push_back(Pending::Local(
+            b"500 5.5.2 line too long\r\n".to_vec(),
+            None,
+        ));
+        self.release_local_replies();
+    }
+
+    fn command(&mut self, end: usize) {
+        let verb = Command::parse(&self.client_in[..end]).verb;
+        self.metrics.command(verb);
+        self.facts.commands += 1;
+        let expect = match verb {
+            Verb::Ehlo | Verb::Lhlo => Expect::Ehlo,
+            Verb::Mail => Expect::Mail,
+            Verb::Rset => Expect::Rset,
+            Verb::Data => Expect::Data,
+            Verb::Auth => Expect::Auth,
+            Verb::StartTls => Expect::StartTls,
+            Verb::Quit => {
+                self.quit_sent = true;
+                Expect::Quit
+            }
+            Verb::Bdat => {
+                // The chunk that follows is binary of a length only BDAT
+                // knows; without CHUNKING advertised there is no resync.
+                self.metrics.protocol_errors.inc();
+                self.pending.push_back(Pending::Local(
+                    b"503 5.5.1 BDAT without CHUNKING, use DATA\r\n".to_vec(),
+                    Some(CloseReason::ProtocolError),
+                ));
+                self.release_local_replies();
+                return;
+            }
+            _ => Expect::Other,
+        };
+        self.forward_line(end, expect);
+    }
+
+    fn forward_line(&mut self, end: usize, expect: Expect) {
+        self.to_upstream.extend_from_slice(&self.client_in[..end]);
+        self.pending.push_back(Pending::Upstream(expect));
+        if matches!(expect, Expect::Data | Expect::Auth | Expect::StartTls) {
+            self.awaiting_sync_reply = true;
+        }
+    }
+
+    fn take_data(&mut self) -> bool {
+        let Phase::Data(scanner) = &mut self.phase else {
+            return false;
+        };
+        let event = scanner.scan(&self.client_in);
+        let taken = match event {
+            DataEvent::Continue => self.client_in.len(),
+            DataEvent::End(n) => n,
+            DataEvent::Smuggling(_) => {
+                // Close without the end marker: the receiver drops the
+                // unfinished message, so nothing is half-delivered.
+                self.metrics.protocol_errors.inc();
+                self.to_client
+                    .extend_from_slice(b"421 4.5.0 bare line ending near end of data, closing\r\n");
+                self.closing = Some(CloseReason::ProtocolError);
+                self.client_in = Vec::new();
+                return false;
+            }
+        };
+        self.to_upstream.extend_from_slice(&self.client_in[..taken]);
+        self.data_bytes += taken as u64;
+        consume(&mut self.client_in, taken);
+        if matches!(event, DataEvent::End(_)) {
+            self.phase = Phase::Command;
+            self.pending.push_back(Pending::Upstream(Expect::DataEnd));
+        }
+        true
+    }
+
+    // ---- upstream → client -------------------------------------------------
+
+    fn process_upstream_input(&mut self) -> Result<(), CloseReason> {
+        if matches!(self.phase, Phase::Opaque) {
+            self.to_client.append(&mut self.upstream_in);
+            return Ok(());
+        }
+        let mut start = 0;
+        while let Some(len) = self.upstream_in[start..].iter().position(|&b| b == b'\n') {
+            let line = &self.upstream_in[start..start + len + 1];
+            start += len + 1;
+            match self.replies.push_line(line) {
+                Ok(Some(reply)) => self.reply(reply),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "receiver sent a malformed reply");
+                    return Err(CloseReason::UpstreamError);
+                }
+            }
+            if matches!(self.phase, Phase::Opaque) {
+                // Bytes after the 220 to STARTTLS are the receiver's TLS.
+                self.to_client.extend_from_slice(&self.upstream_in[start..]);
+                start = self.upstream_in.len();
+            }
+        }
+        consume(&mut self.upstream_in, start);
+        if self.upstream_in.len() > MAX_REPLY {
+            tracing::warn!("receiver sent an over-long reply line");
+            return Err(CloseReason::UpstreamError);
+        }
+        Ok(())
+    }
+
+    fn reply(&mut self, mut reply: Reply) {
+        let expect = match self.pending.pop_front() {
+            Some(Pending::Upstream(expect)) => Some(expect),
+            // Local replies are released as soon as they reach the front.
+            Some(local @ Pending::Local(..)) => {
+                self.pending.push_front(local);
+                None
+            }
+            None => None,
+        };
+        match expect {
+            Some(Expect::Greeting) if reply.code != 220 => {
+                self.close_after(CloseReason::UpstreamClosed)
+            }
+            Some(Expect::Ehlo) if reply.code == 250 => {
+                reply = reply.without_extensions(&HIDDEN_EXTENSIONS)
+            }
+            Some(Expect::Mail) => self.in_transaction = reply.is_positive(),
+            Some(Expect::Rset) => self.in_transaction = false,
+            Some(Expect::Data) => {
+                self.awaiting_sync_reply = false;
+                if reply.code == 354 {
+                    self.phase = Phase::Data(DataScanner::default());
+                    self.data_started = Instant::now();
+                    self.data_bytes = 0;
+                }
+            }
+            Some(Expect::DataEnd) => {
+                self.in_transaction = false;
+                if reply.is_positive() {
+                    self.facts.messages += 1;
+                }
+            }
+            Some(Expect::Auth) => {
+                self.awaiting_sync_reply = false;
+                if reply.code == 334 {
+                    self.phase = Phase::SaslResponse;
+                }
+            }
+            Some(Expect::StartTls) => {
+                self.awaiting_sync_reply = false;
+                if reply.code == 220 {
+                    if !self.client_in.is_empty() {
+                        // Plaintext sent after STARTTLS would be taken as
+                        // inside TLS by a vulnerable receiver (CVE-2011-0411).
+                        self.metrics.protocol_errors.inc();
+                        self.closing = Some(CloseReason::ProtocolError);
+                        return;
+                    }
+                    self.phase = Phase::Opaque;
+                }
+            }
+            Some(Expect::Quit) => self.close_after(CloseReason::ClientQuit),
+            Some(Expect::Greeting | Expect::Ehlo | Expect::Other) | None => {}
+        }
+        if reply.code == 421 {
+            self.close_after(CloseReason::UpstreamClosed);
+        }
+        self.to_client.extend_from_slice(&reply.raw);
+        self.release_local_replies();
+    }
+
+    fn close_after(&mut self, reason: CloseReason) {
+        self.closing.get_or_insert(reason);
+    }
+
+    /// Moves the proxy's own replies at the front of the queue to the client.
+    fn release_local_replies(&mut self) {
+        while let Some(Pending::Local(..)) = self.pending.front() {
+            if let Some(Pending::Local(text, close)) = self.pending.pop_front() {
+                self.to_client.extend_from_slice(&text);
+                if let Some(reason) = close {
+                    self.close_after(reason);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Receiver replies: `DDD-text` continuation lines ending in one `DDD text`
+//! line (RFC 5321 §4.2). The proxy needs each reply whole to know the outcome
+//! of the command it answers, and to edit EHLO capabilities.
+
+/// A complete reply, its lines kept as received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub raw: Vec<u8>,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("reply line does not start with a three-digit code")]
+    BadCode,
+    #[error("reply line has {0:?} after its code instead of ' ' or '-'")]
+    BadSeparator(u8),
+    #[error("reply is longer than {0} bytes")]
+    TooLong(usize),
+}
+
+/// Parses one line: its code and whether it is the last line of the reply.
+pub fn parse_line(line: &[u8]) -> Result<(u16, bool), ReplyError> {
+    let digits = line.get(..3).ok_or(ReplyError::BadCode)?;
+    if !digits.iter().all(u8::is_ascii_digit) || !(b'2'..=b'5').contains(&digits[0]) {
+        return Err(ReplyError::BadCode);
+    }
+    let code = digits
+        .iter()
+        .fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
+    match line.get(3) {
+        Some(b' ') | Some(b'\r') | Some(b'\n') | None => Ok((code, true)),
+        Some(b'-') => Ok((code, false)),
+        Some(&other) => Err(ReplyError::BadSeparator(other)),
+    }
+}
+
+/// Collects lines into replies, bounded in size.
+#[derive(Debug)]
+pub struct ReplyAssembler {
+    raw: Vec<u8>,
+    max_len: usize,
+}
+
+impl ReplyAssembler {
+    pub fn new(max_len: usize) -> Self {
+        ReplyAssembler {
+            raw: Vec::new(),
+            max_len,
+        }
+    }
+
+    /// Feeds one complete line; returns the reply when this line ends it.
+    pub fn push_line(&mut self, line: &[u8]) -> Result<Option<Reply>, ReplyError> {
+        let (code, last) = parse_line(line)?;
+        if self.raw.len() + line.len() > self.max_len {
+            return Err(ReplyError::TooLong(self.max_len));
+        }
+        self.raw.extend_from_slice(line);
+        if !last {
+            return Ok(None);
+        }
+        Ok(Some(Reply {
+            code,
+            raw: std::mem::take(&mut self.raw),
+        }))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty()
+    }
+}
+
+impl Reply {
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    /// The lines of the reply, each with its line ending.
+    pub fn lines(&self) -> impl Iterator<Item = &[u8]> {
+        self.raw.split_inclusive(|&b| b == b'\n')
+    }
+
+    /// An EHLO reply without the extensions named in `keywords` (upper case),
+    /// continuation markers rewritten so the last kept line ends the reply.
+    pub fn without_extensions(&self, keywords: &[&str]) -> Reply {
+        let kept: Vec<&[u8]> = self
+            .lines()
+            .enumerate()
+            .filter(|(i, line)| *i == 0 || !keywords.iter().any(|k| names_extension(line, k)))
+            .map(|(_, line)| line)
+            .collect();
+        if kept.len() == self.lines().count() {
+            return self.clone();
+        }
+        let mut raw = Vec::with_capacity(self.raw.len());
+        for (i, line) in kept.iter().enumerate() {
+            let text = super::command::strip_line_ending(line.get(4..).unwrap_or_default());
+            raw.extend_from_slice(&line[..3]);
+            raw.push(if i + 1 == kept.len() { b' ' } else { b'-' });
+            raw.extend_from_slice(text);
+            raw.extend_from_slice(b"\r\n");
+        }
+        Reply {
+            code: self.code,
+            raw,
+        }
+    }
+}
+
+fn names_extension(line: &[u8], keyword: &str) -> bool {
+    let text = line.get(4..).unwrap_or_default();
+    let word = text
+        .split(|&b| b == b' ' || b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or_default();
+    word.eq_ignore_ascii_case(keyword.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assemble(text: &[u8]) -> Vec<Reply> {
+        let mut a = ReplyAssembler::new(4096);
+        text.split_inclusive(|&b| b == b'\n')
+            .filter_map(|line| a.push_line(line).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn multi_line_replies_end_at_the_line_with_a_space() {
+        let replies = assemble(b"250-mx\r\n250-SIZE 10\r\n250 OK\r\n354 go\r\n");
+        assert_eq!(replies.len(), 2);
+        assert_eq!(replies[0].code, 250);
+        assert_eq!(replies[0].lines().count(), 3);
+        assert_eq!(replies[1].code, 354);
+    }
+
+    #[test]
+    fn malformed_lines_are_errors() {
+        assert_eq!(parse_line(b"hello\r\n"), Err(ReplyError::BadCode));
+        assert_eq!(parse_line(b"25"), Err(ReplyError::BadCode));
+        assert_eq!(parse_line(b"250x\r\n"), Err(ReplyError::BadSeparator(b'x')));
+        assert_eq!(parse_line(b"250\r\n"), Ok((250, true)));
+        let mut a = ReplyAssembler::new(10);
+        assert!(a.push_line(b"250-aaaa\r\n").unwrap().is_none());
+        assert_eq!(a.push_line(b"250 bbbb\r\n"), Err(ReplyError::TooLong(10)));
+    }
+
+    #[test]
+    fn chunking_is_removed_even_when_it_is_the_last_line() {
+        let ehlo = &assemble(b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n")[0];
+        let edited = ehlo.without_extensions(&["CHUNKING"]);
+        assert_eq!(edited.raw, b"250-mx\r\n250 PIPELINING\r\n");
+        let ehlo = &assemble(b"250-mx\r\n250-chunking\r\n250 8BITMIME\r\n")[0];
+        assert_eq!(
+            ehlo.without_extensions(&["CHUNKING"]).raw,
+            b"250-mx\r\n250 8BITMIME\r\n"
+        );
+        let only = &assemble(b"250 mx\r\n")[0];
+        assert_eq!(only.without_extensions(&["CHUNKING"]), *only);
+    }
+}
