@@ -1,1 +1,3 @@
 //! Integration tests: one binary, modules per capability.
+mod harness;
+mod relay;
