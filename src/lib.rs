@@ -16,6 +16,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
+pub mod blocklist;
 pub mod config;
 pub mod listener;
 pub mod metrics;

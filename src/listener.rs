@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::proxy_protocol::canonical;
-use crate::session::{self, Peer, Shared};
+use crate::session::{self, Shared};
 
 /// Deep enough to absorb a connection flood while admission refuses it.
 const BACKLOG: i32 = 4096;
@@ -58,14 +58,10 @@ pub async fn accept_loop(
     }
 }
 
-async fn handle(stream: TcpStream, addr: SocketAddr, config: Arc<Config>, shared: Arc<Shared>) {
+async fn handle(stream: TcpStream, remote: SocketAddr, config: Arc<Config>, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    let peer = Peer {
-        client: canonical(addr),
-        local: canonical(local),
-    };
-    session::serve(stream, peer, config, &shared).await;
+    session::serve(stream, canonical(remote), canonical(local), config, &shared).await;
 }

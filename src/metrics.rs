@@ -8,6 +8,7 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::admission::Refusal;
 use crate::session::CloseReason;
 use crate::smtp::Verb;
 
@@ -23,6 +24,13 @@ pub struct Metrics {
     upstream_connect_errors: IntCounterVec,
     upstream_up: IntGaugeVec,
     pub session_duration: Histogram,
+    refused: Vec<IntCounter>,
+    shadow_refused: Vec<IntCounter>,
+    pub tracked_ips: IntGauge,
+    pub tracked_prefixes: IntGauge,
+    pub greet_passed_ips: IntGauge,
+    pub tracked_evictions: IntCounter,
+    pub rate_untracked: IntCounter,
 }
 
 impl Metrics {
@@ -109,7 +117,58 @@ impl Metrics {
             .register(Box::new(session_duration.clone()))
             .expect("unique metric");
 
+        let refused_vec = counter_vec(
+            "mailmoat_connections_refused_total",
+            "Connections refused at admission or greeting, by reason.",
+            "reason",
+        );
+        let shadow_vec = counter_vec(
+            "mailmoat_shadow_refusals_total",
+            "Connections shadow mode would have refused, by reason (admitted anyway).",
+            "reason",
+        );
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let tracked_ips = gauge(
+            "mailmoat_tracked_ips",
+            "Client IPs with connection-rate state (bounded by server.max_tracked_ips).",
+        );
+        let tracked_prefixes = gauge(
+            "mailmoat_tracked_prefixes",
+            "Client prefixes with connections open now.",
+        );
+        let greet_passed_ips = gauge(
+            "mailmoat_greet_passed_ips",
+            "Client IPs remembered as having passed the greet pause.",
+        );
+        let tracked_evictions = counter(
+            "mailmoat_tracked_evictions_total",
+            "Idle per-IP state entries evicted by the sweep.",
+        );
+        let rate_untracked = counter(
+            "mailmoat_rate_untracked_total",
+            "Connections admitted without a rate check because the IP table was full.",
+        );
+
         Metrics {
+            refused: Refusal::ALL
+                .iter()
+                .map(|r| refused_vec.with_label_values(&[r.as_str()]))
+                .collect(),
+            shadow_refused: Refusal::ALL
+                .iter()
+                .map(|r| shadow_vec.with_label_values(&[r.as_str()]))
+                .collect(),
+            tracked_ips,
+            tracked_prefixes,
+            greet_passed_ips,
+            tracked_evictions,
+            rate_untracked,
             connections_accepted,
             active_sessions,
             closed,
@@ -126,6 +185,14 @@ impl Metrics {
 
     pub fn session_closed(&self, reason: CloseReason) {
         self.closed[reason as usize].inc();
+    }
+
+    pub fn refused(&self, refusal: Refusal) {
+        self.refused[refusal as usize].inc();
+    }
+
+    pub fn shadow_refused(&self, refusal: Refusal) {
+        self.shadow_refused[refusal as usize].inc();
     }
 
     pub fn command(&self, verb: Verb) {

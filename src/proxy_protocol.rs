@@ -1,4 +1,5 @@
-//! PROXY protocol headers (HAProxy v1 text, v2 binary) via the `ppp` crate.
+//! PROXY protocol headers (HAProxy v1 text, v2 binary) via the `ppp` crate:
+//! encoding toward the receiver, and parsing from trusted proxies in front.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -26,6 +27,74 @@ pub fn encode(version: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> 
     }
 }
 
+/// Longest header accepted inbound: v1 is at most 107 bytes; v2 carries
+/// TLVs, which a load balancer keeps small.
+pub const MAX_INBOUND_HEADER: usize = 536;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// The real client, and how many bytes the header took.
+    Proxied {
+        client: SocketAddr,
+        len: usize,
+    },
+    /// `LOCAL` (v2) or `UNKNOWN` (v1): a health check by the proxy itself.
+    Local {
+        len: usize,
+    },
+    Incomplete,
+    Malformed(String),
+}
+
+/// Parses a PROXY header at the start of `bytes`.
+pub fn parse_inbound(bytes: &[u8]) -> Inbound {
+    use ppp::PartialResult;
+    let result = ppp::HeaderResult::parse(bytes);
+    match result {
+        ppp::HeaderResult::V2(Ok(h)) => {
+            let len = h.len();
+            match h.addresses {
+                ppp::v2::Addresses::IPv4(a) => {
+                    proxied(SocketAddr::new(a.source_address.into(), a.source_port), len)
+                }
+                ppp::v2::Addresses::IPv6(a) => {
+                    proxied(SocketAddr::new(a.source_address.into(), a.source_port), len)
+                }
+                _ => Inbound::Local { len },
+            }
+        }
+        ppp::HeaderResult::V1(Ok(h)) => {
+            let len = h.header.len();
+            match h.addresses {
+                ppp::v1::Addresses::Tcp4(a) => {
+                    proxied(SocketAddr::new(a.source_address.into(), a.source_port), len)
+                }
+                ppp::v1::Addresses::Tcp6(a) => {
+                    proxied(SocketAddr::new(a.source_address.into(), a.source_port), len)
+                }
+                ppp::v1::Addresses::Unknown => Inbound::Local { len },
+            }
+        }
+        _ if bytes.len() >= MAX_INBOUND_HEADER => Inbound::Malformed("header too long".into()),
+        ref r if r.is_incomplete() => Inbound::Incomplete,
+        ppp::HeaderResult::V1(Err(e)) => Inbound::Malformed(format!("{e:?}")),
+        ppp::HeaderResult::V2(Err(e)) => Inbound::Malformed(format!("{e:?}")),
+    }
+}
+
+fn proxied(client: SocketAddr, len: usize) -> Inbound {
+    Inbound::Proxied {
+        client: canonical(client),
+        len,
+    }
+}
+
+/// True when `bytes` begin like a PROXY header (v1 or v2).
+pub fn looks_like_header(bytes: &[u8]) -> bool {
+    const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+    bytes.starts_with(b"PROXY ") || bytes.starts_with(&V2_SIGNATURE[..bytes.len().min(12).max(5)])
+}
+
 /// IPv4-mapped IPv6 (`::ffff:1.2.3.4`, seen on dual-stack listeners) as IPv4,
 /// so one client has one address for every rule and header.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -47,6 +116,26 @@ fn same_family(addr: SocketAddr, like: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inbound_headers_parse_incrementally_and_refuse_garbage() {
+        let client: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:25".parse().unwrap();
+        for version in [ProxyProtocol::V1, ProxyProtocol::V2] {
+            let mut bytes = encode(version, client, local);
+            let len = bytes.len();
+            assert_eq!(parse_inbound(&bytes[..len - 1]), Inbound::Incomplete);
+            bytes.extend_from_slice(b"EHLO x\r\n");
+            assert_eq!(parse_inbound(&bytes), Inbound::Proxied { client, len });
+            assert!(looks_like_header(&bytes));
+        }
+        assert!(matches!(
+            parse_inbound(b"EHLO example.org\r\n"),
+            Inbound::Malformed(_)
+        ));
+        assert!(!looks_like_header(b"EHLO x\r\n"));
+        assert!(!looks_like_header(b"\r\n"));
+    }
 
     #[test]
     fn v1_and_v2_headers_carry_the_client() {

@@ -13,6 +13,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Admission;
+use crate::blocklist::{self, Blocklist};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::session::Shared;
@@ -83,8 +85,19 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (lists, problems) = blocklist::load_files(&self.config);
+        for problem in &problems {
+            tracing::warn!("blocklist: {problem}");
+        }
+        let blocklist = Arc::new(Blocklist::new(lists));
+        let admission = Arc::new(Admission::new(
+            &self.config,
+            blocklist,
+            self.metrics.clone(),
+        ));
         let shared = Arc::new(Shared {
             metrics: self.metrics.clone(),
+            admission: admission.clone(),
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
         });
@@ -116,6 +129,16 @@ impl Server {
                 stop,
             ));
         }
+
+        let sweep_every = self.config.server.state_sweep;
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(sweep_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                admission.sweep(tokio::time::Instant::now());
+            }
+        });
 
         shutdown.await;
         let grace = self.config.server.shutdown_grace;

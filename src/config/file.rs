@@ -17,6 +17,7 @@ pub struct FileConfig {
     pub upstream: UpstreamFile,
     pub limits: LimitsFile,
     pub timeouts: TimeoutsFile,
+    pub blocklist: BlocklistFile,
     pub admin: AdminFile,
     pub log: LogFile,
 }
@@ -27,6 +28,11 @@ pub struct ServerFile {
     pub listen: Raw<Vec<String>>,
     pub hostname: Raw<String>,
     pub shutdown_grace: Raw<Scalar>,
+    pub max_connections: Raw<Scalar>,
+    pub trusted_proxies: Raw<Vec<String>>,
+    pub shadow: Raw<bool>,
+    pub max_tracked_ips: Raw<Scalar>,
+    pub state_sweep: Raw<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -40,12 +46,21 @@ pub struct UpstreamFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsFile {
+    pub per_ip_connections: Raw<Scalar>,
+    pub per_prefix_connections: Raw<Scalar>,
+    pub ipv4_prefix: Raw<Scalar>,
+    pub ipv6_prefix: Raw<Scalar>,
+    pub connection_rate: Raw<Scalar>,
+    pub connection_burst: Raw<Scalar>,
     pub max_line_length: Raw<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutsFile {
+    pub greet_pause: Raw<Scalar>,
+    pub greet_pass_ttl: Raw<Scalar>,
+    pub proxy_header: Raw<Scalar>,
     pub idle: Raw<Scalar>,
     pub command_line: Raw<Scalar>,
     pub data_min_rate: Raw<Scalar>,
@@ -64,4 +79,11 @@ pub struct AdminFile {
 pub struct LogFile {
     pub format: Raw<Scalar>,
     pub level: Raw<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlocklistFile {
+    pub files: Raw<Vec<String>>,
+    pub allowlist_files: Raw<Vec<String>>,
 }

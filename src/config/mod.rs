@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 use file::{FileConfig, Raw, Scalar};
@@ -27,6 +28,7 @@ pub struct Config {
     pub upstream: UpstreamSettings,
     pub limits: Limits,
     pub timeouts: Timeouts,
+    pub blocklist: BlocklistSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
 }
@@ -37,6 +39,12 @@ pub struct ServerSettings {
     pub hostname: String,
     #[serde(serialize_with = "ser_duration")]
     pub shutdown_grace: Duration,
+    pub max_connections: usize,
+    pub trusted_proxies: Vec<IpNet>,
+    pub shadow: bool,
+    pub max_tracked_ips: usize,
+    #[serde(serialize_with = "ser_duration")]
+    pub state_sweep: Duration,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -57,11 +65,31 @@ pub enum ProxyProtocol {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Limits {
+    pub per_ip_connections: u32,
+    pub per_prefix_connections: u32,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    #[serde(serialize_with = "ser_display")]
+    pub connection_rate: Rate,
+    pub connection_burst: u32,
     pub max_line_length: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
+pub struct BlocklistSettings {
+    pub files: Vec<PathBuf>,
+    pub allowlist_files: Vec<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct Timeouts {
+    /// Zero disables the early-talker test.
+    #[serde(serialize_with = "ser_duration")]
+    pub greet_pause: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub greet_pass_ttl: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub proxy_header: Duration,
     #[serde(serialize_with = "ser_duration")]
     pub idle: Duration,
     #[serde(serialize_with = "ser_duration")]
@@ -90,6 +118,10 @@ pub struct LogSettings {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&v.to_string())
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -176,6 +208,11 @@ impl Validator<'_> {
                     .hostname
                     .map_or_else(|| "localhost".into(), |h| h.into_inner()),
                 shutdown_grace: self.duration("server.shutdown_grace", s.shutdown_grace, "30s"),
+                max_connections: self.count("server.max_connections", s.max_connections, "10000"),
+                trusted_proxies: self.nets("server.trusted_proxies", s.trusted_proxies),
+                shadow: s.shadow.is_some_and(|b| b.into_inner()),
+                max_tracked_ips: self.count("server.max_tracked_ips", s.max_tracked_ips, "1000000"),
+                state_sweep: self.duration("server.state_sweep", s.state_sweep, "10s"),
             },
             upstream: UpstreamSettings {
                 servers: self.addrs("upstream.servers", u.servers, &["127.0.0.1:25"]),
@@ -193,10 +230,36 @@ impl Validator<'_> {
                 ),
             },
             limits: Limits {
+                per_ip_connections: self.count(
+                    "limits.per_ip_connections",
+                    l.per_ip_connections,
+                    "10",
+                ),
+                per_prefix_connections: self.count(
+                    "limits.per_prefix_connections",
+                    l.per_prefix_connections,
+                    "50",
+                ),
+                ipv4_prefix: self.parse("limits.ipv4_prefix", l.ipv4_prefix, "24", |s| {
+                    prefix_len(s, 32)
+                }),
+                ipv6_prefix: self.parse("limits.ipv6_prefix", l.ipv6_prefix, "64", |s| {
+                    prefix_len(s, 128)
+                }),
+                connection_rate: self.parse(
+                    "limits.connection_rate",
+                    l.connection_rate,
+                    "60/min",
+                    |s| units::parse_rate(s, false).and_then(nonzero_rate),
+                ),
+                connection_burst: self.count("limits.connection_burst", l.connection_burst, "10"),
                 max_line_length: self.size("limits.max_line_length", l.max_line_length, "2048")
                     as usize,
             },
             timeouts: Timeouts {
+                greet_pause: self.duration("timeouts.greet_pause", t.greet_pause, "0s"),
+                greet_pass_ttl: self.duration("timeouts.greet_pass_ttl", t.greet_pass_ttl, "1h"),
+                proxy_header: self.duration("timeouts.proxy_header", t.proxy_header, "5s"),
                 idle: self.duration("timeouts.idle", t.idle, "60s"),
                 command_line: self.duration("timeouts.command_line", t.command_line, "30s"),
                 data_min_rate: self.parse(
@@ -207,6 +270,10 @@ impl Validator<'_> {
                 ),
                 session: self.duration("timeouts.session", t.session, "10m"),
                 write: self.duration("timeouts.write", t.write, "30s"),
+            },
+            blocklist: BlocklistSettings {
+                files: self.paths(raw.blocklist.files, &["config/blocklist.txt"]),
+                allowlist_files: self.paths(raw.blocklist.allowlist_files, &[]),
             },
             admin: AdminSettings {
                 listen: match raw.admin.listen {
@@ -248,6 +315,41 @@ impl Validator<'_> {
             ));
         }
         value
+    }
+
+    /// A whole number greater than zero.
+    fn count<T: TryFrom<u64>>(&mut self, key: &str, raw: Raw<Scalar>, default: &str) -> T {
+        self.parse(key, raw, default, |s| {
+            let n: u64 = s
+                .parse()
+                .map_err(|e| format!("{e}; write a whole number"))?;
+            if n == 0 {
+                return Err("must be greater than zero".into());
+            }
+            T::try_from(n).map_err(|_| "is too large".to_string())
+        })
+    }
+
+    fn paths(&mut self, raw: Raw<Vec<String>>, default: &[&str]) -> Vec<PathBuf> {
+        match raw {
+            Some(raw) => raw.into_inner().into_iter().map(PathBuf::from).collect(),
+            None => default.iter().map(PathBuf::from).collect(),
+        }
+    }
+
+    fn nets(&mut self, key: &str, raw: Raw<Vec<String>>) -> Vec<IpNet> {
+        let Some(raw) = raw else {
+            return Vec::new();
+        };
+        let span = raw.span();
+        let mut nets = Vec::new();
+        for text in raw.into_inner() {
+            match crate::blocklist::parse_net(&text) {
+                Ok(net) => nets.push(net),
+                Err(e) => self.problem(key, span.clone(), &format!("{text:?}: {e}")),
+            }
+        }
+        nets
     }
 
     fn addrs(&mut self, key: &str, raw: Raw<Vec<String>>, default: &[&str]) -> Vec<SocketAddr> {
@@ -313,6 +415,21 @@ impl Validator<'_> {
             "{}:{line}: {key} = {message}",
             self.origin.display()
         ));
+    }
+}
+
+fn prefix_len(s: &str, max: u8) -> Result<u8, String> {
+    match s.parse::<u8>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("write a prefix length from 1 to {max}")),
+    }
+}
+
+fn nonzero_rate(rate: Rate) -> Result<Rate, String> {
+    if rate.amount == 0 {
+        Err("the amount must be greater than zero".into())
+    } else {
+        Ok(rate)
     }
 }
 

@@ -22,10 +22,14 @@ pub enum CloseReason {
     /// The receiver ended the session (421 or close).
     UpstreamClosed,
     Shutdown,
+    /// Refused by a connection cap or rate limit.
+    Limit,
+    /// Refused or cut because the client is blocklisted.
+    Blocked,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::ClientQuit,
         CloseReason::ClientClosed,
         CloseReason::IdleTimeout,
@@ -37,6 +41,8 @@ impl CloseReason {
         CloseReason::UpstreamError,
         CloseReason::UpstreamClosed,
         CloseReason::Shutdown,
+        CloseReason::Limit,
+        CloseReason::Blocked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +58,8 @@ impl CloseReason {
             CloseReason::UpstreamError => "upstream_error",
             CloseReason::UpstreamClosed => "upstream_closed",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Limit => "limit",
+            CloseReason::Blocked => "blocked",
         }
     }
 }

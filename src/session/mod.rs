@@ -5,6 +5,7 @@
 //! relay is tested over `tokio::io::duplex`.
 
 mod close;
+mod greeting;
 pub mod io;
 pub mod relay;
 
@@ -17,15 +18,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use close::CloseReason;
+use greeting::GreetOutcome;
 use relay::Relay;
 
+use crate::admission::{Admission, Permit, Refusal};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::proxy_protocol::{self, Inbound};
 use crate::upstream;
 
 /// What every session shares with the process.
 pub struct Shared {
     pub metrics: Arc<Metrics>,
+    pub admission: Arc<Admission>,
     /// Stop at the next quiet point (graceful shutdown).
     pub drain: CancellationToken,
     /// Stop now (the shutdown grace ran out).
@@ -41,11 +46,13 @@ pub struct Peer {
     pub local: SocketAddr,
 }
 
-/// Serves one admitted client until it ends; returns the recorded reason.
-/// `config` is the snapshot taken at accept: one view for the whole session.
+/// Serves one accepted connection until it ends; returns the recorded
+/// reason. `remote` is the TCP peer; `config` is the snapshot taken at
+/// accept: one view for the whole session.
 pub async fn serve<C>(
     mut client: C,
-    peer: Peer,
+    remote: SocketAddr,
+    local: SocketAddr,
     config: Arc<Config>,
     shared: &Shared,
 ) -> CloseReason
@@ -53,47 +60,30 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
-    let session_deadline = started + config.timeouts.session;
-    let metrics = &shared.metrics;
-    metrics.active_sessions.inc();
-
-    let (reason, facts) = match upstream::connect(
-        &config.upstream,
-        peer.client,
-        peer.local,
-        config.timeouts.write,
-        metrics,
-    )
-    .await
-    {
-        Ok(upstream) => {
-            let mut relay = Relay::new(
+    let mut early = Vec::new();
+    let mut peer = Peer {
+        client: remote,
+        local,
+    };
+    let (reason, facts) = match admit(&mut client, &mut peer, &mut early, &config, shared).await {
+        Err(refusal) => {
+            write_refusal(
                 &mut client,
-                upstream,
-                &config,
-                metrics,
-                &shared.drain,
-                &shared.abort,
-                session_deadline,
-            );
-            // Boxed so the relay's state is allocated only for admitted,
-            // connected sessions, not for every socket waiting to get here.
-            let reason = Box::pin(relay.run()).await;
-            (reason, relay.facts)
+                refusal.reply(&config.server.hostname).as_bytes(),
+                config.timeouts.write,
+            )
+            .await;
+            (refusal.close_reason(), relay::RelayFacts::default())
         }
-        Err(e) => {
-            tracing::warn!(client = %peer.client, error = %e, "no upstream for client");
-            let reply = format!(
-                "421 4.3.2 {} service temporarily unavailable, try again later\r\n",
-                config.server.hostname
-            );
-            write_refusal(&mut client, reply.as_bytes(), config.timeouts.write).await;
-            (CloseReason::UpstreamError, relay::RelayFacts::default())
+        Ok(None) => (CloseReason::ClientClosed, relay::RelayFacts::default()),
+        // The permit is held until the relay ends, whatever ends it.
+        Ok(Some(_permit)) => {
+            Box::pin(connect_and_relay(&mut client, peer, early, &config, shared)).await
         }
     };
 
     let duration = started.elapsed();
-    metrics.active_sessions.dec();
+    let metrics = &shared.metrics;
     metrics.session_closed(reason);
     metrics.session_duration.observe(duration.as_secs_f64());
     tracing::info!(
@@ -107,6 +97,135 @@ where
         "session closed"
     );
     reason
+}
+
+/// The door: trusted PROXY header, admission, greet pause. `Ok(None)` when
+/// the client left before it was decided.
+async fn admit<C>(
+    client: &mut C,
+    peer: &mut Peer,
+    early: &mut Vec<u8>,
+    config: &Config,
+    shared: &Shared,
+) -> Result<Option<Permit>, Refusal>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let admission = &shared.admission;
+    if config
+        .server
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&peer.client.ip()))
+    {
+        match read_proxy_header(client, early, config.timeouts.proxy_header).await {
+            Ok(Some(real)) => peer.client = real,
+            Ok(None) => {}
+            Err(why) => {
+                tracing::warn!(proxy = %peer.client, error = %why, "bad PROXY header from trusted proxy");
+                shared.metrics.refused(Refusal::ProxyMalformed);
+                return Err(Refusal::ProxyMalformed);
+            }
+        }
+    }
+    let ip = peer.client.ip();
+    let permit = admission.admit(ip)?;
+    if admission.needs_greet_pause(ip, Instant::now()) {
+        let t = &config.timeouts;
+        match greeting::greet_pause(
+            client,
+            &config.server.hostname,
+            t.greet_pause,
+            t.write,
+            early,
+        )
+        .await
+        {
+            GreetOutcome::Patient => admission.greet_passed(ip, Instant::now()),
+            GreetOutcome::EarlyTalker => admission.refuse(ip, Refusal::EarlyTalker)?,
+            GreetOutcome::Gone => return Ok(None),
+        }
+    }
+    Ok(Some(permit))
+}
+
+/// Reads a PROXY header; leftover bytes stay in `early`. `Ok(None)` for a
+/// LOCAL/UNKNOWN header (the proxy's own health check).
+async fn read_proxy_header<C: AsyncRead + Unpin>(
+    client: &mut C,
+    early: &mut Vec<u8>,
+    within: Duration,
+) -> Result<Option<SocketAddr>, String> {
+    let parse = async {
+        loop {
+            match proxy_protocol::parse_inbound(early) {
+                Inbound::Proxied { client: real, len } => {
+                    early.drain(..len);
+                    return Ok(Some(real));
+                }
+                Inbound::Local { len } => {
+                    early.drain(..len);
+                    return Ok(None);
+                }
+                Inbound::Malformed(why) => return Err(why),
+                Inbound::Incomplete => match io::read_into(client, early).await {
+                    Ok(0) => return Err("connection closed before the PROXY header".into()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                },
+            }
+        }
+    };
+    tokio::time::timeout(within, parse)
+        .await
+        .unwrap_or_else(|_| Err("no PROXY header in time".into()))
+}
+
+async fn connect_and_relay<C>(
+    client: &mut C,
+    peer: Peer,
+    early: Vec<u8>,
+    config: &Config,
+    shared: &Shared,
+) -> (CloseReason, relay::RelayFacts)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let metrics = &shared.metrics;
+    let session_deadline = Instant::now() + config.timeouts.session;
+    match upstream::connect(
+        &config.upstream,
+        peer.client,
+        peer.local,
+        config.timeouts.write,
+        metrics,
+    )
+    .await
+    {
+        Ok(upstream) => {
+            let mut relay = Relay::new(
+                client,
+                upstream,
+                config,
+                metrics,
+                &shared.drain,
+                &shared.abort,
+                session_deadline,
+            );
+            relay.preload_client_input(early);
+            let reason = relay.run().await;
+            (reason, relay.facts)
+        }
+        Err(e) => {
+            tracing::warn!(client = %peer.client, error = %e, "no upstream for client");
+            let reply = format!(
+                "421 4.3.2 {} service temporarily unavailable, try again later\r\n",
+                config.server.hostname
+            );
+            write_refusal(client, reply.as_bytes(), config.timeouts.write).await;
+            (CloseReason::UpstreamError, relay::RelayFacts::default())
+        }
+    }
 }
 
 /// Writes a one-line refusal with a short deadline; a client that does not

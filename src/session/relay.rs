@@ -154,6 +154,12 @@ where
         }
     }
 
+    /// Client bytes that arrived before the relay started (after a PROXY
+    /// header, or during a shadow-mode greet pause).
+    pub fn preload_client_input(&mut self, bytes: Vec<u8>) {
+        self.client_in = bytes;
+    }
+
     /// Relays until the session ends, and says why it ended.
     pub async fn run(&mut self) -> CloseReason {
         loop {
@@ -180,7 +186,8 @@ where
             return Err(self
                 .goodbye(
                     CloseReason::Shutdown,
-                    "4.3.2 shutting down, try again later",
+                    "4.3.2",
+                    "shutting down, try again later",
                 )
                 .await);
         }
@@ -219,11 +226,11 @@ where
                 }
             }
             () = sleep_until(deadline) => {
-                return Err(self.goodbye(expiry, "4.4.2 timeout exceeded, closing connection").await);
+                return Err(self.goodbye(expiry, "4.4.2", "timeout exceeded, closing connection").await);
             }
             () = self.drain.cancelled(), if !self.draining => self.draining = true,
             () = self.abort.cancelled() => {
-                return Err(self.goodbye(CloseReason::Shutdown, "4.3.2 shutting down, try again later").await);
+                return Err(self.goodbye(CloseReason::Shutdown, "4.3.2", "shutting down, try again later").await);
             }
         }
         Ok(())
@@ -260,15 +267,18 @@ where
         next
     }
 
-    /// Writes a final `421` (best effort, short deadline) and returns `reason`.
-    async fn goodbye(&mut self, reason: CloseReason, text: &str) -> CloseReason {
+    /// Writes a final `421 <status> <hostname> <text>` (best effort, short
+    /// deadline) and returns `reason`. The enhanced status code comes right
+    /// after the reply code (RFC 2034), as in Postfix's `421 4.4.2 mx …`.
+    async fn goodbye(&mut self, reason: CloseReason, status: &str, text: &str) -> CloseReason {
         let mut bytes = std::mem::take(&mut self.to_client);
         bytes.extend_from_slice(
-            format!("421 {} {text}\r\n", self.config.server.hostname).as_bytes(),
+            format!("421 {status} {} {text}\r\n", self.config.server.hostname).as_bytes(),
         );
         let deadline = GOODBYE_WRITE.min(self.config.timeouts.write);
         if let Ok(n) = write_all_within(&mut self.client, &mut bytes, deadline).await {
             self.metrics.bytes_to_client.inc_by(n as u64);
+            self.facts.bytes_to_client += n as u64;
         }
         reason
     }
@@ -377,6 +387,18 @@ where
     }
 
     fn command(&mut self, end: usize) {
+        if self.facts.commands == 0 && crate::proxy_protocol::looks_like_header(&self.client_in) {
+            // Only trusted proxies may say who the client is; anyone else
+            // could spoof its way past every per-IP rule.
+            self.metrics
+                .refused(crate::admission::Refusal::ProxyUntrusted);
+            self.pending.push_back(Pending::Local(
+                b"554 5.7.1 PROXY header not accepted from your address\r\n".to_vec(),
+                Some(CloseReason::ProtocolError),
+            ));
+            self.release_local_replies();
+            return;
+        }
         let verb = Command::parse(&self.client_in[..end]).verb;
         self.metrics.command(verb);
         self.facts.commands += 1;

@@ -1,0 +1,181 @@
+//! Admission: may this client in? Decided before any upstream connection,
+//! without I/O, in SPEC's order: allowlist (skips the limits below but
+//! still counts toward the global cap) → blocklist → global cap → per-IP
+//! and per-prefix caps → per-IP connection rate.
+//!
+//! In shadow mode every rule is still evaluated and counted, and what would
+//! have been refused is logged, but everyone is admitted.
+
+mod counts;
+mod rate;
+mod refusal;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock};
+use ipnet::IpNet;
+use tokio::time::Instant;
+
+pub use counts::{ConnectionCounts, Permit};
+pub use rate::{quota, RateCheck, RateTable};
+pub use refusal::Refusal;
+
+use crate::blocklist::Blocklist;
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+pub struct Admission<C: Clock = DefaultClock> {
+    shadow: bool,
+    max_connections: usize,
+    per_ip: u32,
+    per_prefix: u32,
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
+    greet_pause_on: bool,
+    greet_pass_ttl: std::time::Duration,
+    max_tracked: usize,
+    counts: Arc<ConnectionCounts>,
+    rate: RateTable<C>,
+    /// IPs that passed the greet pause recently, and until when.
+    greet_passed: DashMap<IpAddr, Instant>,
+    blocklist: Arc<Blocklist>,
+    metrics: Arc<Metrics>,
+}
+
+impl Admission<DefaultClock> {
+    pub fn new(config: &Config, blocklist: Arc<Blocklist>, metrics: Arc<Metrics>) -> Self {
+        Admission::with_clock(config, blocklist, metrics, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> Admission<C> {
+    pub fn with_clock(
+        config: &Config,
+        blocklist: Arc<Blocklist>,
+        metrics: Arc<Metrics>,
+        clock: C,
+    ) -> Self {
+        let l = &config.limits;
+        Admission {
+            shadow: config.server.shadow,
+            max_connections: config.server.max_connections,
+            per_ip: l.per_ip_connections,
+            per_prefix: l.per_prefix_connections,
+            ipv4_prefix: l.ipv4_prefix,
+            ipv6_prefix: l.ipv6_prefix,
+            greet_pause_on: !config.timeouts.greet_pause.is_zero(),
+            greet_pass_ttl: config.timeouts.greet_pass_ttl,
+            max_tracked: config.server.max_tracked_ips,
+            counts: ConnectionCounts::new(metrics.active_sessions.clone()),
+            rate: RateTable::with_clock(
+                quota(l.connection_rate, l.connection_burst),
+                config.server.max_tracked_ips,
+                clock,
+            ),
+            greet_passed: DashMap::new(),
+            blocklist,
+            metrics,
+        }
+    }
+
+    /// Admits `ip` with a permit holding its counts, or says why not.
+    pub fn admit(&self, ip: IpAddr) -> Result<Permit, Refusal> {
+        let lists = self.blocklist.load();
+        let allowed = lists.is_allowed(ip);
+        if !allowed && lists.is_blocked(ip) {
+            self.refuse(ip, Refusal::Blocked)?;
+        }
+        let mut permit = match self.counts.acquire(self.max_connections, false) {
+            Some(permit) => permit,
+            None => {
+                self.refuse(ip, Refusal::GlobalCap)?;
+                self.counts
+                    .acquire(self.max_connections, true)
+                    .expect("forced")
+            }
+        };
+        if allowed {
+            return Ok(permit);
+        }
+        if !permit.add_ip(ip, self.per_ip, false) {
+            self.refuse(ip, Refusal::IpCap)?;
+            permit.add_ip(ip, self.per_ip, true);
+        }
+        if !permit.add_prefix(self.prefix_of(ip), self.per_prefix, false) {
+            self.refuse(ip, Refusal::PrefixCap)?;
+            permit.add_prefix(self.prefix_of(ip), self.per_prefix, true);
+        }
+        match self.rate.check(ip) {
+            RateCheck::Allowed => {}
+            RateCheck::Limited => self.refuse(ip, Refusal::ConnectionRate)?,
+            RateCheck::Untracked => self.metrics.rate_untracked.inc(),
+        }
+        Ok(permit)
+    }
+
+    /// Counts a refusal. In shadow mode it is only logged and `Ok` lets the
+    /// client through; otherwise `Err` carries the refusal.
+    pub fn refuse(&self, ip: IpAddr, refusal: Refusal) -> Result<(), Refusal> {
+        if self.shadow {
+            self.metrics.shadow_refused(refusal);
+            tracing::info!(client = %ip, reason = refusal.as_str(), "shadow: would refuse");
+            Ok(())
+        } else {
+            self.metrics.refused(refusal);
+            tracing::debug!(client = %ip, reason = refusal.as_str(), "refused");
+            Err(refusal)
+        }
+    }
+
+    /// The network `ip` is counted in for the per-prefix cap.
+    pub fn prefix_of(&self, ip: IpAddr) -> IpNet {
+        let len = if ip.is_ipv4() {
+            self.ipv4_prefix
+        } else {
+            self.ipv6_prefix
+        };
+        IpNet::new(ip, len)
+            .map(|n| n.trunc())
+            .unwrap_or_else(|_| IpNet::from(ip))
+    }
+
+    /// True when `ip` must sit through the greet pause.
+    pub fn needs_greet_pause(&self, ip: IpAddr, now: Instant) -> bool {
+        self.greet_pause_on && self.greet_passed.get(&ip).is_none_or(|until| *until <= now)
+    }
+
+    /// Remembers that `ip` waited for the banner, so it is not paused again
+    /// for `greet_pass_ttl`. When the table is full the IP is simply paused
+    /// again next time.
+    pub fn greet_passed(&self, ip: IpAddr, now: Instant) {
+        if self.greet_passed.len() < self.max_tracked || self.greet_passed.contains_key(&ip) {
+            self.greet_passed.insert(ip, now + self.greet_pass_ttl);
+        }
+    }
+
+    /// Evicts idle per-IP state and refreshes the state gauges.
+    pub fn sweep(&self, now: Instant) {
+        let evicted = self.rate.sweep();
+        let before = self.greet_passed.len();
+        self.greet_passed.retain(|_, until| *until > now);
+        self.greet_passed.shrink_to_fit();
+        let evicted = evicted + before.saturating_sub(self.greet_passed.len());
+        self.metrics.tracked_evictions.inc_by(evicted as u64);
+        self.metrics.tracked_ips.set(self.rate.len() as i64);
+        self.metrics
+            .tracked_prefixes
+            .set(self.counts.prefixes() as i64);
+        self.metrics
+            .greet_passed_ips
+            .set(self.greet_passed.len() as i64);
+    }
+
+    pub fn counts(&self) -> &ConnectionCounts {
+        &self.counts
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,77 @@
+//! Per-IP connection-rate token buckets (governor, keyed, dashmap state),
+//! bounded in how many IPs they track.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota, RateLimiter};
+
+use crate::config::Rate;
+
+pub struct RateTable<C: Clock = DefaultClock> {
+    limiter: RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, NoOpMiddleware<C::Instant>>,
+    max_tracked: usize,
+}
+
+/// What a bucket said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateCheck {
+    Allowed,
+    Limited,
+    /// The table is full: this client is not rate-tracked (the caps still
+    /// hold). Failing open here keeps memory flat under a flood of random
+    /// sources without refusing legitimate newcomers.
+    Untracked,
+}
+
+pub fn quota(rate: Rate, burst: u32) -> Quota {
+    let period = rate.per / u32::try_from(rate.amount).unwrap_or(u32::MAX).max(1);
+    Quota::with_period(period.max(std::time::Duration::from_nanos(1)))
+        .expect("period is not zero")
+        .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
+}
+
+impl RateTable<DefaultClock> {
+    pub fn new(quota: Quota, max_tracked: usize) -> Self {
+        RateTable::with_clock(quota, max_tracked, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> RateTable<C> {
+    pub fn with_clock(quota: Quota, max_tracked: usize, clock: C) -> Self {
+        RateTable {
+            limiter: RateLimiter::dashmap_with_clock(quota, clock),
+            max_tracked,
+        }
+    }
+
+    pub fn check(&self, ip: IpAddr) -> RateCheck {
+        if self.limiter.len() >= self.max_tracked {
+            return RateCheck::Untracked;
+        }
+        match self.limiter.check_key(&ip) {
+            Ok(_) => RateCheck::Allowed,
+            Err(_) => RateCheck::Limited,
+        }
+    }
+
+    /// Forgets buckets that are full again (as if never seen); returns how
+    /// many were evicted.
+    pub fn sweep(&self) -> usize {
+        let before = self.limiter.len();
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+        before.saturating_sub(self.limiter.len())
+    }
+
+    pub fn len(&self) -> usize {
+        self.limiter.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.limiter.is_empty()
+    }
+}

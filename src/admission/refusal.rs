@@ -1,0 +1,73 @@
+//! Why a client is refused at the door.
+
+use crate::session::CloseReason;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Blocked,
+    GlobalCap,
+    IpCap,
+    PrefixCap,
+    ConnectionRate,
+    /// Talked before the greeting was complete.
+    EarlyTalker,
+    /// Sent a PROXY header without being a trusted proxy.
+    ProxyUntrusted,
+    /// A trusted proxy sent no or a malformed PROXY header.
+    ProxyMalformed,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 8] = [
+        Refusal::Blocked,
+        Refusal::GlobalCap,
+        Refusal::IpCap,
+        Refusal::PrefixCap,
+        Refusal::ConnectionRate,
+        Refusal::EarlyTalker,
+        Refusal::ProxyUntrusted,
+        Refusal::ProxyMalformed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Blocked => "blocked",
+            Refusal::GlobalCap => "global_cap",
+            Refusal::IpCap => "ip_cap",
+            Refusal::PrefixCap => "prefix_cap",
+            Refusal::ConnectionRate => "connection_rate",
+            Refusal::EarlyTalker => "early_talker",
+            Refusal::ProxyUntrusted => "proxy_untrusted",
+            Refusal::ProxyMalformed => "proxy_malformed",
+        }
+    }
+
+    /// The SMTP reply that refuses, naming the limit (never the list entry).
+    pub fn reply(self, hostname: &str) -> String {
+        let text = match self {
+            Refusal::Blocked => "554 5.7.1 {} access denied",
+            Refusal::GlobalCap => "421 4.7.0 {} too many connections, try again later",
+            Refusal::IpCap => "421 4.7.0 {} too many connections from your IP address",
+            Refusal::PrefixCap => "421 4.7.0 {} too many connections from your network",
+            Refusal::ConnectionRate => {
+                "421 4.7.0 {} connection rate limit exceeded, try again later"
+            }
+            Refusal::EarlyTalker => "554 5.5.1 {} protocol error: talking before the greeting",
+            Refusal::ProxyUntrusted => "554 5.7.1 {} PROXY header not accepted from your address",
+            Refusal::ProxyMalformed => "421 4.7.0 {} malformed PROXY header",
+        };
+        format!("{}\r\n", text.replacen("{}", hostname, 1))
+    }
+
+    pub fn close_reason(self) -> CloseReason {
+        match self {
+            Refusal::Blocked => CloseReason::Blocked,
+            Refusal::GlobalCap | Refusal::IpCap | Refusal::PrefixCap | Refusal::ConnectionRate => {
+                CloseReason::Limit
+            }
+            Refusal::EarlyTalker | Refusal::ProxyUntrusted | Refusal::ProxyMalformed => {
+                CloseReason::ProtocolError
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::FakeRelativeClock;
+
+use super::*;
+use crate::blocklist::{ListsBuilder, Source};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn admission(
+    toml: &str,
+    block: &[&str],
+    allow: &[&str],
+) -> (
+    Admission<FakeRelativeClock>,
+    FakeRelativeClock,
+    Arc<Metrics>,
+) {
+    let config = Config::from_toml(toml, Path::new("t.toml")).unwrap();
+    let mut lists = ListsBuilder::default();
+    let nets = |v: &[&str]| {
+        v.iter()
+            .map(|s| crate::blocklist::parse_net(s).unwrap())
+            .collect::<Vec<IpNet>>()
+    };
+    lists.add(
+        Source {
+            name: "block".into(),
+            allow: false,
+        },
+        &nets(block),
+    );
+    lists.add(
+        Source {
+            name: "allow".into(),
+            allow: true,
+        },
+        &nets(allow),
+    );
+    let metrics = Arc::new(Metrics::new());
+    let clock = FakeRelativeClock::default();
+    let admission = Admission::with_clock(
+        &config,
+        Arc::new(Blocklist::new(lists.build())),
+        metrics.clone(),
+        clock.clone(),
+    );
+    (admission, clock, metrics)
+}
+
+#[test]
+fn per_ip_cap_refuses_the_eleventh_and_releases_on_drop() {
+    let (a, _, metrics) = admission("[limits]\nconnection_burst = 100\n", &[], &[]);
+    let permits: Vec<_> = (0..10).map(|_| a.admit(ip("192.0.2.1")).unwrap()).collect();
+    assert_eq!(a.admit(ip("192.0.2.1")).unwrap_err(), Refusal::IpCap);
+    assert!(a.admit(ip("198.51.100.1")).is_ok());
+    drop(permits);
+    assert_eq!(a.counts().of_ip(ip("192.0.2.1")), 0);
+    assert_eq!(a.counts().ips(), 0);
+    assert_eq!(a.counts().global(), 0);
+    assert_eq!(metrics.active_sessions.get(), 0);
+}
+
+#[test]
+fn prefix_cap_counts_neighbours_together() {
+    let (a, _, _) = admission("[limits]\nper_prefix_connections = 2\n", &[], &[]);
+    let _p1 = a.admit(ip("192.0.2.1")).unwrap();
+    let _p2 = a.admit(ip("192.0.2.2")).unwrap();
+    assert_eq!(a.admit(ip("192.0.2.3")).unwrap_err(), Refusal::PrefixCap);
+    assert!(a.admit(ip("192.0.3.1")).is_ok());
+    // A refused prefix must not leave its per-IP count behind.
+    assert_eq!(a.counts().of_ip(ip("192.0.2.3")), 0);
+}
+
+#[test]
+fn rate_bucket_refuses_past_burst_and_refills() {
+    let (a, clock, _) = admission(
+        "[limits]\nconnection_rate = \"60/min\"\nconnection_burst = 3\n",
+        &[],
+        &[],
+    );
+    for _ in 0..3 {
+        drop(a.admit(ip("192.0.2.1")).unwrap());
+    }
+    assert_eq!(
+        a.admit(ip("192.0.2.1")).unwrap_err(),
+        Refusal::ConnectionRate
+    );
+    clock.advance(Duration::from_secs(1));
+    assert!(a.admit(ip("192.0.2.1")).is_ok());
+}
+
+#[test]
+fn allowlist_skips_ip_caps_and_blocklist_but_not_global_cap() {
+    let (a, _, _) = admission(
+        "[server]\nmax_connections = 12\n",
+        &["192.0.2.0/24"],
+        &["192.0.2.9"],
+    );
+    assert_eq!(a.admit(ip("192.0.2.1")).unwrap_err(), Refusal::Blocked);
+    let permits: Vec<_> = (0..12).map(|_| a.admit(ip("192.0.2.9")).unwrap()).collect();
+    assert_eq!(a.admit(ip("192.0.2.9")).unwrap_err(), Refusal::GlobalCap);
+    drop(permits);
+}
+
+#[test]
+fn shadow_mode_admits_everyone_and_counts_what_it_would_refuse() {
+    let (a, _, metrics) = admission(
+        "[server]\nshadow = true\n[limits]\nper_ip_connections = 1\n",
+        &["192.0.2.1"],
+        &[],
+    );
+    let p1 = a.admit(ip("192.0.2.1")).unwrap();
+    let p2 = a.admit(ip("192.0.2.1")).unwrap();
+    let text = metrics.render();
+    assert!(
+        text.contains("mailmoat_shadow_refusals_total{reason=\"blocked\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mailmoat_shadow_refusals_total{reason=\"ip_cap\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mailmoat_connections_refused_total{reason=\"blocked\"} 0"),
+        "{text}"
+    );
+    drop((p1, p2));
+    assert_eq!(a.counts().of_ip(ip("192.0.2.1")), 0);
+}
+
+#[test]
+fn sweep_forgets_idle_rate_state() {
+    let (a, clock, metrics) = admission("", &[], &[]);
+    for i in 0..200u32 {
+        drop(a.admit(v4(0x0a00_0000 + i)).unwrap());
+    }
+    a.sweep(Instant::now());
+    assert_eq!(metrics.tracked_ips.get(), 200);
+    clock.advance(Duration::from_secs(2));
+    a.sweep(Instant::now());
+    assert_eq!(metrics.tracked_ips.get(), 0);
+    assert_eq!(metrics.tracked_evictions.get(), 200);
+}
+
+#[test]
+fn rate_table_is_bounded_and_fails_open_when_full() {
+    let (a, _, metrics) = admission("[server]\nmax_tracked_ips = 10\n", &[], &[]);
+    for i in 0..50u32 {
+        drop(a.admit(v4(0x0a00_0000 + i)).unwrap());
+    }
+    a.sweep(Instant::now());
+    assert!(metrics.tracked_ips.get() <= 10);
+    assert_eq!(metrics.rate_untracked.get(), 40);
+}
+
+/// sozu-style: random admits and releases never push a count past its cap
+/// nor leave a count behind.
+#[test]
+fn counts_never_exceed_caps_under_random_churn() {
+    let (a, _, metrics) = admission("[server]\nmax_connections = 30\n[limits]\nper_ip_connections = 3\nper_prefix_connections = 5\nconnection_burst = 1000\n", &[], &[]);
+    let mut held = Vec::new();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..5000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        if seed % 3 == 0 && !held.is_empty() {
+            held.swap_remove((seed as usize / 3) % held.len());
+        } else {
+            let addr =
+                v4(0x0a00_0000u32 + ((seed >> 8) % 4) as u32 * 256 + ((seed >> 16) % 4) as u32);
+            if let Ok(p) = a.admit(addr) {
+                held.push(p);
+            }
+        }
+        assert!(a.counts().global() <= 30);
+        for j in 0..16u32 {
+            assert!(a.counts().of_ip(v4(0x0a00_0000u32 + (j / 4) * 256 + j % 4)) <= 3);
+        }
+    }
+    drop(held);
+    assert_eq!(a.counts().global(), 0);
+    assert_eq!(a.counts().ips(), 0);
+    assert_eq!(a.counts().prefixes(), 0);
+    assert_eq!(metrics.active_sessions.get(), 0);
+}
+
+fn v4(bits: u32) -> IpAddr {
+    IpAddr::V4(bits.into())
+}
