@@ -28,6 +28,22 @@ enum Cmd {
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Blocklist tools.
+    Blocklist {
+        #[command(subcommand)]
+        command: BlocklistCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BlocklistCmd {
+    /// Say which source and entry match an IP, offline (files and the API
+    /// cache, as the proxy would load them at start).
+    Check {
+        ip: std::net::IpAddr,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +62,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load(config.as_deref())?;
             print!("{}", config.to_toml());
             eprintln!("config OK");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Blocklist {
+            command: BlocklistCmd::Check { ip, config },
+        } => {
+            let config = load(config.as_deref())?;
+            let lists = mailmoat::blocklist::load_offline(&config);
+            println!("{ip}");
+            for line in lists.explain(ip) {
+                println!("  {line}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run { config } => {

@@ -210,6 +210,11 @@ impl Metrics {
         }
     }
 
+    /// For metrics registered by other modules (blocklist sources).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The registry in Prometheus text format.
     pub fn render(&self) -> String {
         TextEncoder::new()

@@ -14,9 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Admission;
-use crate::blocklist::{self, Blocklist};
+use crate::blocklist::sources::{SourceMetrics, Sources};
+use crate::blocklist::{self, Blocklist, Lists};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::session::registry::Registry;
+use crate::session::CloseReason;
 use crate::session::Shared;
 use crate::{admin, listener};
 
@@ -85,19 +88,31 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let (lists, problems) = blocklist::load_files(&self.config);
-        for problem in &problems {
-            tracing::warn!("blocklist: {problem}");
+        let live_lists = Arc::new(Blocklist::default());
+        let registry = Arc::new(Registry::default());
+        let sources = Arc::new(Sources::new(
+            live_lists.clone(),
+            SourceMetrics::register(self.metrics.registry()),
+            kill_on_block(&self.config, registry.clone()),
+        ));
+        {
+            let (config, sources) = (self.config.clone(), sources.clone());
+            let _ =
+                tokio::task::spawn_blocking(move || blocklist::load_all(&config, &sources)).await;
         }
-        let blocklist = Arc::new(Blocklist::new(lists));
         let admission = Arc::new(Admission::new(
             &self.config,
-            blocklist,
+            live_lists.clone(),
             self.metrics.clone(),
         ));
         let shared = Arc::new(Shared {
             metrics: self.metrics.clone(),
             admission: admission.clone(),
+            blocklist: live_lists,
+            registry: registry.clone(),
+            tarpit_slots: Arc::new(tokio::sync::Semaphore::new(
+                self.config.blocklist.tarpit_max,
+            )),
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
         });
@@ -122,14 +137,16 @@ impl Server {
                 tracing::info!(%addr, "admin listener (metrics, health)");
             }
             let stop = shared.abort.clone();
-            background.spawn(admin::serve(
-                l,
-                self.config.clone(),
-                self.metrics.clone(),
-                stop,
-            ));
+            background.spawn(admin::serve(l, self.config.clone(), shared.clone(), stop));
         }
 
+        background.spawn(blocklist::files::watch(
+            sources.clone(),
+            blocklist::file_sources(&self.config),
+        ));
+        if let Some(api) = self.config.blocklist.api.clone() {
+            background.spawn(blocklist::api::poll(sources.clone(), api));
+        }
         let sweep_every = self.config.server.state_sweep;
         background.spawn(async move {
             let mut tick = tokio::time::interval(sweep_every);
@@ -158,4 +175,34 @@ impl Server {
         background.shutdown().await;
         tracing::info!("stopped");
     }
+}
+
+/// The hook run after each list swap: with `kill_on_block`, close the open
+/// sessions of clients the new lists block. Shadow mode only logs them.
+fn kill_on_block(config: &Config, registry: Arc<Registry>) -> Box<dyn Fn(&Lists) + Send + Sync> {
+    let (enabled, shadow) = (config.blocklist.kill_on_block, config.server.shadow);
+    Box::new(move |lists: &Lists| {
+        if !enabled {
+            return;
+        }
+        let newly_blocked = |ip| lists.is_blocked(ip) && !lists.is_allowed(ip);
+        if shadow {
+            let n = registry
+                .by_ip()
+                .into_keys()
+                .filter(|ip| newly_blocked(*ip))
+                .count();
+            if n > 0 {
+                tracing::info!(
+                    clients = n,
+                    "shadow: would close sessions of blocked clients"
+                );
+            }
+            return;
+        }
+        let n = registry.stop_matching(CloseReason::Blocked, newly_blocked);
+        if n > 0 {
+            tracing::info!(sessions = n, "closed sessions of newly blocked clients");
+        }
+    })
 }

@@ -2,11 +2,13 @@
 //! longest-prefix sets that are swapped whole, so admission reads a
 //! consistent list without waiting on a rebuild.
 
+pub mod api;
+pub mod files;
 mod format;
 mod set;
+pub mod sources;
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -69,6 +71,28 @@ impl Lists {
     pub fn block_len(&self) -> usize {
         self.block.len()
     }
+
+    /// Every list entry that covers `ip`, decisive one first, as lines
+    /// for people: `blocked by FILE entry NET`.
+    pub fn explain(&self, ip: IpAddr) -> Vec<String> {
+        let mut lines = Vec::new();
+        let name = |s: u16| self.sources[usize::from(s)].name.clone();
+        if let Some((entry, s)) = self.allow.lookup(ip) {
+            lines.push(format!("allowed by {} entry {entry}", name(s)));
+        }
+        if let Some((entry, s)) = self.block.lookup(ip) {
+            let note = if lines.is_empty() {
+                ""
+            } else {
+                " (overridden by the allowlist)"
+            };
+            lines.push(format!("blocked by {} entry {entry}{note}", name(s)));
+        }
+        if lines.is_empty() {
+            lines.push("not listed".into());
+        }
+        lines
+    }
 }
 
 /// Builds lists from named sources and their entries.
@@ -113,53 +137,46 @@ impl Blocklist {
         self.current.load()
     }
 
+    pub fn load_full(&self) -> Arc<Lists> {
+        self.current.load_full()
+    }
+
     pub fn store(&self, lists: Lists) {
         self.current.store(Arc::new(lists));
     }
 }
 
-/// Reads the configured files. A file that cannot be read contributes
-/// nothing (and is reported); bad lines are reported with file:line.
-pub fn load_files(config: &Config) -> (Lists, Vec<String>) {
-    let mut builder = ListsBuilder::default();
-    let mut problems = Vec::new();
-    let files = config
-        .blocklist
-        .files
-        .iter()
-        .map(|p| (p, false))
-        .chain(config.blocklist.allowlist_files.iter().map(|p| (p, true)));
-    for (path, allow) in files {
-        let nets = read_file(path, &mut problems);
-        builder.add(
-            Source {
-                name: path.display().to_string(),
-                allow,
-            },
-            &nets,
-        );
-    }
-    (builder.build(), problems)
+/// The file sources named in the config, blocklists then allowlists.
+pub fn file_sources(config: &Config) -> Vec<files::FileSource> {
+    let block = config.blocklist.files.iter().map(|p| (p, false));
+    let allow = config.blocklist.allowlist_files.iter().map(|p| (p, true));
+    block
+        .chain(allow)
+        .map(|(path, allow)| files::FileSource {
+            path: path.clone(),
+            allow,
+        })
+        .collect()
 }
 
-fn read_file(path: &PathBuf, problems: &mut Vec<String>) -> Vec<IpNet> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let (nets, bad) = parse_list(&text);
-            for b in bad {
-                problems.push(format!(
-                    "{}:{}: {:?}: {}",
-                    path.display(),
-                    b.line,
-                    b.text,
-                    b.error
-                ));
-            }
-            nets
-        }
-        Err(e) => {
-            problems.push(format!("{}: cannot read: {e}", path.display()));
-            Vec::new()
-        }
+/// Loads every configured source once: files, and the API's cache (never
+/// the API itself). Used at start and by `mailmoat blocklist check`.
+pub fn load_all(config: &Config, sources: &sources::Sources) {
+    for file in file_sources(config) {
+        sources.declare(file.source());
+        file.load(sources);
     }
+    if let Some(api_settings) = &config.blocklist.api {
+        sources.declare(api::source());
+        api::load_cache(sources, api_settings);
+    }
+}
+
+/// The lists as the config's sources say now, offline.
+pub fn load_offline(config: &Config) -> Arc<Lists> {
+    let live = Arc::new(Blocklist::default());
+    let metrics = sources::SourceMetrics::register(&prometheus::Registry::new());
+    let sources = sources::Sources::new(live.clone(), metrics, Box::new(|_| {}));
+    load_all(config, &sources);
+    live.load_full()
 }

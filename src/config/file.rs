@@ -86,4 +86,19 @@ pub struct LogFile {
 pub struct BlocklistFile {
     pub files: Raw<Vec<String>>,
     pub allowlist_files: Raw<Vec<String>>,
+    pub action: Raw<Scalar>,
+    pub kill_on_block: Raw<bool>,
+    pub tarpit_max: Raw<Scalar>,
+    pub tarpit_time: Raw<Scalar>,
+    pub api: Option<ApiFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiFile {
+    pub url: Raw<String>,
+    pub interval: Raw<Scalar>,
+    pub timeout: Raw<Scalar>,
+    pub token_file: Raw<String>,
+    pub cache: Raw<String>,
 }

@@ -79,6 +79,31 @@ pub struct Limits {
 pub struct BlocklistSettings {
     pub files: Vec<PathBuf>,
     pub allowlist_files: Vec<PathBuf>,
+    pub action: BlockAction,
+    pub kill_on_block: bool,
+    pub tarpit_max: usize,
+    #[serde(serialize_with = "ser_duration")]
+    pub tarpit_time: Duration,
+    pub api: Option<ApiSettings>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockAction {
+    Reject,
+    Drop,
+    Tarpit,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ApiSettings {
+    pub url: String,
+    #[serde(serialize_with = "ser_duration")]
+    pub interval: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    pub token_file: Option<PathBuf>,
+    pub cache: PathBuf,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -274,6 +299,25 @@ impl Validator<'_> {
             blocklist: BlocklistSettings {
                 files: self.paths(raw.blocklist.files, &["config/blocklist.txt"]),
                 allowlist_files: self.paths(raw.blocklist.allowlist_files, &[]),
+                action: self.parse(
+                    "blocklist.action",
+                    raw.blocklist.action,
+                    "reject",
+                    |s| match s {
+                        "reject" => Ok(BlockAction::Reject),
+                        "drop" => Ok(BlockAction::Drop),
+                        "tarpit" => Ok(BlockAction::Tarpit),
+                        _ => Err("expected \"reject\", \"drop\" or \"tarpit\"".into()),
+                    },
+                ),
+                kill_on_block: raw.blocklist.kill_on_block.is_none_or(|b| b.into_inner()),
+                tarpit_max: self.count("blocklist.tarpit_max", raw.blocklist.tarpit_max, "100"),
+                tarpit_time: self.duration(
+                    "blocklist.tarpit_time",
+                    raw.blocklist.tarpit_time,
+                    "10s",
+                ),
+                api: raw.blocklist.api.map(|api| self.api(api)),
             },
             admin: AdminSettings {
                 listen: match raw.admin.listen {
@@ -315,6 +359,42 @@ impl Validator<'_> {
             ));
         }
         value
+    }
+
+    fn api(&mut self, api: file::ApiFile) -> ApiSettings {
+        let url = match api.url {
+            Some(url)
+                if url.get_ref().starts_with("http://")
+                    || url.get_ref().starts_with("https://") =>
+            {
+                url.into_inner()
+            }
+            Some(url) => {
+                self.problem(
+                    "blocklist.api.url",
+                    url.span(),
+                    "must start with https:// (or http://)",
+                );
+                String::new()
+            }
+            None => {
+                self.problems.push(format!(
+                    "{}: [blocklist.api] needs url = \"https://…\" (or remove the section)",
+                    self.origin.display()
+                ));
+                String::new()
+            }
+        };
+        ApiSettings {
+            url,
+            interval: self.duration("blocklist.api.interval", api.interval, "10s"),
+            timeout: self.duration("blocklist.api.timeout", api.timeout, "10s"),
+            token_file: api.token_file.map(|t| PathBuf::from(t.into_inner())),
+            cache: api.cache.map_or_else(
+                || PathBuf::from("/var/lib/mailmoat/api-cache.txt"),
+                |c| PathBuf::from(c.into_inner()),
+            ),
+        }
     }
 
     /// A whole number greater than zero.

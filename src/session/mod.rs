@@ -7,6 +7,7 @@
 mod close;
 mod greeting;
 pub mod io;
+pub mod registry;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -22,15 +23,22 @@ use greeting::GreetOutcome;
 use relay::Relay;
 
 use crate::admission::{Admission, Permit, Refusal};
-use crate::config::Config;
+use crate::blocklist::Blocklist;
+use crate::config::{BlockAction, Config};
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, Inbound};
 use crate::upstream;
+use registry::Registry;
 
 /// What every session shares with the process.
 pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub admission: Arc<Admission>,
+    pub blocklist: Arc<Blocklist>,
+    /// Bounds how many blocked clients are tarpitted at once.
+    pub tarpit_slots: Arc<tokio::sync::Semaphore>,
+    /// Open sessions by client, for kill-on-block and `/admin/top`.
+    pub registry: Arc<Registry>,
     /// Stop at the next quiet point (graceful shutdown).
     pub drain: CancellationToken,
     /// Stop now (the shutdown grace ran out).
@@ -67,12 +75,14 @@ where
     };
     let (reason, facts) = match admit(&mut client, &mut peer, &mut early, &config, shared).await {
         Err(refusal) => {
-            write_refusal(
-                &mut client,
-                refusal.reply(&config.server.hostname).as_bytes(),
-                config.timeouts.write,
-            )
-            .await;
+            let reply = refusal.reply(&config.server.hostname);
+            match (refusal, config.blocklist.action) {
+                (Refusal::Blocked, BlockAction::Drop) => {}
+                (Refusal::Blocked, BlockAction::Tarpit) => {
+                    tarpit(&mut client, reply.as_bytes(), &config, shared).await
+                }
+                _ => write_refusal(&mut client, reply.as_bytes(), config.timeouts.write).await,
+            }
             (refusal.close_reason(), relay::RelayFacts::default())
         }
         Ok(None) => (CloseReason::ClientClosed, relay::RelayFacts::default()),
@@ -225,6 +235,35 @@ where
             write_refusal(client, reply.as_bytes(), config.timeouts.write).await;
             (CloseReason::UpstreamError, relay::RelayFacts::default())
         }
+    }
+}
+
+/// Sends `reply` a byte at a time over `blocklist.tarpit_time`, wasting a
+/// bot's time rather than ours: at most `blocklist.tarpit_max` at once, the
+/// rest are dropped.
+async fn tarpit<C: AsyncWrite + Unpin>(
+    client: &mut C,
+    reply: &[u8],
+    config: &Config,
+    shared: &Shared,
+) {
+    let Ok(_slot) = shared.tarpit_slots.clone().try_acquire_owned() else {
+        return;
+    };
+    let pace = config.blocklist.tarpit_time / u32::try_from(reply.len()).unwrap_or(u32::MAX).max(1);
+    for byte in reply {
+        let mut one = vec![*byte];
+        if io::write_all_within(
+            client,
+            &mut one,
+            config.timeouts.write.min(Duration::from_secs(2)),
+        )
+        .await
+        .is_err()
+        {
+            return;
+        }
+        tokio::time::sleep(pace).await;
     }
 }
 

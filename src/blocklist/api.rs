@@ -1,0 +1,178 @@
+//! The central blocklist API: pulled on an interval with ETag, a bearer
+//! token read from a file, jittered exponential backoff, and a cache on disk
+//! that is loaded before the first fetch, so a restart during an API outage
+//! still blocks everything that was blocked.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::sources::{Applied, Sources};
+use super::{parse_list, Source};
+use crate::config::ApiSettings;
+
+/// Largest body accepted (a million entries is about 20 MB).
+const MAX_BODY: u64 = 64 * 1024 * 1024;
+
+pub fn source() -> Source {
+    Source {
+        name: "api".into(),
+        allow: false,
+    }
+}
+
+/// Applies the cached list, if any.
+pub fn load_cache(sources: &Sources, api: &ApiSettings) {
+    match std::fs::read_to_string(&api.cache) {
+        Ok(text) => {
+            let (nets, bad) = parse_list(&text);
+            sources.update(&source(), nets, &bad);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => sources.error(
+            &source(),
+            &format!("cannot read cache {}: {e}", api.cache.display()),
+        ),
+    }
+}
+
+enum Fetched {
+    NotModified,
+    Body { text: String, etag: Option<String> },
+}
+
+/// Fetches forever; run it as a task and drop it to stop.
+pub async fn poll(sources: Arc<Sources>, api: ApiSettings) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(api.timeout))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut etag: Option<String> = None;
+    let mut failures: u32 = 0;
+    loop {
+        let (agent, api_, tag) = (agent.clone(), api.clone(), etag.clone());
+        let fetched = tokio::task::spawn_blocking(move || fetch(&agent, &api_, tag))
+            .await
+            .unwrap_or_else(|e| Err(format!("fetch task failed: {e}")));
+        let ok = match fetched {
+            Ok(Fetched::NotModified) => {
+                sources.success(&source());
+                true
+            }
+            Ok(Fetched::Body {
+                text,
+                etag: new_tag,
+            }) => {
+                let (nets, bad) = parse_list(&text);
+                if text.trim().is_empty() {
+                    // An overloaded API answering 200 with nothing must not
+                    // unblock everyone; an intentionally empty list says so
+                    // with a comment line.
+                    sources.error(&source(), "empty body; keeping the cached list");
+                    false
+                } else if let Applied::Replaced { .. } = sources.update(&source(), nets, &bad) {
+                    if let Err(e) = persist(&api.cache, &text) {
+                        sources.error(
+                            &source(),
+                            &format!("cannot write cache {}: {e}", api.cache.display()),
+                        );
+                    }
+                    etag = new_tag;
+                    true
+                } else {
+                    false
+                }
+            }
+            Err(e) => {
+                sources.error(&source(), &e);
+                false
+            }
+        };
+        failures = if ok { 0 } else { failures.saturating_add(1) };
+        tokio::time::sleep(next_wait(api.interval, failures)).await;
+    }
+}
+
+fn fetch(agent: &ureq::Agent, api: &ApiSettings, etag: Option<String>) -> Result<Fetched, String> {
+    let mut request = agent.get(&api.url);
+    if let Some(path) = &api.token_file {
+        let token = std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "cannot read blocklist.api.token_file {}: {e}",
+                path.display()
+            )
+        })?;
+        request = request.header("Authorization", &format!("Bearer {}", token.trim()));
+    }
+    if let Some(tag) = &etag {
+        request = request.header("If-None-Match", tag);
+    }
+    // The error text names the URL but never the token.
+    let mut response = request
+        .call()
+        .map_err(|e| format!("GET {}: {e}", api.url))?;
+    match response.status().as_u16() {
+        304 => Ok(Fetched::NotModified),
+        200 => {
+            let etag = response
+                .headers()
+                .get("etag")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from);
+            let text = response
+                .body_mut()
+                .with_config()
+                .limit(MAX_BODY)
+                .read_to_string()
+                .map_err(|e| format!("GET {}: reading body: {e}", api.url))?;
+            Ok(Fetched::Body { text, etag })
+        }
+        status => Err(format!("GET {}: HTTP {status}", api.url)),
+    }
+}
+
+/// `interval` when healthy; after failures, doubling up to 16× with ±25 %
+/// jitter so a fleet does not retry in step against a struggling API.
+fn next_wait(interval: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return interval;
+    }
+    let backoff = interval.saturating_mul(1 << failures.min(4));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let jitter = 0.75 + f64::from(nanos % 1000) / 2000.0;
+    backoff.mul_f64(jitter)
+}
+
+/// Writes `text` to `path` atomically: temp file, fsync, rename.
+pub fn persist(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let i = Duration::from_secs(10);
+        assert_eq!(next_wait(i, 0), i);
+        let w1 = next_wait(i, 1);
+        assert!(
+            w1 >= Duration::from_secs(15) && w1 <= Duration::from_secs(25),
+            "{w1:?}"
+        );
+        let w9 = next_wait(i, 9);
+        assert!(w9 <= Duration::from_secs(200), "{w9:?}");
+    }
+}

@@ -1,0 +1,118 @@
+//! File sources: read at start, re-read when they change (notify, debounced)
+//! and on SIGHUP.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use super::sources::Sources;
+use super::{parse_list, Source};
+
+/// Quiet time after the last change event before a file is re-read, so a
+/// writer's several writes are read once, whole.
+const SETTLE: Duration = Duration::from_millis(150);
+
+#[derive(Clone, Debug)]
+pub struct FileSource {
+    pub path: PathBuf,
+    pub allow: bool,
+}
+
+impl FileSource {
+    pub fn source(&self) -> Source {
+        Source {
+            name: self.path.display().to_string(),
+            allow: self.allow,
+        }
+    }
+
+    /// Reads and applies the file; a failed read keeps the last good version.
+    pub fn load(&self, sources: &Sources) {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => {
+                let (nets, bad) = parse_list(&text);
+                sources.update(&self.source(), nets, &bad);
+            }
+            Err(e) => sources.error(
+                &self.source(),
+                &format!("cannot read {}: {e}", self.path.display()),
+            ),
+        }
+    }
+}
+
+/// Re-reads files when they change or on SIGHUP, until the task is dropped.
+pub async fn watch(sources: Arc<Sources>, files: Vec<FileSource>) {
+    let (tx, mut events) = mpsc::channel::<Vec<PathBuf>>(64);
+    // Watch the directories, not the files: replacing a file by rename
+    // (how careful tools write) would otherwise end the watch.
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            let _ = tx.try_send(event.paths);
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch blocklist files; they reload on SIGHUP only");
+            None
+        }
+    };
+    let targets: Vec<(PathBuf, FileSource)> = files
+        .iter()
+        .filter_map(|f| Some((absolute(&f.path)?, f.clone())))
+        .collect();
+    if let Some(w) = watcher.as_mut() {
+        let mut dirs: Vec<&Path> = targets.iter().filter_map(|(p, _)| p.parent()).collect();
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs {
+            if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory");
+            }
+        }
+    }
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+
+    loop {
+        let changed: Vec<FileSource> = tokio::select! {
+            Some(paths) = events.recv() => {
+                let mut paths = paths;
+                // Settle: collect events until SETTLE passes without one.
+                while let Ok(Some(more)) = tokio::time::timeout(SETTLE, events.recv()).await {
+                    paths.extend(more);
+                }
+                targets
+                    .iter()
+                    .filter(|(target, _)| paths.iter().any(|p| p == target))
+                    .map(|(_, f)| f.clone())
+                    .collect()
+            }
+            Some(()) = async { hangup.as_mut()?.recv().await } => {
+                tracing::info!("SIGHUP: re-reading blocklist files");
+                files.clone()
+            }
+        };
+        if changed.is_empty() {
+            continue;
+        }
+        let sources = sources.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for f in &changed {
+                f.load(&sources);
+            }
+        })
+        .await;
+    }
+}
+
+fn absolute(path: &Path) -> Option<PathBuf> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Some(std::fs::canonicalize(dir).ok()?.join(path.file_name()?))
+}
