@@ -213,13 +213,24 @@ where
     .await
     {
         Ok(upstream) => {
+            let ip = peer.client.ip();
+            let registration = shared.registry.register(ip, &shared.abort);
+            // A list swapped in since admission has not seen this session.
+            let lists = shared.blocklist.load();
+            if config.blocklist.kill_on_block
+                && !config.server.shadow
+                && lists.is_blocked(ip)
+                && !lists.is_allowed(ip)
+            {
+                registration.stop.stop(CloseReason::Blocked);
+            }
             let mut relay = Relay::new(
                 client,
                 upstream,
                 config,
                 metrics,
                 &shared.drain,
-                &shared.abort,
+                &registration.stop,
                 session_deadline,
             );
             relay.preload_client_input(early);

@@ -15,6 +15,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::io::{consume, read_into, write_all_within, WriteError};
+use super::registry::Stop;
 use super::CloseReason;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -78,7 +79,7 @@ pub struct Relay<'a, C, U> {
     config: &'a Config,
     metrics: &'a Metrics,
     drain: &'a CancellationToken,
-    abort: &'a CancellationToken,
+    stop: &'a Stop,
 
     phase: Phase,
     pending: VecDeque<Pending>,
@@ -120,7 +121,7 @@ where
         config: &'a Config,
         metrics: &'a Metrics,
         drain: &'a CancellationToken,
-        abort: &'a CancellationToken,
+        stop: &'a Stop,
         session_deadline: Instant,
     ) -> Self {
         let now = Instant::now();
@@ -130,7 +131,7 @@ where
             config,
             metrics,
             drain,
-            abort,
+            stop,
             phase: Phase::Command,
             pending: VecDeque::from([Pending::Upstream(Expect::Greeting)]),
             replies: ReplyAssembler::new(MAX_REPLY),
@@ -229,8 +230,12 @@ where
                 return Err(self.goodbye(expiry, "4.4.2", "timeout exceeded, closing connection").await);
             }
             () = self.drain.cancelled(), if !self.draining => self.draining = true,
-            () = self.abort.cancelled() => {
-                return Err(self.goodbye(CloseReason::Shutdown, "4.3.2", "shutting down, try again later").await);
+            reason = self.stop.stopped() => {
+                let (status, text) = match reason {
+                    CloseReason::Blocked => ("4.7.1", "access denied, closing connection"),
+                    _ => ("4.3.2", "shutting down, try again later"),
+                };
+                return Err(self.goodbye(reason, status, text).await);
             }
         }
         Ok(())
@@ -575,5 +580,194 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The relay between two in-memory pipes: the test plays both the client
+    //! and the receiver, on paused time.
+
+    use std::future::Future;
+
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    /// The test's ends of the pipes to the relay.
+    struct Pipes {
+        client: DuplexStream,
+        upstream: DuplexStream,
+    }
+
+    /// Runs a relay against `script`; returns why the relay ended and the
+    /// protocol errors it counted.
+    async fn relay_with<F>(script: impl FnOnce(Pipes) -> F) -> (CloseReason, u64)
+    where
+        F: Future<Output = ()>,
+    {
+        let config = Config::default();
+        let metrics = Metrics::new();
+        let (drain, stop) = (CancellationToken::new(), Stop::default());
+        let (client, client_end) = duplex(64 * 1024);
+        let (upstream, upstream_end) = duplex(64 * 1024);
+        let deadline = Instant::now() + config.timeouts.session;
+        let relay = async {
+            // Dropped when it ends, so the script sees both pipes close.
+            let mut relay =
+                Relay::new(client, upstream, &config, &metrics, &drain, &stop, deadline);
+            relay.run().await
+        };
+        let pipes = Pipes {
+            client: client_end,
+            upstream: upstream_end,
+        };
+        let both = async { tokio::join!(relay, script(pipes)) };
+        let (reason, ()) = tokio::time::timeout(Duration::from_secs(600), both)
+            .await
+            .expect("relay and script finish");
+        (reason, metrics.protocol_errors.get())
+    }
+
+    /// Reads exactly `expected.len()` bytes and checks them.
+    async fn expect_bytes(stream: &mut DuplexStream, expected: &[u8]) {
+        let mut got = vec![0; expected.len()];
+        stream.read_exact(&mut got).await.expect("read");
+        assert_eq!(text(&got), text(expected));
+    }
+
+    /// Everything until the relay closes this pipe.
+    async fn rest(stream: &mut DuplexStream) -> Vec<u8> {
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.expect("read to end");
+        rest
+    }
+
+    fn text(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
+    impl Pipes {
+        async fn greet(&mut self) {
+            let greeting = b"220 mx.test ESMTP\r\n";
+            self.upstream.write_all(greeting).await.unwrap();
+            expect_bytes(&mut self.client, greeting).await;
+        }
+
+        /// `command` reaches the receiver, whose `reply` reaches the client.
+        async fn exchange(&mut self, command: &[u8], reply: &[u8]) {
+            self.client.write_all(command).await.unwrap();
+            expect_bytes(&mut self.upstream, command).await;
+            self.upstream.write_all(reply).await.unwrap();
+            expect_bytes(&mut self.client, reply).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn plaintext_injected_after_starttls_is_a_protocol_error() {
+        let (reason, errors) = relay_with(|mut p| async move {
+            p.greet().await;
+            p.client
+                .write_all(b"STARTTLS\r\nMAIL FROM:<evil@x>\r\n")
+                .await
+                .unwrap();
+            expect_bytes(&mut p.upstream, b"STARTTLS\r\n").await;
+            p.upstream
+                .write_all(b"220 2.0.0 go ahead\r\n")
+                .await
+                .unwrap();
+            assert_eq!(
+                text(&rest(&mut p.upstream).await),
+                "",
+                "injection reached the receiver"
+            );
+            // The client is not told to start TLS over a stream it tampered with.
+            assert_eq!(text(&rest(&mut p.client).await), "");
+        })
+        .await;
+        assert_eq!(reason, CloseReason::ProtocolError);
+        assert_eq!(errors, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_starttls_bytes_pass_through_opaquely() {
+        let (reason, errors) = relay_with(|mut p| async move {
+            p.greet().await;
+            p.client.write_all(b"STARTTLS\r\n").await.unwrap();
+            expect_bytes(&mut p.upstream, b"STARTTLS\r\n").await;
+            // The receiver's TLS may follow its 220 in the same segment.
+            let accepted = b"220 2.0.0 go ahead\r\n\x16\x03\x01server";
+            p.upstream.write_all(accepted).await.unwrap();
+            expect_bytes(&mut p.client, accepted).await;
+            // Nothing is read as SMTP any more: not BDAT, not a bare-LF dot.
+            let tls = b"\x16\x03\x01\x00\xffBDAT 5\r\nx\n.\r\n\x00";
+            p.client.write_all(tls).await.unwrap();
+            expect_bytes(&mut p.upstream, tls).await;
+            p.upstream.write_all(b"\x17\x03\x03reply").await.unwrap();
+            expect_bytes(&mut p.client, b"\x17\x03\x03reply").await;
+        })
+        .await;
+        assert_eq!(reason, CloseReason::ClientClosed);
+        assert_eq!(errors, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bdat_is_refused_and_ends_the_session() {
+        let (reason, errors) = relay_with(|mut p| async move {
+            p.greet().await;
+            p.client
+                .write_all(b"BDAT 10 LAST\r\n0123456789")
+                .await
+                .unwrap();
+            let reply = text(&rest(&mut p.client).await);
+            assert!(reply.starts_with("503 5.5.1 "), "{reply:?}");
+            assert_eq!(
+                text(&rest(&mut p.upstream).await),
+                "",
+                "BDAT reached the receiver"
+            );
+        })
+        .await;
+        assert_eq!(reason, CloseReason::ProtocolError);
+        assert_eq!(errors, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bare_lf_dot_in_data_closes_without_the_end_marker() {
+        let (reason, errors) = relay_with(|mut p| async move {
+            p.greet().await;
+            p.exchange(b"MAIL FROM:<a@b>\r\n", b"250 2.1.0 Ok\r\n")
+                .await;
+            p.exchange(b"RCPT TO:<c@d>\r\n", b"250 2.1.5 Ok\r\n").await;
+            p.exchange(b"DATA\r\n", b"354 go ahead\r\n").await;
+            let smuggled = b"Subject: s\r\n\r\nhi\n.\r\nMAIL FROM:<evil@x>\r\n";
+            p.client.write_all(smuggled).await.unwrap();
+            let reply = text(&rest(&mut p.client).await);
+            assert!(reply.starts_with("421 "), "{reply:?}");
+            let forwarded = text(&rest(&mut p.upstream).await);
+            assert!(!forwarded.contains("\n.\r\n"), "{forwarded:?}");
+            assert!(!forwarded.contains("evil"), "{forwarded:?}");
+        })
+        .await;
+        assert_eq!(reason, CloseReason::ProtocolError);
+        assert_eq!(errors, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_long_line_is_refused_and_the_session_continues() {
+        let (reason, errors) = relay_with(|mut p| async move {
+            p.greet().await;
+            let long = format!("NOOP {}\r\n", "x".repeat(3000));
+            p.client.write_all(long.as_bytes()).await.unwrap();
+            expect_bytes(&mut p.client, b"500 5.5.2 line too long\r\n").await;
+            // The receiver never saw the long line: NOOP is the next it reads.
+            p.exchange(b"NOOP\r\n", b"250 2.0.0 Ok\r\n").await;
+            p.exchange(b"QUIT\r\n", b"221 2.0.0 Bye\r\n").await;
+            assert_eq!(text(&rest(&mut p.client).await), "");
+            assert_eq!(text(&rest(&mut p.upstream).await), "");
+        })
+        .await;
+        assert_eq!(reason, CloseReason::ClientQuit);
+        assert_eq!(errors, 1);
     }
 }
