@@ -49,6 +49,10 @@ pub enum Inbound {
 /// Parses a PROXY header at the start of `bytes`.
 pub fn parse_inbound(bytes: &[u8]) -> Inbound {
     use ppp::PartialResult;
+    // ppp calls a v1 line cut short a hard error; it is only incomplete.
+    if bytes.starts_with(b"PROXY") && !bytes.contains(&b'\n') && bytes.len() < 108 {
+        return Inbound::Incomplete;
+    }
     let result = ppp::HeaderResult::parse(bytes);
     match result {
         ppp::HeaderResult::V2(Ok(h)) => {
@@ -92,7 +96,7 @@ fn proxied(client: SocketAddr, len: usize) -> Inbound {
 /// True when `bytes` begin like a PROXY header (v1 or v2).
 pub fn looks_like_header(bytes: &[u8]) -> bool {
     const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
-    bytes.starts_with(b"PROXY ") || bytes.starts_with(&V2_SIGNATURE[..bytes.len().min(12).max(5)])
+    bytes.starts_with(b"PROXY ") || bytes.starts_with(&V2_SIGNATURE[..bytes.len().clamp(5, 12)])
 }
 
 /// IPv4-mapped IPv6 (`::ffff:1.2.3.4`, seen on dual-stack listeners) as IPv4,
@@ -124,7 +128,13 @@ mod tests {
         for version in [ProxyProtocol::V1, ProxyProtocol::V2] {
             let mut bytes = encode(version, client, local);
             let len = bytes.len();
-            assert_eq!(parse_inbound(&bytes[..len - 1]), Inbound::Incomplete);
+            for cut in 1..len {
+                assert_eq!(
+                    parse_inbound(&bytes[..cut]),
+                    Inbound::Incomplete,
+                    "{version:?} cut at {cut}"
+                );
+            }
             bytes.extend_from_slice(b"EHLO x\r\n");
             assert_eq!(parse_inbound(&bytes), Inbound::Proxied { client, len });
             assert!(looks_like_header(&bytes));

@@ -327,7 +327,11 @@ async fn read_proxy_header(stream: &mut TcpStream) -> std::io::Result<SocketAddr
     let mut buf = Vec::with_capacity(232);
     let mut byte = [0u8; 1];
     loop {
-        match ppp::HeaderResult::parse(&buf) {
+        let result = ppp::HeaderResult::parse(&buf);
+        // A v1 header is judged only once its line is complete: ppp calls
+        // some prefixes of a valid one invalid (`… 4000 ` has an empty port).
+        let v1_line_open = matches!(result, ppp::HeaderResult::V1(_)) && !buf.ends_with(b"\n");
+        match result {
             ppp::HeaderResult::V2(Ok(h)) => {
                 return match h.addresses {
                     ppp::v2::Addresses::IPv4(a) => {
@@ -352,7 +356,9 @@ async fn read_proxy_header(stream: &mut TcpStream) -> std::io::Result<SocketAddr
             }
             result
                 if buf.len() >= 232
-                    || (!buf.is_empty() && !ppp::PartialResult::is_incomplete(&result)) =>
+                    || (!buf.is_empty()
+                        && !v1_line_open
+                        && !ppp::PartialResult::is_incomplete(&result)) =>
             {
                 return Err(std::io::Error::other(format!(
                     "bad PROXY header: {result:?}"

@@ -3,7 +3,8 @@
 //! deadlines so nothing hangs.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 
 /// Upper bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -79,7 +80,11 @@ impl TestProxy {
     /// Waits until `series` reaches at least `value`.
     pub async fn wait_metric(&self, series: &str, value: f64) {
         let ok = wait_for(|| self.metric(series) >= value).await;
-        assert!(ok, "{series} never reached {value}; metrics:\n{}", self.metrics.render());
+        assert!(
+            ok,
+            "{series} never reached {value}; metrics:\n{}",
+            self.metrics.render()
+        );
     }
 }
 
@@ -91,10 +96,27 @@ impl Drop for TestProxy {
     }
 }
 
+/// The value of `series` in rendered metrics, 0 when absent.
 pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
+    series_value(text, series).unwrap_or(0.0)
+}
+
+/// The value of `series` in rendered metrics, `None` when it is not exposed.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// A loopback address nobody listens on (bound, then released): a dead
+/// upstream, or a port for a spawned proxy.
+pub fn unused_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().unwrap()
 }
 
 /// Polls `cond` every 10 ms until it holds or `WAIT` passes.
@@ -114,14 +136,19 @@ pub async fn sink() -> Sink {
 }
 
 pub async fn sink_with(options: SinkOptions) -> Sink {
-    Sink::start("127.0.0.1:0".parse().unwrap(), options).await.expect("sink binds")
+    Sink::start("127.0.0.1:0".parse().unwrap(), options)
+        .await
+        .expect("sink binds")
 }
 
 /// A TCP connection to `addr` from the loopback source `ip`.
 pub async fn connect_from(ip: Ipv4Addr, addr: SocketAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind((ip, 0).into()).unwrap();
-    let stream = timeout(WAIT, socket.connect(addr)).await.expect("connect in time").expect("connect");
+    let stream = timeout(WAIT, socket.connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect");
     stream.set_nodelay(true).unwrap();
     stream
 }
@@ -129,12 +156,35 @@ pub async fn connect_from(ip: Ipv4Addr, addr: SocketAddr) -> TcpStream {
 /// A raw SMTP client for attacks and exact-byte checks.
 pub struct Raw {
     reader: BufReader<TcpStream>,
+    /// What has been read of a reply not yet complete, kept across a wait
+    /// that ran out so no byte is lost.
+    partial: Vec<u8>,
 }
 
 impl Raw {
     pub async fn connect(ip: Ipv4Addr, addr: SocketAddr) -> Raw {
+        Raw::from_stream(connect_from(ip, addr).await)
+    }
+
+    /// Connects as soon as something listens on `addr` (a process starting).
+    pub async fn connect_when_ready(ip: Ipv4Addr, addr: SocketAddr) -> Raw {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.bind((ip, 0).into()).unwrap();
+            match timeout_at(deadline, socket.connect(addr)).await {
+                Ok(Ok(stream)) => return Raw::from_stream(stream),
+                _ if Instant::now() >= deadline => panic!("{addr} never accepted"),
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    fn from_stream(stream: TcpStream) -> Raw {
+        stream.set_nodelay(true).unwrap();
         Raw {
-            reader: BufReader::new(connect_from(ip, addr).await),
+            reader: BufReader::new(stream),
+            partial: Vec::new(),
         }
     }
 
@@ -144,42 +194,69 @@ impl Raw {
 
     /// One whole reply (all lines of a multi-line one), or "" at EOF.
     pub async fn reply(&mut self) -> String {
-        let mut reply = String::new();
+        self.reply_within(WAIT).await.expect("reply in time")
+    }
+
+    /// One whole reply, "" at EOF, or `None` if none completes within `limit`.
+    pub async fn reply_within(&mut self, limit: Duration) -> Option<String> {
+        let deadline = Instant::now() + limit;
         loop {
-            let mut line = String::new();
-            let n = timeout(WAIT, self.reader.read_line(&mut line))
-                .await
-                .expect("reply in time")
-                .unwrap_or(0);
-            if n == 0 {
-                return reply;
-            }
-            reply.push_str(&line);
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return reply;
+            let read = timeout_at(deadline, self.reader.read_until(b'\n', &mut self.partial));
+            let n = read.await.ok()?.unwrap_or(0);
+            let body = &self.partial[..self.partial.len().saturating_sub(1)];
+            let last_line = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            if n == 0 || self.partial.get(last_line + 3) != Some(&b'-') {
+                let reply = std::mem::take(&mut self.partial);
+                return Some(String::from_utf8_lossy(&reply).into_owned());
             }
         }
+    }
+
+    /// The next reply, which must start with `prefix` (e.g. "250", "421 4.4.2").
+    pub async fn expect(&mut self, prefix: &str) -> String {
+        let reply = self.reply().await;
+        assert!(
+            reply.starts_with(prefix),
+            "expected {prefix:?}, got {reply:?}"
+        );
+        reply
     }
 
     /// Reads until the server closes; returns what it said first.
     pub async fn closed(&mut self) -> String {
         let mut all = String::new();
         loop {
-            let mut line = String::new();
-            match timeout(WAIT, self.reader.read_line(&mut line)).await.expect("close in time") {
-                Ok(0) | Err(_) => return all,
-                Ok(_) => all.push_str(&line),
+            match self.reply().await {
+                reply if reply.is_empty() => return all,
+                reply => all.push_str(&reply),
             }
         }
     }
+}
 
-    pub fn stream(&mut self) -> &mut TcpStream {
-        self.reader.get_mut()
+/// Polls until a connection to `addr` is refused (its listener is gone).
+pub async fn wait_refused(addr: SocketAddr) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .is_ok_and(|c| c.is_err())
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    false
 }
 
 /// Sends one message with lettre from the loopback source `ip`.
-pub async fn send_mail(ip: Ipv4Addr, addr: SocketAddr, from: &str, to: &[&str], message: &[u8]) -> Result<(), String> {
+pub async fn send_mail(
+    ip: Ipv4Addr,
+    addr: SocketAddr,
+    from: &str,
+    to: &[&str],
+    message: &[u8],
+) -> Result<(), String> {
     let mut conn = AsyncSmtpConnection::connect_tokio1(
         addr,
         Some(WAIT),
@@ -194,22 +271,102 @@ pub async fn send_mail(ip: Ipv4Addr, addr: SocketAddr, from: &str, to: &[&str], 
         to.iter().map(|t| t.parse::<Address>().unwrap()).collect(),
     )
     .unwrap();
-    conn.send(&envelope, message).await.map_err(|e| e.to_string())?;
+    conn.send(&envelope, message)
+        .await
+        .map_err(|e| e.to_string())?;
     conn.quit().await.map_err(|e| e.to_string())?;
     Ok(())
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    timeout(WAIT, tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut response))
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut response)
+            .await
+            .unwrap();
+        response
+    };
+    let response = timeout(WAIT, exchange)
         .await
-        .expect("http response in time")
-        .unwrap();
+        .expect("http response in time");
     let text = String::from_utf8_lossy(&response).to_string();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
+}
+
+/// A message of about `size` bytes: headers, then numbered 78-byte lines.
+pub fn big_message(size: usize) -> Vec<u8> {
+    let mut message = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: big\r\n\r\n".to_vec();
+    let mut n = 0;
+    while message.len() < size {
+        message.extend_from_slice(format!("{n:08} {}\r\n", "x".repeat(67)).as_bytes());
+        n += 1;
+    }
+    message
+}
+
+/// A directory of its own under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let unique = format!(
+            "mailmoat-it-{}-{}-{name}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(unique);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// Writes `text` to `name` in the directory; returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("write temp file");
+        path
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The real `mailmoat` binary, run from the repository root.
+pub fn mailmoat() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailmoat"));
+    command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .kill_on_drop(true);
+    command
+}
+
+/// Runs the binary to completion; returns (success, stderr).
+pub async fn mailmoat_output(args: &[&str]) -> (bool, String) {
+    let output = timeout(WAIT, mailmoat().args(args).output())
+        .await
+        .expect("mailmoat exits in time")
+        .expect("mailmoat runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
