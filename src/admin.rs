@@ -1,5 +1,7 @@
 //! The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, and the
-//! operator's views: `/admin/lookup?ip=`.
+//! operator's views: `/admin/lookup?ip=`, `/admin/top?n=`, `/admin/bans`
+//! (GET exports; POST and DELETE need the bearer token from
+//! `admin.token_file`, and are disabled without one).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +9,7 @@ use std::time::Duration;
 use std::net::IpAddr;
 
 use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -37,6 +39,11 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/admin/lookup", get(lookup))
+        .route("/admin/top", get(top))
+        .route(
+            "/admin/bans",
+            get(export_bans).post(add_ban).delete(lift_ban),
+        )
         .with_state(Arc::new(AdminState {
             config,
             metrics,
@@ -96,4 +103,118 @@ async fn lookup(
     }
     text.push_str(&format!("  open sessions: {sessions}\n"));
     (StatusCode::OK, text)
+}
+
+#[derive(serde::Deserialize)]
+struct TopQuery {
+    n: Option<usize>,
+}
+
+/// The IPs with the most open sessions and the most recent refusals.
+async fn top(State(state): State<Arc<AdminState>>, Query(q): Query<TopQuery>) -> impl IntoResponse {
+    let n = q.n.unwrap_or(10).clamp(1, 1000);
+    let mut sessions: Vec<(IpAddr, usize)> = state.shared.registry.by_ip().into_iter().collect();
+    sessions.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    sessions.truncate(n);
+    let body = serde_json::json!({
+        "sessions": sessions.iter().map(|(ip, count)| serde_json::json!({"ip": ip, "sessions": count})).collect::<Vec<_>>(),
+        "refusals": state.shared.shaping.top_refused(n).iter().map(|(ip, count)| serde_json::json!({"ip": ip, "refusals": count})).collect::<Vec<_>>(),
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+}
+
+async fn export_bans(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    state.shared.shaping.bans().export()
+}
+
+#[derive(serde::Deserialize)]
+struct BanQuery {
+    ip: String,
+    ttl: Option<String>,
+}
+
+async fn add_ban(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Query(q): Query<BanQuery>,
+) -> (StatusCode, String) {
+    if let Err(denied) = authorize(&state.config, &headers) {
+        return denied;
+    }
+    let Ok(net) = crate::blocklist::parse_net(&q.ip) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "ip= must be an IP or CIDR\n".into(),
+        );
+    };
+    let ttl = match q.ttl.as_deref().map(crate::config::units::parse_duration) {
+        None => state.config.autoban.ttl,
+        Some(Ok(ttl)) => ttl,
+        Some(Err(e)) => return (StatusCode::BAD_REQUEST, format!("ttl=: {e}\n")),
+    };
+    state.shared.shaping.bans().ban(net, ttl, "manual");
+    (
+        StatusCode::OK,
+        format!("banned {net} for {}\n", humantime::format_duration(ttl)),
+    )
+}
+
+async fn lift_ban(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Query(q): Query<BanQuery>,
+) -> (StatusCode, String) {
+    if let Err(denied) = authorize(&state.config, &headers) {
+        return denied;
+    }
+    let Ok(net) = crate::blocklist::parse_net(&q.ip) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "ip= must be an IP or CIDR\n".into(),
+        );
+    };
+    if state.shared.shaping.bans().lift(net) {
+        (StatusCode::OK, format!("lifted {net}\n"))
+    } else {
+        (StatusCode::NOT_FOUND, format!("no ban for {net}\n"))
+    }
+}
+
+/// Checks `Authorization: Bearer <token>` against `admin.token_file`, read
+/// per request so a rotated token takes effect at once.
+fn authorize(config: &Config, headers: &HeaderMap) -> Result<(), (StatusCode, String)> {
+    let Some(path) = &config.admin.token_file else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "mutations are disabled: set admin.token_file\n".into(),
+        ));
+    };
+    let expected = std::fs::read_to_string(path)
+        .map(|t| t.trim().to_string())
+        .map_err(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read admin.token_file");
+            (
+                StatusCode::FORBIDDEN,
+                "admin token unavailable\n".to_string(),
+            )
+        })?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if expected.is_empty() || !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token\n".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod bans;
 pub mod blocklist;
 pub mod config;
 pub mod listener;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod proxy_protocol;
 pub mod server;
 pub mod session;
+pub mod shaping;
 pub mod shutdown;
 pub mod sink;
 pub mod smtp;

@@ -10,6 +10,7 @@ use prometheus::{
 
 use crate::admission::Refusal;
 use crate::session::CloseReason;
+use crate::shaping::Limit;
 use crate::smtp::Verb;
 
 pub struct Metrics {
@@ -31,6 +32,10 @@ pub struct Metrics {
     pub greet_passed_ips: IntGauge,
     pub tracked_evictions: IntCounter,
     pub rate_untracked: IntCounter,
+    limit_hits: Vec<IntCounter>,
+    messages: IntCounterVec,
+    pub auth_failures: IntCounter,
+    pub active_bans: IntGauge,
 }
 
 impl Metrics {
@@ -155,7 +160,36 @@ impl Metrics {
             "Connections admitted without a rate check because the IP table was full.",
         );
 
+        let limit_vec = counter_vec(
+            "mailmoat_rate_limit_hits_total",
+            "Commands or connections over a limit, by limit.",
+            "limit",
+        );
+        let messages = counter_vec(
+            "mailmoat_messages_total",
+            "Messages by result: accepted or rejected by the receiver, refused by mailmoat.",
+            "result",
+        );
+        for result in ["accepted", "rejected", "refused"] {
+            messages.with_label_values(&[result]);
+        }
+        let auth_failures = counter(
+            "mailmoat_auth_failures_total",
+            "AUTH attempts the receiver answered with 535.",
+        );
+        let active_bans = gauge(
+            "mailmoat_active_bans",
+            "Automatic and manual bans in force.",
+        );
+
         Metrics {
+            limit_hits: Limit::ALL
+                .iter()
+                .map(|l| limit_vec.with_label_values(&[l.as_str()]))
+                .collect(),
+            messages,
+            auth_failures,
+            active_bans,
             refused: Refusal::ALL
                 .iter()
                 .map(|r| refused_vec.with_label_values(&[r.as_str()]))
@@ -193,6 +227,15 @@ impl Metrics {
 
     pub fn shadow_refused(&self, refusal: Refusal) {
         self.shadow_refused[refusal as usize].inc();
+    }
+
+    pub fn limit_hit(&self, limit: Limit) {
+        self.limit_hits[limit as usize].inc();
+    }
+
+    /// `result`: "accepted", "rejected" or "refused".
+    pub fn message(&self, result: &str) {
+        self.messages.with_label_values(&[result]).inc();
     }
 
     pub fn command(&self, verb: Verb) {

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Admission;
+use crate::bans::Bans;
 use crate::blocklist::sources::{SourceMetrics, Sources};
 use crate::blocklist::{self, Blocklist, Lists};
 use crate::config::Config;
@@ -21,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::session::registry::Registry;
 use crate::session::CloseReason;
 use crate::session::Shared;
+use crate::shaping::Shaping;
 use crate::{admin, listener};
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,29 @@ impl Server {
             let _ =
                 tokio::task::spawn_blocking(move || blocklist::load_all(&config, &sources)).await;
         }
+        let bans = Arc::new(Bans::new(
+            self.config.autoban.clone(),
+            self.config.server.shadow,
+            self.config.server.max_tracked_ips,
+            sources.clone(),
+            self.metrics.clone(),
+        ));
+        if let Some(path) = &self.config.autoban.state {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    tracing::info!(bans = bans.load(&text), path = %path.display(), "bans restored")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read autoban.state")
+                }
+            }
+        }
+        let shaping = Arc::new(Shaping::new(
+            &self.config,
+            bans.clone(),
+            self.metrics.clone(),
+        ));
         let admission = Arc::new(Admission::new(
             &self.config,
             live_lists.clone(),
@@ -108,6 +133,7 @@ impl Server {
         let shared = Arc::new(Shared {
             metrics: self.metrics.clone(),
             admission: admission.clone(),
+            shaping: shaping.clone(),
             blocklist: live_lists,
             registry: registry.clone(),
             tarpit_slots: Arc::new(tokio::sync::Semaphore::new(
@@ -147,6 +173,7 @@ impl Server {
         if let Some(api) = self.config.blocklist.api.clone() {
             background.spawn(blocklist::api::poll(sources.clone(), api));
         }
+        background.spawn(bans.clone().maintain(self.config.autoban.state.clone()));
         let sweep_every = self.config.server.state_sweep;
         background.spawn(async move {
             let mut tick = tokio::time::interval(sweep_every);
@@ -154,6 +181,7 @@ impl Server {
             loop {
                 tick.tick().await;
                 admission.sweep(tokio::time::Instant::now());
+                shaping.sweep();
             }
         });
 

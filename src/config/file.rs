@@ -18,6 +18,7 @@ pub struct FileConfig {
     pub limits: LimitsFile,
     pub timeouts: TimeoutsFile,
     pub blocklist: BlocklistFile,
+    pub autoban: AutobanFile,
     pub admin: AdminFile,
     pub log: LogFile,
 }
@@ -52,6 +53,12 @@ pub struct LimitsFile {
     pub ipv6_prefix: Raw<Scalar>,
     pub connection_rate: Raw<Scalar>,
     pub connection_burst: Raw<Scalar>,
+    pub message_rate: Raw<Scalar>,
+    pub message_burst: Raw<Scalar>,
+    pub recipient_rate: Raw<Scalar>,
+    pub recipient_burst: Raw<Scalar>,
+    pub recipients_per_message: Raw<Scalar>,
+    pub max_message_size: Raw<Scalar>,
     pub max_line_length: Raw<Scalar>,
 }
 
@@ -72,6 +79,19 @@ pub struct TimeoutsFile {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminFile {
     pub listen: Raw<Scalar>,
+    pub token_file: Raw<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutobanFile {
+    pub ttl: Raw<Scalar>,
+    pub state: Raw<String>,
+    pub early_talker: Raw<Scalar>,
+    pub auth_failures: Raw<Scalar>,
+    pub limit_violations: Raw<Scalar>,
+    pub protocol_errors: Raw<Scalar>,
+    pub window: Raw<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]

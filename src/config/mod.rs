@@ -29,6 +29,7 @@ pub struct Config {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub blocklist: BlocklistSettings,
+    pub autoban: AutobanSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
 }
@@ -72,7 +73,29 @@ pub struct Limits {
     #[serde(serialize_with = "ser_display")]
     pub connection_rate: Rate,
     pub connection_burst: u32,
+    #[serde(serialize_with = "ser_display")]
+    pub message_rate: Rate,
+    pub message_burst: u32,
+    #[serde(serialize_with = "ser_display")]
+    pub recipient_rate: Rate,
+    pub recipient_burst: u32,
+    pub recipients_per_message: u32,
+    pub max_message_size: u64,
     pub max_line_length: usize,
+}
+
+/// Abuse triggers: events per IP within `window`; 0 disables a trigger.
+#[derive(Clone, Debug, Serialize)]
+pub struct AutobanSettings {
+    #[serde(serialize_with = "ser_duration")]
+    pub ttl: Duration,
+    pub state: Option<PathBuf>,
+    pub early_talker: u32,
+    pub auth_failures: u32,
+    pub limit_violations: u32,
+    pub protocol_errors: u32,
+    #[serde(serialize_with = "ser_duration")]
+    pub window: Duration,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -130,6 +153,8 @@ pub struct Timeouts {
 #[derive(Clone, Debug, Serialize)]
 pub struct AdminSettings {
     pub listen: Option<SocketAddr>,
+    /// File holding the bearer token for mutating endpoints; none disables them.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -278,6 +303,23 @@ impl Validator<'_> {
                     |s| units::parse_rate(s, false).and_then(nonzero_rate),
                 ),
                 connection_burst: self.count("limits.connection_burst", l.connection_burst, "10"),
+                message_rate: self.parse("limits.message_rate", l.message_rate, "120/hour", |s| {
+                    units::parse_rate(s, false).and_then(nonzero_rate)
+                }),
+                message_burst: self.count("limits.message_burst", l.message_burst, "20"),
+                recipient_rate: self.parse(
+                    "limits.recipient_rate",
+                    l.recipient_rate,
+                    "600/hour",
+                    |s| units::parse_rate(s, false).and_then(nonzero_rate),
+                ),
+                recipient_burst: self.count("limits.recipient_burst", l.recipient_burst, "100"),
+                recipients_per_message: self.count(
+                    "limits.recipients_per_message",
+                    l.recipients_per_message,
+                    "100",
+                ),
+                max_message_size: self.size("limits.max_message_size", l.max_message_size, "25MiB"),
                 max_line_length: self.size("limits.max_line_length", l.max_line_length, "2048")
                     as usize,
             },
@@ -319,7 +361,45 @@ impl Validator<'_> {
                 ),
                 api: raw.blocklist.api.map(|api| self.api(api)),
             },
+            autoban: AutobanSettings {
+                ttl: self.duration("autoban.ttl", raw.autoban.ttl, "1h"),
+                state: raw
+                    .autoban
+                    .state
+                    .map(|p| PathBuf::from(p.into_inner()))
+                    .filter(|p| !p.as_os_str().is_empty()),
+                early_talker: self.parse(
+                    "autoban.early_talker",
+                    raw.autoban.early_talker,
+                    "1",
+                    whole,
+                ),
+                auth_failures: self.parse(
+                    "autoban.auth_failures",
+                    raw.autoban.auth_failures,
+                    "5",
+                    whole,
+                ),
+                limit_violations: self.parse(
+                    "autoban.limit_violations",
+                    raw.autoban.limit_violations,
+                    "20",
+                    whole,
+                ),
+                protocol_errors: self.parse(
+                    "autoban.protocol_errors",
+                    raw.autoban.protocol_errors,
+                    "10",
+                    whole,
+                ),
+                window: self.duration("autoban.window", raw.autoban.window, "10m"),
+            },
             admin: AdminSettings {
+                token_file: raw
+                    .admin
+                    .token_file
+                    .map(|p| PathBuf::from(p.into_inner()))
+                    .filter(|p| !p.as_os_str().is_empty()),
                 listen: match raw.admin.listen {
                     Some(text) if text.get_ref().as_str() == Some("") => None,
                     raw_listen => {
@@ -496,6 +576,11 @@ impl Validator<'_> {
             self.origin.display()
         ));
     }
+}
+
+fn whole(s: &str) -> Result<u32, String> {
+    s.parse()
+        .map_err(|e| format!("{e}; write a whole number (0 disables)"))
 }
 
 fn prefix_len(s: &str, max: u8) -> Result<u8, String> {

@@ -7,6 +7,7 @@
 mod close;
 mod greeting;
 pub mod io;
+pub mod message;
 pub mod registry;
 pub mod relay;
 
@@ -23,10 +24,12 @@ use greeting::GreetOutcome;
 use relay::Relay;
 
 use crate::admission::{Admission, Permit, Refusal};
+use crate::bans::BanEvent;
 use crate::blocklist::Blocklist;
 use crate::config::{BlockAction, Config};
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, Inbound};
+use crate::shaping::{Limit, Shaping};
 use crate::upstream;
 use registry::Registry;
 
@@ -34,6 +37,7 @@ use registry::Registry;
 pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub admission: Arc<Admission>,
+    pub shaping: Arc<Shaping>,
     pub blocklist: Arc<Blocklist>,
     /// Bounds how many blocked clients are tarpitted at once.
     pub tarpit_slots: Arc<tokio::sync::Semaphore>,
@@ -75,6 +79,7 @@ where
     };
     let (reason, facts) = match admit(&mut client, &mut peer, &mut early, &config, shared).await {
         Err(refusal) => {
+            record_refusal(&shared.shaping, peer.client.ip(), refusal);
             let reply = refusal.reply(&config.server.hostname);
             match (refusal, config.blocklist.action) {
                 (Refusal::Blocked, BlockAction::Drop) => {}
@@ -224,15 +229,16 @@ where
             {
                 registration.stop.stop(CloseReason::Blocked);
             }
-            let mut relay = Relay::new(
-                client,
-                upstream,
+            let ctx = relay::RelayContext {
                 config,
                 metrics,
-                &shared.drain,
-                &registration.stop,
+                shaping: &shared.shaping,
+                client_ip: ip,
+                drain: &shared.drain,
+                stop: &registration.stop,
                 session_deadline,
-            );
+            };
+            let mut relay = Relay::new(client, upstream, ctx);
             relay.preload_client_input(early);
             let reason = relay.run().await;
             (reason, relay.facts)
@@ -245,6 +251,23 @@ where
             );
             write_refusal(client, reply.as_bytes(), config.timeouts.write).await;
             (CloseReason::UpstreamError, relay::RelayFacts::default())
+        }
+    }
+}
+
+/// Feeds a refusal to the ban counters: early talking and protocol abuse
+/// are their own triggers, cap and rate refusals are limit violations.
+fn record_refusal(shaping: &Shaping, ip: std::net::IpAddr, refusal: Refusal) {
+    shaping.refused(ip);
+    match refusal {
+        Refusal::Blocked => {}
+        Refusal::EarlyTalker => shaping.event(ip, BanEvent::EarlyTalker),
+        Refusal::ProxyUntrusted | Refusal::ProxyMalformed => {
+            shaping.event(ip, BanEvent::ProtocolError)
+        }
+        Refusal::ConnectionRate => shaping.violation(ip, Limit::ConnectionRate),
+        Refusal::GlobalCap | Refusal::IpCap | Refusal::PrefixCap => {
+            shaping.event(ip, BanEvent::LimitViolation)
         }
     }
 }

@@ -8,6 +8,7 @@
 //! proxy makes itself waits in that queue behind the receiver's earlier ones.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -15,10 +16,13 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::io::{consume, read_into, write_all_within, WriteError};
+use super::message::{self, Message};
 use super::registry::Stop;
 use super::CloseReason;
+use crate::bans::BanEvent;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::shaping::{Limit, Shaping};
 use crate::smtp::{Command, DataEvent, DataScanner, Reply, ReplyAssembler, Verb};
 
 /// Commands in flight before the proxy stops reading from a pipelining client.
@@ -27,6 +31,9 @@ const MAX_PIPELINE: usize = 100;
 const MAX_REPLY: usize = 64 * 1024;
 /// Deadline for the last words to a client we are closing on.
 const GOODBYE_WRITE: Duration = Duration::from_secs(2);
+/// EHLO extensions the proxy cannot shape; BINARYMIME needs CHUNKING.
+/// `CRLF.CRLF`, counted in DATA's bytes but not in the message size.
+const END_MARKER: u64 = 5;
 /// EHLO extensions the proxy cannot shape; BINARYMIME needs CHUNKING.
 const HIDDEN_EXTENSIONS: [&str; 2] = ["CHUNKING", "BINARYMIME"];
 
@@ -48,6 +55,7 @@ enum Expect {
     Greeting,
     Ehlo,
     Mail,
+    Rcpt,
     Rset,
     Data,
     DataEnd,
@@ -73,11 +81,27 @@ pub struct RelayFacts {
     pub messages: u64,
 }
 
+/// What a relay reads but does not own.
+#[derive(Clone, Copy)]
+pub struct RelayContext<'a> {
+    pub config: &'a Config,
+    pub metrics: &'a Metrics,
+    pub shaping: &'a Shaping,
+    pub client_ip: IpAddr,
+    /// Stop at the next quiet point (graceful shutdown).
+    pub drain: &'a CancellationToken,
+    /// Stop now, for the reason it carries.
+    pub stop: &'a Stop,
+    pub session_deadline: Instant,
+}
+
 pub struct Relay<'a, C, U> {
     client: C,
     upstream: U,
     config: &'a Config,
     metrics: &'a Metrics,
+    shaping: &'a Shaping,
+    client_ip: IpAddr,
     drain: &'a CancellationToken,
     stop: &'a Stop,
 
@@ -106,6 +130,10 @@ pub struct Relay<'a, C, U> {
     line_started: Option<Instant>,
     data_started: Instant,
     data_bytes: u64,
+    /// The client's HELO/EHLO argument, escaped, for the message log.
+    helo: String,
+    /// The open transaction, from MAIL to its end.
+    message: Option<Message>,
     pub facts: RelayFacts,
 }
 
@@ -115,23 +143,18 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     /// A relay whose receiver's greeting is the first reply to come.
-    pub fn new(
-        client: C,
-        upstream: U,
-        config: &'a Config,
-        metrics: &'a Metrics,
-        drain: &'a CancellationToken,
-        stop: &'a Stop,
-        session_deadline: Instant,
-    ) -> Self {
+    pub fn new(client: C, upstream: U, ctx: RelayContext<'a>) -> Self {
         let now = Instant::now();
         Relay {
             client,
             upstream,
-            config,
-            metrics,
-            drain,
-            stop,
+            config: ctx.config,
+            metrics: ctx.metrics,
+            shaping: ctx.shaping,
+            client_ip: ctx.client_ip,
+            drain: ctx.drain,
+            stop: ctx.stop,
+            session_deadline: ctx.session_deadline,
             phase: Phase::Command,
             pending: VecDeque::from([Pending::Upstream(Expect::Greeting)]),
             replies: ReplyAssembler::new(MAX_REPLY),
@@ -146,11 +169,12 @@ where
             draining: false,
             discarding_line: false,
             closing: None,
-            session_deadline,
             last_activity: now,
             line_started: None,
             data_started: now,
             data_bytes: 0,
+            helo: String::new(),
+            message: None,
             facts: RelayFacts::default(),
         }
     }
@@ -382,13 +406,33 @@ where
     }
 
     fn line_too_long(&mut self) {
-        self.metrics.protocol_errors.inc();
+        self.protocol_error();
         self.phase = Phase::Command;
-        self.pending.push_back(Pending::Local(
-            b"500 5.5.2 line too long\r\n".to_vec(),
-            None,
-        ));
+        self.answer(b"500 5.5.2 line too long\r\n", None);
+    }
+
+    /// Counts a protocol error, toward a ban too.
+    fn protocol_error(&mut self) {
+        self.metrics.protocol_errors.inc();
+        self.shaping.event(self.client_ip, BanEvent::ProtocolError);
+    }
+
+    /// Queues the proxy's own reply in command order.
+    fn answer(&mut self, reply: &[u8], close: Option<CloseReason>) {
+        self.pending
+            .push_back(Pending::Local(reply.to_vec(), close));
         self.release_local_replies();
+    }
+
+    /// Refuses a command over a limit with `reply`.
+    fn over_limit(&mut self, limit: Limit, reply: &[u8], close: Option<CloseReason>) {
+        if limit != Limit::MessageRate && limit != Limit::RecipientRate {
+            // Rate hits are counted by the shaper that refused them.
+            self.shaping.violation(self.client_ip, limit);
+        }
+        self.metrics.message("refused");
+        self.shaping.refused(self.client_ip);
+        self.answer(reply, close);
     }
 
     fn command(&mut self, end: usize) {
@@ -397,19 +441,56 @@ where
             // could spoof its way past every per-IP rule.
             self.metrics
                 .refused(crate::admission::Refusal::ProxyUntrusted);
-            self.pending.push_back(Pending::Local(
-                b"554 5.7.1 PROXY header not accepted from your address\r\n".to_vec(),
+            self.protocol_error();
+            self.answer(
+                b"554 5.7.1 PROXY header not accepted from your address\r\n",
                 Some(CloseReason::ProtocolError),
-            ));
-            self.release_local_replies();
+            );
             return;
         }
-        let verb = Command::parse(&self.client_in[..end]).verb;
+        let command = Command::parse(&self.client_in[..end]);
+        let verb = command.verb;
         self.metrics.command(verb);
         self.facts.commands += 1;
+        let limits = &self.config.limits;
         let expect = match verb {
-            Verb::Ehlo | Verb::Lhlo => Expect::Ehlo,
-            Verb::Mail => Expect::Mail,
+            Verb::Helo | Verb::Ehlo | Verb::Lhlo => {
+                self.helo = message::field(command.args);
+                if verb == Verb::Helo {
+                    Expect::Other
+                } else {
+                    Expect::Ehlo
+                }
+            }
+            Verb::Mail => {
+                if message::size_param(command.args)
+                    .is_some_and(|size| size > limits.max_message_size)
+                {
+                    let reply = b"552 5.3.4 message size exceeds fixed maximum message size\r\n";
+                    return self.over_limit(Limit::MessageSize, reply, None);
+                }
+                if !self.shaping.message(self.client_ip) {
+                    let reply = b"450 4.7.1 message rate limit exceeded, try again later\r\n";
+                    return self.over_limit(Limit::MessageRate, reply, None);
+                }
+                self.message = Some(Message::new(command.args));
+                Expect::Mail
+            }
+            Verb::Rcpt => {
+                let sent = self.message.as_ref().map_or(0, |m| m.recipients_sent);
+                if sent >= limits.recipients_per_message {
+                    let reply = b"452 4.5.3 too many recipients\r\n";
+                    return self.over_limit(Limit::RecipientsPerMessage, reply, None);
+                }
+                if !self.shaping.recipient(self.client_ip) {
+                    let reply = b"450 4.7.1 recipient rate limit exceeded, try again later\r\n";
+                    return self.over_limit(Limit::RecipientRate, reply, None);
+                }
+                if let Some(m) = self.message.as_mut() {
+                    m.recipients_sent += 1;
+                }
+                Expect::Rcpt
+            }
             Verb::Rset => Expect::Rset,
             Verb::Data => Expect::Data,
             Verb::Auth => Expect::Auth,
@@ -421,12 +502,11 @@ where
             Verb::Bdat => {
                 // The chunk that follows is binary of a length only BDAT
                 // knows; without CHUNKING advertised there is no resync.
-                self.metrics.protocol_errors.inc();
-                self.pending.push_back(Pending::Local(
-                    b"503 5.5.1 BDAT without CHUNKING, use DATA\r\n".to_vec(),
+                self.protocol_error();
+                self.answer(
+                    b"503 5.5.1 BDAT without CHUNKING, use DATA\r\n",
                     Some(CloseReason::ProtocolError),
-                ));
-                self.release_local_replies();
+                );
                 return;
             }
             _ => Expect::Other,
@@ -453,7 +533,7 @@ where
             DataEvent::Smuggling(_) => {
                 // Close without the end marker: the receiver drops the
                 // unfinished message, so nothing is half-delivered.
-                self.metrics.protocol_errors.inc();
+                self.protocol_error();
                 self.to_client
                     .extend_from_slice(b"421 4.5.0 bare line ending near end of data, closing\r\n");
                 self.closing = Some(CloseReason::ProtocolError);
@@ -461,7 +541,22 @@ where
                 return false;
             }
         };
-        self.to_upstream.extend_from_slice(&self.client_in[..taken]);
+        if self.data_bytes + taken as u64 > self.config.limits.max_message_size + END_MARKER {
+            // Stop before the receiver has it all: without the end marker
+            // it discards the message, so nothing over-size is delivered.
+            self.over_limit(
+                Limit::MessageSize,
+                b"552 5.3.4 message size exceeds fixed maximum message size\r\n",
+                Some(CloseReason::Limit),
+            );
+            self.client_in = Vec::new();
+            return false;
+        }
+        let chunk = &self.client_in[..taken];
+        self.to_upstream.extend_from_slice(chunk);
+        if let Some(m) = self.message.as_mut() {
+            m.content(chunk);
+        }
         self.data_bytes += taken as u64;
         consume(&mut self.client_in, taken);
         if matches!(event, DataEvent::End(_)) {
@@ -521,8 +616,21 @@ where
             Some(Expect::Ehlo) if reply.code == 250 => {
                 reply = reply.without_extensions(&HIDDEN_EXTENSIONS)
             }
-            Some(Expect::Mail) => self.in_transaction = reply.is_positive(),
-            Some(Expect::Rset) => self.in_transaction = false,
+            Some(Expect::Mail) => {
+                self.in_transaction = reply.is_positive();
+                if !self.in_transaction {
+                    self.message = None;
+                }
+            }
+            Some(Expect::Rcpt) => {
+                if let Some(m) = self.message.as_mut().filter(|_| reply.is_positive()) {
+                    m.recipients += 1;
+                }
+            }
+            Some(Expect::Rset) => {
+                self.in_transaction = false;
+                self.message = None;
+            }
             Some(Expect::Data) => {
                 self.awaiting_sync_reply = false;
                 if reply.code == 354 {
@@ -533,14 +641,23 @@ where
             }
             Some(Expect::DataEnd) => {
                 self.in_transaction = false;
+                let message = self.message.take();
                 if reply.is_positive() {
                     self.facts.messages += 1;
+                    self.metrics.message("accepted");
+                    if let Some(m) = message {
+                        m.log_accepted(self.client_ip, &self.helo);
+                    }
+                } else {
+                    self.metrics.message("rejected");
                 }
             }
             Some(Expect::Auth) => {
                 self.awaiting_sync_reply = false;
-                if reply.code == 334 {
-                    self.phase = Phase::SaslResponse;
+                match reply.code {
+                    334 => self.phase = Phase::SaslResponse,
+                    535 => self.shaping.event(self.client_ip, BanEvent::AuthFailure),
+                    _ => {}
                 }
             }
             Some(Expect::StartTls) => {
@@ -549,7 +666,7 @@ where
                     if !self.client_in.is_empty() {
                         // Plaintext sent after STARTTLS would be taken as
                         // inside TLS by a vulnerable receiver (CVE-2011-0411).
-                        self.metrics.protocol_errors.inc();
+                        self.protocol_error();
                         self.closing = Some(CloseReason::ProtocolError);
                         return;
                     }
@@ -600,6 +717,24 @@ mod tests {
         upstream: DuplexStream,
     }
 
+    /// Shaping whose bans feed lists nobody reads.
+    fn detached_shaping(config: &Config, metrics: &std::sync::Arc<Metrics>) -> Shaping {
+        use crate::blocklist::sources::{SourceMetrics, Sources};
+        let sources = Sources::new(
+            Default::default(),
+            SourceMetrics::register(&prometheus::Registry::new()),
+            Box::new(|_| {}),
+        );
+        let bans = crate::bans::Bans::new(
+            config.autoban.clone(),
+            false,
+            1000,
+            sources.into(),
+            metrics.clone(),
+        );
+        Shaping::new(config, bans.into(), metrics.clone())
+    }
+
     /// Runs a relay against `script`; returns why the relay ended and the
     /// protocol errors it counted.
     async fn relay_with<F>(script: impl FnOnce(Pipes) -> F) -> (CloseReason, u64)
@@ -607,15 +742,23 @@ mod tests {
         F: Future<Output = ()>,
     {
         let config = Config::default();
-        let metrics = Metrics::new();
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let shaping = detached_shaping(&config, &metrics);
         let (drain, stop) = (CancellationToken::new(), Stop::default());
         let (client, client_end) = duplex(64 * 1024);
         let (upstream, upstream_end) = duplex(64 * 1024);
-        let deadline = Instant::now() + config.timeouts.session;
+        let ctx = RelayContext {
+            config: &config,
+            metrics: &metrics,
+            shaping: &shaping,
+            client_ip: "192.0.2.1".parse().unwrap(),
+            drain: &drain,
+            stop: &stop,
+            session_deadline: Instant::now() + config.timeouts.session,
+        };
         let relay = async {
             // Dropped when it ends, so the script sees both pipes close.
-            let mut relay =
-                Relay::new(client, upstream, &config, &metrics, &drain, &stop, deadline);
+            let mut relay = Relay::new(client, upstream, ctx);
             relay.run().await
         };
         let pipes = Pipes {

@@ -1,0 +1,139 @@
+//! Shaping inside a session: per-IP message and recipient buckets, and the
+//! abuse events that feed automatic bans. The relay asks; this answers and
+//! counts, without I/O.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::admission::{quota, RateCheck, RateTable};
+use crate::bans::{BanEvent, Bans};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// The limits a client can hit, as the `limit` label of
+/// `mailmoat_rate_limit_hits_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    ConnectionRate,
+    MessageRate,
+    RecipientRate,
+    RecipientsPerMessage,
+    MessageSize,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 5] = [
+        Limit::ConnectionRate,
+        Limit::MessageRate,
+        Limit::RecipientRate,
+        Limit::RecipientsPerMessage,
+        Limit::MessageSize,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::ConnectionRate => "connection_rate",
+            Limit::MessageRate => "message_rate",
+            Limit::RecipientRate => "recipient_rate",
+            Limit::RecipientsPerMessage => "recipients_per_message",
+            Limit::MessageSize => "message_size",
+        }
+    }
+}
+
+pub struct Shaping {
+    messages: RateTable,
+    recipients: RateTable,
+    bans: Arc<Bans>,
+    metrics: Arc<Metrics>,
+    /// Refusals per IP, halved at each sweep: "who is hitting us now".
+    recent_refusals: DashMap<IpAddr, u32>,
+    max_tracked: usize,
+}
+
+impl Shaping {
+    pub fn new(config: &Config, bans: Arc<Bans>, metrics: Arc<Metrics>) -> Shaping {
+        let l = &config.limits;
+        let max = config.server.max_tracked_ips;
+        Shaping {
+            messages: RateTable::new(quota(l.message_rate, l.message_burst), max),
+            recipients: RateTable::new(quota(l.recipient_rate, l.recipient_burst), max),
+            bans,
+            metrics,
+            recent_refusals: DashMap::new(),
+            max_tracked: max,
+        }
+    }
+
+    /// Notes a refusal of `ip` (connection or command) for `/admin/top`.
+    pub fn refused(&self, ip: IpAddr) {
+        if self.recent_refusals.len() < self.max_tracked || self.recent_refusals.contains_key(&ip) {
+            *self.recent_refusals.entry(ip).or_insert(0) += 1;
+        }
+    }
+
+    /// The `n` IPs with the most recent refusals, most first.
+    pub fn top_refused(&self, n: usize) -> Vec<(IpAddr, u32)> {
+        let mut all: Vec<(IpAddr, u32)> = self
+            .recent_refusals
+            .iter()
+            .map(|e| (*e.key(), *e.value()))
+            .collect();
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
+
+    /// Takes a message token for `ip` (at MAIL); false when over the rate.
+    pub fn message(&self, ip: IpAddr) -> bool {
+        self.take(&self.messages, ip, Limit::MessageRate)
+    }
+
+    /// Takes a recipient token for `ip` (at RCPT); false when over the rate.
+    pub fn recipient(&self, ip: IpAddr) -> bool {
+        self.take(&self.recipients, ip, Limit::RecipientRate)
+    }
+
+    fn take(&self, table: &RateTable, ip: IpAddr, limit: Limit) -> bool {
+        match table.check(ip) {
+            RateCheck::Allowed => true,
+            RateCheck::Untracked => {
+                self.metrics.rate_untracked.inc();
+                true
+            }
+            RateCheck::Limited => {
+                self.violation(ip, limit);
+                false
+            }
+        }
+    }
+
+    /// Counts a limit hit and its ban event.
+    pub fn violation(&self, ip: IpAddr, limit: Limit) {
+        self.metrics.limit_hit(limit);
+        self.event(ip, BanEvent::LimitViolation);
+    }
+
+    pub fn event(&self, ip: IpAddr, event: BanEvent) {
+        if event == BanEvent::AuthFailure {
+            self.metrics.auth_failures.inc();
+        }
+        self.bans.record(ip, event);
+    }
+
+    pub fn bans(&self) -> &Arc<Bans> {
+        &self.bans
+    }
+
+    pub fn sweep(&self) {
+        self.messages.sweep();
+        self.recipients.sweep();
+        self.bans.sweep();
+        self.recent_refusals.retain(|_, n| {
+            *n /= 2;
+            *n > 0
+        });
+    }
+}
