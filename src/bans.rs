@@ -85,6 +85,23 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The whole Unix second by which `ttl` from now has passed: a ban lasts
+/// at least its TTL, never up to a second less.
+fn unix_after(ttl: Duration) -> u64 {
+    let at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        + ttl;
+    at.as_secs() + u64::from(at.subsec_nanos() > 0)
+}
+
+/// Time left until the Unix second `until`.
+fn time_until(until: u64) -> Duration {
+    (UNIX_EPOCH + Duration::from_secs(until))
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+}
+
 impl Bans {
     pub fn new(
         settings: AutobanSettings,
@@ -94,7 +111,7 @@ impl Bans {
         metrics: Arc<Metrics>,
     ) -> Bans {
         sources.declare(source());
-        Bans {
+        let bans = Bans {
             settings,
             shadow,
             max_tracked,
@@ -103,6 +120,25 @@ impl Bans {
             dirty: Notify::new(),
             sources,
             metrics,
+        };
+        bans.restore();
+        bans
+    }
+
+    /// Loads the bans persisted in `autoban.state`, if any.
+    fn restore(&self) {
+        let Some(path) = &self.settings.state else {
+            return;
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let n = self.load(&text);
+                tracing::info!(bans = n, path = %path.display(), "bans restored");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read autoban.state")
+            }
         }
     }
 
@@ -156,7 +192,7 @@ impl Bans {
     /// Bans `net` for `ttl`; applied to the lists within [`APPLY_EVERY`].
     pub fn ban(&self, net: IpNet, ttl: Duration, reason: &str) {
         let ban = Ban {
-            until: unix_now() + ttl.as_secs().max(1),
+            until: unix_after(ttl.max(Duration::from_secs(1))),
             reason: reason
                 .chars()
                 .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
@@ -235,6 +271,9 @@ impl Bans {
         }
         let n = bans.len();
         drop(bans);
+        // In force before the first client is accepted, not at the first
+        // maintenance pass: a restart must not let a banned client in.
+        self.apply(None);
         self.dirty.notify_one();
         n
     }
@@ -244,9 +283,8 @@ impl Bans {
     pub async fn maintain(self: Arc<Self>, state: Option<PathBuf>) {
         loop {
             let next_expiry = self.apply(state.as_deref());
-            let wait = next_expiry.map_or(Duration::from_secs(3600), |until| {
-                Duration::from_secs(until.saturating_sub(unix_now()))
-                    .max(Duration::from_millis(100))
+            let wait = next_expiry.map_or(Duration::from_secs(3600), |at| {
+                time_until(at).max(Duration::from_millis(100))
             });
             tokio::select! {
                 () = self.dirty.notified() => {}
@@ -254,6 +292,11 @@ impl Bans {
             }
             tokio::time::sleep(APPLY_EVERY).await;
         }
+    }
+
+    /// Applies and persists the bans now (at shutdown).
+    pub fn save_now(&self, state: Option<&std::path::Path>) {
+        self.apply(state);
     }
 
     /// Drops expired bans, pushes the rest to the lists, writes the state

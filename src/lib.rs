@@ -20,6 +20,7 @@ pub mod admission;
 pub mod bans;
 pub mod blocklist;
 pub mod config;
+pub mod demo;
 pub mod listener;
 pub mod metrics;
 pub mod proxy_protocol;

@@ -28,6 +28,13 @@ enum Cmd {
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Run the proxy before a built-in receiver on loopback with a legitimate
+    /// sender and the attacks mailmoat exists for; print a report.
+    Demo {
+        /// How long the traffic runs.
+        #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+    },
     /// Blocklist tools.
     Blocklist {
         #[command(subcommand)]
@@ -68,11 +75,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BlocklistCmd::Check { ip, config },
         } => {
             let config = load(config.as_deref())?;
+            // Bad lines and unreadable sources are reported as warnings.
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_max_level(tracing::Level::WARN)
+                .init();
             let lists = mailmoat::blocklist::load_offline(&config);
             println!("{ip}");
             for line in lists.explain(ip) {
                 println!("  {line}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo { duration } => {
+            let config = Config::from_toml("[log]\nlevel = \"error\"\n", Path::new("<demo>"))?;
+            init_logging(&config);
+            raise_open_file_limit();
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            runtime.block_on(mailmoat::demo::run(mailmoat::demo::DemoOptions {
+                duration,
+            }))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run { config } => {

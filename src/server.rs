@@ -109,17 +109,6 @@ impl Server {
             sources.clone(),
             self.metrics.clone(),
         ));
-        if let Some(path) = &self.config.autoban.state {
-            match std::fs::read_to_string(path) {
-                Ok(text) => {
-                    tracing::info!(bans = bans.load(&text), path = %path.display(), "bans restored")
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot read autoban.state")
-                }
-            }
-        }
         let shaping = Arc::new(Shaping::new(
             &self.config,
             bans.clone(),
@@ -201,6 +190,8 @@ impl Server {
         }
         shared.abort.cancel();
         background.shutdown().await;
+        // Bans made in the last moments are not lost with the process.
+        bans.save_now(self.config.autoban.state.as_deref());
         tracing::info!("stopped");
     }
 }

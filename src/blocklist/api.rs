@@ -175,4 +175,38 @@ mod tests {
         let w9 = next_wait(i, 9);
         assert!(w9 <= Duration::from_secs(200), "{w9:?}");
     }
+
+    #[test]
+    fn persist_replaces_the_cache_by_rename() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!(
+            "mailmoat-persist-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let cache = dir.join("state/api-cache.txt");
+        persist(&cache, "192.0.2.1\n").expect("creates the directory and writes");
+        assert_eq!(std::fs::read_to_string(&cache).unwrap(), "192.0.2.1\n");
+        // A reader holding the old version keeps reading it whole.
+        let old = std::fs::File::open(&cache).unwrap();
+        let old_inode = old.metadata().unwrap().ino();
+
+        persist(&cache, "192.0.2.2\n198.51.100.0/24\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&cache).unwrap(),
+            "192.0.2.2\n198.51.100.0/24\n"
+        );
+        assert_ne!(
+            std::fs::metadata(&cache).unwrap().ino(),
+            old_inode,
+            "renamed, not rewritten"
+        );
+        assert_eq!(
+            std::io::read_to_string(old).unwrap(),
+            "192.0.2.1\n",
+            "the old version was never truncated"
+        );
+        assert!(!cache.with_extension("tmp").exists(), "no temp file left");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -32,6 +32,16 @@ impl FileSource {
     /// Reads and applies the file; a failed read keeps the last good version.
     pub fn load(&self, sources: &Sources) {
         match std::fs::read_to_string(&self.path) {
+            // Truncated by an in-place rewrite not finished yet (or a failed
+            // one): applying it would unblock everyone it listed. As for the
+            // API, an intentionally empty list says so with a comment line.
+            Ok(text) if text.trim().is_empty() => sources.error(
+                &self.source(),
+                &format!(
+                    "{} is empty; keeping the last good version",
+                    self.path.display()
+                ),
+            ),
             Ok(text) => {
                 let (nets, bad) = parse_list(&text);
                 sources.update(&self.source(), nets, &bad);
@@ -76,6 +86,13 @@ pub async fn watch(sources: Arc<Sources>, files: Vec<FileSource>) {
         }
     }
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    // A change between the first load and the watch taking hold would be
+    // missed until the next one: read once more now that we watch.
+    {
+        let (sources, files) = (sources.clone(), files.clone());
+        let _ =
+            tokio::task::spawn_blocking(move || files.iter().for_each(|f| f.load(&sources))).await;
+    }
 
     loop {
         let changed: Vec<FileSource> = tokio::select! {
@@ -115,4 +132,57 @@ fn absolute(path: &Path) -> Option<PathBuf> {
         _ => PathBuf::from("."),
     };
     Some(std::fs::canonicalize(dir).ok()?.join(path.file_name()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::super::sources::SourceMetrics;
+    use super::super::Blocklist;
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn failed_reads_and_empty_versions_keep_the_last_good_list() {
+        let dir = std::env::temp_dir().join(format!(
+            "mailmoat-files-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = FileSource {
+            path: dir.join("block.txt"),
+            allow: false,
+        };
+        let live = Arc::new(Blocklist::default());
+        let registry = prometheus::Registry::new();
+        let sources = Sources::new(
+            live.clone(),
+            SourceMetrics::register(&registry),
+            Box::new(|_| {}),
+        );
+        let blocked = || live.load().is_blocked(ip("192.0.2.7"));
+
+        std::fs::write(&file.path, "192.0.2.7\n").unwrap();
+        file.load(&sources);
+        assert!(blocked());
+        for bad_version in ["", " \n\n", "garbage\n"] {
+            std::fs::write(&file.path, bad_version).unwrap();
+            file.load(&sources);
+            assert!(blocked(), "{bad_version:?} unblocked");
+        }
+        std::fs::remove_file(&file.path).unwrap();
+        file.load(&sources);
+        assert!(blocked(), "a missing file unblocked");
+
+        // An intentionally empty list says so with a comment.
+        std::fs::write(&file.path, "# nobody\n").unwrap();
+        file.load(&sources);
+        assert!(!blocked());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

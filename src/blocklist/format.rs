@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 /// A line that is not an IP or CIDR, with its 1-based line number.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,13 +39,27 @@ pub fn parse_list(text: &str) -> (Vec<IpNet>, Vec<BadLine>) {
 pub fn parse_net(text: &str) -> Result<IpNet, String> {
     let text = text.trim();
     if let Ok(net) = text.parse::<IpNet>() {
-        return Ok(net.trunc());
+        return Ok(canonical(net.trunc()));
     }
     text.parse::<IpAddr>()
         .map(|ip| IpNet::from(ip.to_canonical()))
         .map_err(|_| {
             "not an IP address or CIDR (e.g. 192.0.2.7, 198.51.100.0/24, 2001:db8::/64)".into()
         })
+}
+
+/// An IPv4-mapped IPv6 network (`::ffff:192.0.2.0/120`) as the IPv4 network
+/// it is: lookups canonicalise mapped clients to IPv4, so the IPv6 form
+/// would never match anyone.
+fn canonical(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => n
+            .network()
+            .to_ipv4_mapped()
+            .and_then(|v4| Ipv4Net::new(v4, n.prefix_len() - 96).ok())
+            .map_or(net, IpNet::V4),
+        _ => net,
+    }
 }
 
 #[cfg(test)]
@@ -67,5 +81,17 @@ mod tests {
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].line, 5);
         assert_eq!(bad[0].text, "nonsense");
+    }
+
+    #[test]
+    fn v4_mapped_networks_are_ipv4_networks() {
+        let net = |s: &str| parse_net(s).unwrap().to_string();
+        assert_eq!(net("::ffff:198.51.100.9/120"), "198.51.100.0/24");
+        assert_eq!(net("::ffff:192.0.2.7/128"), "192.0.2.7/32");
+        assert_eq!(net("::ffff:192.0.2.7"), "192.0.2.7/32");
+        assert_eq!(net("::ffff:0:0/96"), "0.0.0.0/0");
+        // Wider than the mapped range, or not mapped: stays IPv6.
+        assert_eq!(net("::ffff:0:0/95"), "::fffe:0:0/95");
+        assert_eq!(net("::192.0.2.7"), "::c000:207/128");
     }
 }

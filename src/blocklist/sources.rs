@@ -177,3 +177,53 @@ impl Sources {
         (self.on_swap)(&self.live.load());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::super::parse_list;
+    use super::*;
+
+    fn source(name: &str) -> Source {
+        Source {
+            name: name.into(),
+            allow: false,
+        }
+    }
+
+    #[test]
+    fn sources_merge_and_a_garbage_version_keeps_the_last_good_one() {
+        let live = Arc::new(Blocklist::default());
+        let swaps = Arc::new(AtomicUsize::new(0));
+        let seen = swaps.clone();
+        let sources = Sources::new(
+            live.clone(),
+            SourceMetrics::register(&Registry::new()),
+            Box::new(move |lists| {
+                assert!(lists.is_blocked("192.0.2.1".parse().unwrap()));
+                seen.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        let blocked = |ip: &str| live.load().is_blocked(ip.parse::<IpAddr>().unwrap());
+        let (a, b) = (source("a"), source("b"));
+        let (nets, bad) = parse_list("192.0.2.1\n");
+        assert_eq!(
+            sources.update(&a, nets, &bad),
+            Applied::Replaced { entries: 1 }
+        );
+        let (nets, bad) = parse_list("198.51.100.0/24\n");
+        sources.update(&b, nets, &bad);
+        assert!(blocked("192.0.2.1") && blocked("198.51.100.9"));
+
+        let (nets, bad) = parse_list("<html>oops</html>\n");
+        assert_eq!(sources.update(&b, nets, &bad), Applied::Kept);
+        assert!(blocked("192.0.2.1") && blocked("198.51.100.9"));
+        assert_eq!(
+            swaps.load(Ordering::SeqCst),
+            2,
+            "the hook runs after each swap"
+        );
+    }
+}

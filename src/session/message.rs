@@ -10,6 +10,10 @@ use crate::smtp::command::strip_line_ending;
 const MAX_HEADER: usize = 64 * 1024;
 /// Longest client-supplied text kept for a log field.
 const MAX_FIELD: usize = 256;
+/// The `.CRLF` that ends DATA: on the wire, but not part of the message
+/// size (RFC 1870). The CRLF before the dot ends the message's last line
+/// (RFC 5321 4.1.1.4), so it counts, as the receiver stores it.
+pub const END_MARKER: u64 = 3;
 
 #[derive(Debug, Default)]
 pub struct Message {
@@ -44,6 +48,11 @@ impl Message {
         if self.header.windows(4).any(|w| w == b"\r\n\r\n") || self.header.len() >= MAX_HEADER {
             self.header_done = true;
         }
+    }
+
+    /// The end marker was the last content seen: its bytes are not the message's.
+    pub fn ended(&mut self) {
+        self.size = self.size.saturating_sub(END_MARKER);
     }
 
     /// Writes the per-message log record.

@@ -33,6 +33,9 @@ use crate::shaping::{Limit, Shaping};
 use crate::upstream;
 use registry::Registry;
 
+/// The longest a session waits for the receiver to close its side.
+const UPSTREAM_LINGER: Duration = Duration::from_secs(2);
+
 /// What every session shares with the process.
 pub struct Shared {
     pub metrics: Arc<Metrics>,
@@ -217,7 +220,7 @@ where
     )
     .await
     {
-        Ok(upstream) => {
+        Ok(mut upstream) => {
             let ip = peer.client.ip();
             let registration = shared.registry.register(ip, &shared.abort);
             // A list swapped in since admission has not seen this session.
@@ -238,10 +241,13 @@ where
                 stop: &registration.stop,
                 session_deadline,
             };
-            let mut relay = Relay::new(client, upstream, ctx);
+            let mut relay = Relay::new(client, &mut upstream, ctx);
             relay.preload_client_input(early);
             let reason = relay.run().await;
-            (reason, relay.facts)
+            let facts = relay.facts;
+            drop(relay);
+            close_upstream(upstream).await;
+            (reason, facts)
         }
         Err(e) => {
             tracing::warn!(client = %peer.client, error = %e, "no upstream for client");
@@ -253,6 +259,23 @@ where
             (CloseReason::UpstreamError, relay::RelayFacts::default())
         }
     }
+}
+
+/// Closes the connection to the receiver and waits, briefly, for the
+/// receiver to close its side too. The session's permit is released only
+/// after this, so the caps bound the sessions the receiver holds, not just
+/// ours: without the wait, a capped client cut off (say by the line
+/// timeout) could be replaced by its next connection before the receiver
+/// had noticed the first one close, and a receiver with exactly enough
+/// slots for the caps would turn legitimate clients away.
+async fn close_upstream(mut upstream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let linger = async {
+        let _ = upstream.shutdown().await;
+        let mut discard = [0u8; 512];
+        while let Ok(1..) = upstream.read(&mut discard).await {}
+    };
+    let _ = tokio::time::timeout(UPSTREAM_LINGER, linger).await;
 }
 
 /// Feeds a refusal to the ban counters: early talking and protocol abuse

@@ -16,7 +16,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::io::{consume, read_into, write_all_within, WriteError};
-use super::message::{self, Message};
+use super::message::{self, Message, END_MARKER};
 use super::registry::Stop;
 use super::CloseReason;
 use crate::bans::BanEvent;
@@ -31,9 +31,6 @@ const MAX_PIPELINE: usize = 100;
 const MAX_REPLY: usize = 64 * 1024;
 /// Deadline for the last words to a client we are closing on.
 const GOODBYE_WRITE: Duration = Duration::from_secs(2);
-/// EHLO extensions the proxy cannot shape; BINARYMIME needs CHUNKING.
-/// `CRLF.CRLF`, counted in DATA's bytes but not in the message size.
-const END_MARKER: u64 = 5;
 /// EHLO extensions the proxy cannot shape; BINARYMIME needs CHUNKING.
 const HIDDEN_EXTENSIONS: [&str; 2] = ["CHUNKING", "BINARYMIME"];
 
@@ -560,6 +557,9 @@ where
         self.data_bytes += taken as u64;
         consume(&mut self.client_in, taken);
         if matches!(event, DataEvent::End(_)) {
+            if let Some(m) = self.message.as_mut() {
+                m.ended();
+            }
             self.phase = Phase::Command;
             self.pending.push_back(Pending::Upstream(Expect::DataEnd));
         }

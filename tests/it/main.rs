@@ -1,8 +1,12 @@
 //! Integration tests: one binary, modules per capability.
 mod admin;
+mod bans;
+mod blocklist;
 mod cli;
 mod harness;
+mod lists;
 mod relay;
+mod shaping;
 mod shutdown;
 mod timeouts;
 mod upstream;

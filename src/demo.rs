@@ -1,0 +1,477 @@
+//! `mailmoat demo`: the proxy in front of the built-in sink on loopback,
+//! a legitimate sender, and the incidents mailmoat exists for, played at
+//! once for about 40 seconds; then a report.
+//!
+//! Everything runs on 127.0.0.0/8 (all of it is local on Linux), each
+//! actor from its own addresses, every loop bounded by the demo's deadline.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinSet;
+use tokio::time::{sleep, timeout, Instant};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::sink::{Sink, SinkOptions};
+use crate::Server;
+
+const LEGIT: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const TRICKLE_IPS: u8 = 20;
+const TRICKLE_SOCKETS_PER_IP: usize = 50;
+const FLOOD_IPS: [Ipv4Addr; 4] = [
+    Ipv4Addr::new(127, 77, 0, 1),
+    Ipv4Addr::new(127, 77, 1, 1),
+    Ipv4Addr::new(127, 77, 2, 1),
+    Ipv4Addr::new(127, 77, 3, 1),
+];
+const BRUTE: Ipv4Addr = Ipv4Addr::new(127, 88, 0, 1);
+/// An IP with an open, idle session when the operators push their block.
+const PUSHED: Ipv4Addr = Ipv4Addr::new(127, 99, 0, 1);
+const IO: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct Tally {
+    legit_sent: AtomicU64,
+    legit_delivered: AtomicU64,
+    flood_attempts: AtomicU64,
+    flood_refused: AtomicU64,
+    trickle_opened: AtomicU64,
+    brute_attempts: AtomicU64,
+    brute_banned_after: AtomicU64,
+    push_refused_ms: AtomicU64,
+    push_killed_ms: AtomicU64,
+}
+
+pub struct DemoOptions {
+    pub duration: Duration,
+}
+
+pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("mailmoat-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).context("creating the demo's temp dir")?;
+    let blocklist = dir.join("blocklist.txt");
+    std::fs::write(&blocklist, "# pushed by the operators during the demo\n")?;
+
+    let sink = Sink::start(
+        "127.0.0.1:0".parse()?,
+        SinkOptions {
+            slots: 100,
+            auth: Some(("user".into(), "correct horse".into())),
+            ..SinkOptions::default()
+        },
+    )
+    .await?;
+    let config = demo_config(&blocklist, sink.addr(), &dir)?;
+    let server = Server::bind(config).await?;
+    let proxy = server.listen_addrs()[0];
+    let metrics = server.metrics();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let proxy_task = tokio::spawn(server.run(async {
+        let _ = stop_rx.await;
+    }));
+
+    println!(
+        "mailmoat demo: proxy on {proxy} in front of a sink with 100 slots; {}s of traffic",
+        options.duration.as_secs()
+    );
+    println!("  legit sender {LEGIT}; {} trickling sockets from {TRICKLE_IPS} IPs; a flood from 4 IPs; AUTH brute force from {BRUTE}", TRICKLE_IPS as usize * TRICKLE_SOCKETS_PER_IP);
+
+    let tally = Arc::new(Tally::default());
+    let started = Instant::now();
+    let deadline = started + options.duration;
+    let mut actors = JoinSet::new();
+    actors.spawn(legit(proxy, tally.clone(), deadline));
+    for ip in 1..=TRICKLE_IPS {
+        for _ in 0..TRICKLE_SOCKETS_PER_IP {
+            actors.spawn(trickle(
+                Ipv4Addr::new(127, 66, ip, 1),
+                proxy,
+                tally.clone(),
+                deadline,
+            ));
+        }
+    }
+    for ip in FLOOD_IPS {
+        actors.spawn(flood(ip, proxy, tally.clone(), deadline));
+    }
+    actors.spawn(brute_force(proxy, tally.clone(), deadline));
+    actors.spawn(push_block(
+        proxy,
+        blocklist.clone(),
+        tally.clone(),
+        options.duration / 4,
+    ));
+
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.tick().await;
+    while Instant::now() < deadline {
+        tokio::select! {
+            _ = tick.tick() => progress(started, &metrics, &tally, &sink),
+            Some(_) = actors.join_next() => {}
+        }
+    }
+    // Actors stop at the deadline; give stragglers a moment, then cut.
+    let _ = timeout(Duration::from_secs(10), async {
+        while actors.join_next().await.is_some() {}
+    })
+    .await;
+    actors.shutdown().await;
+    report(started, &metrics, &tally, &sink);
+
+    let _ = stop_tx.send(());
+    let _ = timeout(Duration::from_secs(15), proxy_task).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn demo_config(
+    blocklist: &std::path::Path,
+    sink: SocketAddr,
+    dir: &std::path::Path,
+) -> anyhow::Result<Config> {
+    let toml = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+shutdown_grace = "5s"
+state_sweep = "1s"
+[upstream]
+servers = ["{sink}"]
+[limits]
+per_ip_connections = 3
+per_prefix_connections = 20
+connection_rate = "60/min"
+connection_burst = 10
+message_rate = "1000/min"
+message_burst = 100
+[timeouts]
+command_line = "3s"
+idle = "10s"
+[blocklist]
+files = ["{blocklist}"]
+[autoban]
+auth_failures = 5
+limit_violations = 300
+state = "{bans}"
+[admin]
+listen = ""
+[log]
+level = "error"
+"#,
+        blocklist = blocklist.display(),
+        bans = dir.join("bans.txt").display(),
+    );
+    Ok(Config::from_toml(&toml, std::path::Path::new("<demo>"))?)
+}
+
+async fn connect_from(ip: Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
+    let stream = timeout(IO, socket.connect(addr)).await??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Reads one reply line (bounded); "" when the connection ended.
+async fn read_reply(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while buf.len() < 512 {
+        match timeout(IO, stream.read(&mut byte)).await {
+            Ok(Ok(1)) => {
+                buf.push(byte[0]);
+                if byte[0] == b'\n' {
+                    if buf.get(3) == Some(&b'-') {
+                        buf.clear();
+                        continue;
+                    }
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// A real client (lettre) sending a message every 400 ms.
+async fn legit(proxy: SocketAddr, tally: Arc<Tally>, deadline: Instant) {
+    use lettre::transport::smtp::client::AsyncSmtpConnection;
+    use lettre::transport::smtp::extension::ClientId;
+    let envelope = lettre::address::Envelope::new(
+        Some("alice@legit.example".parse().expect("valid address")),
+        vec!["bob@receiver.example".parse().expect("valid address")],
+    )
+    .expect("valid envelope");
+    let body = b"From: Alice <alice@legit.example>\r\nTo: bob@receiver.example\r\nSubject: still here\r\nMessage-ID: <demo@legit.example>\r\n\r\nThe receiver kept working.\r\n";
+    // Like a real MTA: one connection carries several messages.
+    while Instant::now() < deadline {
+        let connected = timeout(
+            IO,
+            AsyncSmtpConnection::connect_tokio1(
+                proxy,
+                Some(IO),
+                &ClientId::Domain("legit.example".into()),
+                None,
+                Some(IpAddr::V4(LEGIT)),
+            ),
+        )
+        .await;
+        let Ok(Ok(mut conn)) = connected else {
+            tally.legit_sent.fetch_add(1, Ordering::Relaxed);
+            sleep(Duration::from_millis(400)).await;
+            continue;
+        };
+        for _ in 0..10 {
+            if Instant::now() >= deadline {
+                break;
+            }
+            tally.legit_sent.fetch_add(1, Ordering::Relaxed);
+            match timeout(IO * 2, conn.send(&envelope, body)).await {
+                Ok(Ok(_)) => tally.legit_delivered.fetch_add(1, Ordering::Relaxed),
+                _ => break,
+            };
+            sleep(Duration::from_millis(400)).await;
+        }
+        let _ = timeout(IO, conn.quit()).await;
+    }
+}
+
+/// Socket hoarding: open, start a command line, send a byte every 2 s.
+async fn trickle(ip: Ipv4Addr, proxy: SocketAddr, tally: Arc<Tally>, deadline: Instant) {
+    while Instant::now() < deadline {
+        let Ok(mut stream) = connect_from(ip, proxy).await else {
+            sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        tally.trickle_opened.fetch_add(1, Ordering::Relaxed);
+        let banner = read_reply(&mut stream).await;
+        if !banner.starts_with("220") {
+            sleep(Duration::from_secs(5)).await;
+            continue;
+        }
+        for byte in b"EHLO trickle.example".iter().cycle() {
+            if Instant::now() >= deadline || stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            sleep(Duration::from_secs(2)).await;
+        }
+    }
+}
+
+/// A connection flood: connect, read the reply, close, as fast as allowed.
+async fn flood(ip: Ipv4Addr, proxy: SocketAddr, tally: Arc<Tally>, deadline: Instant) {
+    while Instant::now() < deadline {
+        tally.flood_attempts.fetch_add(1, Ordering::Relaxed);
+        let Ok(mut stream) = connect_from(ip, proxy).await else {
+            sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let reply = read_reply(&mut stream).await;
+        if !reply.starts_with("220") {
+            tally.flood_refused.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = stream.write_all(b"QUIT\r\n").await;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// AUTH brute force: wrong passwords until the proxy bans the IP.
+async fn brute_force(proxy: SocketAddr, tally: Arc<Tally>, deadline: Instant) {
+    use base64::Engine;
+    let mut guess = 0u64;
+    while Instant::now() < deadline {
+        let Ok(mut stream) = connect_from(BRUTE, proxy).await else {
+            sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        if !read_reply(&mut stream).await.starts_with("220") {
+            tally.brute_banned_after.store(
+                tally.brute_attempts.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            return;
+        }
+        let _ = stream.write_all(b"EHLO brute.example\r\n").await;
+        let _ = read_reply(&mut stream).await;
+        for _ in 0..3 {
+            guess += 1;
+            let creds =
+                base64::engine::general_purpose::STANDARD.encode(format!("\0user\0guess{guess}"));
+            if stream
+                .write_all(format!("AUTH PLAIN {creds}\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tally.brute_attempts.fetch_add(1, Ordering::Relaxed);
+            if !read_reply(&mut stream).await.starts_with("535") {
+                break;
+            }
+        }
+        sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The operators push a block by file while the attack runs: how long until
+/// the pushed IP is refused, and its open session closed?
+async fn push_block(proxy: SocketAddr, blocklist: PathBuf, tally: Arc<Tally>, after: Duration) {
+    let Ok(mut held) = connect_from(PUSHED, proxy).await else {
+        return;
+    };
+    let _ = read_reply(&mut held).await;
+    let _ = held.write_all(b"EHLO pushed.example\r\n").await;
+    let _ = read_reply(&mut held).await;
+    sleep(after).await;
+
+    let mut list = String::from("# pushed by the operators during the demo\n");
+    for ip in FLOOD_IPS.iter().chain([&PUSHED]) {
+        list.push_str(&format!("{ip}\n"));
+    }
+    let tmp = blocklist.with_extension("tmp");
+    if std::fs::write(&tmp, list)
+        .and_then(|()| std::fs::rename(&tmp, &blocklist))
+        .is_err()
+    {
+        return;
+    }
+    let pushed = Instant::now();
+    let killed = async {
+        let mut rest = [0u8; 256];
+        // The held session ends (421 then EOF) when the block reaches it.
+        while let Ok(Ok(n)) = timeout(Duration::from_secs(10), held.read(&mut rest)).await {
+            if n == 0 {
+                break;
+            }
+        }
+        tally
+            .push_killed_ms
+            .store(pushed.elapsed().as_millis() as u64, Ordering::Relaxed);
+    };
+    let refused = async {
+        while pushed.elapsed() < Duration::from_secs(10) {
+            if let Ok(mut s) = connect_from(PUSHED, proxy).await {
+                if read_reply(&mut s).await.starts_with("554") {
+                    tally
+                        .push_refused_ms
+                        .store(pushed.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    return;
+                }
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::join!(killed, refused);
+}
+
+fn value(metrics: &Metrics, series: &str) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0, |v| v as u64)
+}
+
+fn refused(metrics: &Metrics, reason: &str) -> u64 {
+    value(
+        metrics,
+        &format!("mailmoat_connections_refused_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+fn closed(metrics: &Metrics, reason: &str) -> u64 {
+    value(
+        metrics,
+        &format!("mailmoat_sessions_closed_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+fn progress(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
+    println!(
+        "  t={:>2}s  legit {}/{} delivered | refused: rate {} caps {} blocked {} | cut by line timeout {} | bans {} | receiver slots in use {}",
+        started.elapsed().as_secs(),
+        tally.legit_delivered.load(Ordering::Relaxed),
+        tally.legit_sent.load(Ordering::Relaxed),
+        refused(metrics, "connection_rate"),
+        refused(metrics, "ip_cap") + refused(metrics, "prefix_cap") + refused(metrics, "global_cap"),
+        refused(metrics, "blocked"),
+        closed(metrics, "line_timeout"),
+        value(metrics, "mailmoat_active_bans"),
+        sink.active(),
+    );
+}
+
+fn report(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
+    let ms = |a: &AtomicU64| match a.load(Ordering::Relaxed) {
+        0 => "not measured".to_string(),
+        v => format!("{v} ms"),
+    };
+    println!("\nmailmoat demo report ({}s)", started.elapsed().as_secs());
+    println!(
+        "  legitimate mail:   {} of {} messages delivered (the receiver got {} in all)",
+        tally.legit_delivered.load(Ordering::Relaxed),
+        tally.legit_sent.load(Ordering::Relaxed),
+        sink.delivered()
+    );
+    println!("  attackers refused, by reason:");
+    for reason in [
+        "connection_rate",
+        "ip_cap",
+        "prefix_cap",
+        "global_cap",
+        "blocked",
+        "early_talker",
+    ] {
+        println!("    {reason:<16} {}", refused(metrics, reason));
+    }
+    println!(
+        "  flood (4 IPs):     {} of {} connection attempts refused",
+        tally.flood_refused.load(Ordering::Relaxed),
+        tally.flood_attempts.load(Ordering::Relaxed)
+    );
+    println!(
+        "  trickling sockets: {} opened; {} cut by the line timeout, {} by idle",
+        tally.trickle_opened.load(Ordering::Relaxed),
+        closed(metrics, "line_timeout"),
+        closed(metrics, "idle_timeout"),
+    );
+    println!(
+        "  open sessions of clients blocked while connected, closed: {}",
+        closed(metrics, "blocked").saturating_sub(refused(metrics, "blocked"))
+    );
+    let banned_after = tally.brute_banned_after.load(Ordering::Relaxed);
+    println!(
+        "  AUTH brute force:  {} failures seen; {}",
+        value(metrics, "mailmoat_auth_failures_total"),
+        if banned_after > 0 {
+            format!("banned after {banned_after} attempts, refused since")
+        } else {
+            "not banned (raise the duration?)".into()
+        }
+    );
+    println!(
+        "  pushed block:      new connections refused after {}, open session closed after {}",
+        ms(&tally.push_refused_ms),
+        ms(&tally.push_killed_ms)
+    );
+    println!(
+        "  receiver:          at most {} of its 100 slots used at once; {} busy refusals",
+        sink.peak_active(),
+        sink.busy_refusals()
+    );
+}
