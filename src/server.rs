@@ -165,7 +165,8 @@ impl Server {
         background.spawn(bans.clone().maintain(self.config.autoban.state.clone()));
         let sweep_every = self.config.server.state_sweep;
         background.spawn(async move {
-            let mut tick = tokio::time::interval(sweep_every);
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + sweep_every, sweep_every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;

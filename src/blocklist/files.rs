@@ -8,7 +8,7 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use super::sources::Sources;
+use super::sources::{Applied, Sources};
 use super::{parse_list, Source};
 
 /// Quiet time after the last change event before a file is re-read, so a
@@ -42,9 +42,17 @@ impl FileSource {
                     self.path.display()
                 ),
             ),
+            // The same text again (a touch, a second event, the re-read
+            // after the watch starts): nothing to rebuild or report twice.
+            Ok(text) if sources.is_current(&self.source(), fingerprint(&text)) => {
+                sources.success(&self.source())
+            }
             Ok(text) => {
                 let (nets, bad) = parse_list(&text);
-                sources.update(&self.source(), nets, &bad);
+                let source = self.source();
+                if let Applied::Replaced { .. } = sources.update(&source, nets, &bad) {
+                    sources.set_fingerprint(&source, fingerprint(&text));
+                }
             }
             Err(e) => sources.error(
                 &self.source(),
@@ -124,6 +132,13 @@ pub async fn watch(sources: Arc<Sources>, files: Vec<FileSource>) {
         })
         .await;
     }
+}
+
+fn fingerprint(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 fn absolute(path: &Path) -> Option<PathBuf> {

@@ -60,6 +60,8 @@ impl SourceMetrics {
 struct Entry {
     source: Source,
     nets: Arc<Vec<IpNet>>,
+    /// Identifies the text the entries came from, when the source has one.
+    fingerprint: Option<u64>,
 }
 
 /// The sources, the live lists built from them, and the hook run after each swap.
@@ -106,6 +108,7 @@ impl Sources {
             entries.push(Entry {
                 source,
                 nets: Arc::new(Vec::new()),
+                fingerprint: None,
             });
         }
     }
@@ -134,10 +137,14 @@ impl Sources {
         let mut entries = self.entries.lock().expect("sources lock");
         let nets = Arc::new(nets);
         match entries.iter_mut().find(|e| e.source == *source) {
-            Some(e) => e.nets = nets,
+            Some(e) => {
+                e.nets = nets;
+                e.fingerprint = None;
+            }
             None => entries.push(Entry {
                 source: source.clone(),
                 nets,
+                fingerprint: None,
             }),
         }
         self.rebuild(&entries);
@@ -148,6 +155,21 @@ impl Sources {
             .set(count as i64);
         self.success(source);
         Applied::Replaced { entries: count }
+    }
+
+    /// True when `source` is already built from text with this fingerprint.
+    pub fn is_current(&self, source: &Source, fingerprint: u64) -> bool {
+        let entries = self.entries.lock().expect("sources lock");
+        entries
+            .iter()
+            .any(|e| e.source == *source && e.fingerprint == Some(fingerprint))
+    }
+
+    pub fn set_fingerprint(&self, source: &Source, fingerprint: u64) {
+        let mut entries = self.entries.lock().expect("sources lock");
+        if let Some(e) = entries.iter_mut().find(|e| e.source == *source) {
+            e.fingerprint = Some(fingerprint);
+        }
     }
 
     /// Notes a successful check that changed nothing (HTTP 304).
