@@ -1,8 +1,11 @@
 //! Integration tests: one binary, modules per capability.
 mod admin;
+mod admission;
+mod attack;
 mod bans;
 mod blocklist;
 mod cli;
+mod clients;
 mod harness;
 mod lists;
 mod relay;
