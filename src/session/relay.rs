@@ -614,7 +614,9 @@ where
                 self.close_after(CloseReason::UpstreamClosed)
             }
             Some(Expect::Ehlo) if reply.code == 250 => {
-                reply = reply.without_extensions(&HIDDEN_EXTENSIONS)
+                reply = reply
+                    .without_extensions(&HIDDEN_EXTENSIONS)
+                    .with_size_limit(self.config.limits.max_message_size)
             }
             Some(Expect::Mail) => {
                 self.in_transaction = reply.is_positive();
@@ -848,6 +850,14 @@ mod tests {
             expect_bytes(&mut p.upstream, tls).await;
             p.upstream.write_all(b"\x17\x03\x03reply").await.unwrap();
             expect_bytes(&mut p.client, b"\x17\x03\x03reply").await;
+            // The client hangs up first; the receiver's end stays open
+            // until the relay lets go of it.
+            let Pipes {
+                client,
+                mut upstream,
+            } = p;
+            drop(client);
+            rest(&mut upstream).await;
         })
         .await;
         assert_eq!(reason, CloseReason::ClientClosed);

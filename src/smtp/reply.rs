@@ -17,6 +17,8 @@ pub enum ReplyError {
     BadSeparator(u8),
     #[error("reply is longer than {0} bytes")]
     TooLong(usize),
+    #[error("reply line's code differs from the reply's first line")]
+    MixedCodes,
 }
 
 /// Parses one line: its code and whether it is the last line of the reply.
@@ -53,6 +55,12 @@ impl ReplyAssembler {
     /// Feeds one complete line; returns the reply when this line ends it.
     pub fn push_line(&mut self, line: &[u8]) -> Result<Option<Reply>, ReplyError> {
         let (code, last) = parse_line(line)?;
+        // RFC 5321 4.2.1: every line of a reply has the same code. Mixed
+        // codes would leave `code` (the last line's) disagreeing with what
+        // the client reads once EHLO editing has dropped that last line.
+        if self.raw.get(..3).is_some_and(|first| *first != line[..3]) {
+            return Err(ReplyError::MixedCodes);
+        }
         if self.raw.len() + line.len() > self.max_len {
             return Err(ReplyError::TooLong(self.max_len));
         }
@@ -108,6 +116,33 @@ impl Reply {
     }
 }
 
+impl Reply {
+    /// An EHLO reply whose SIZE extension says at most `max` bytes, so
+    /// clients learn the proxy's limit before they send (RFC 1870).
+    pub fn with_size_limit(&self, max: u64) -> Reply {
+        let mut raw = Vec::with_capacity(self.raw.len());
+        for (i, line) in self.lines().enumerate() {
+            if i == 0 || !names_extension(line, "SIZE") {
+                raw.extend_from_slice(line);
+                continue;
+            }
+            let text = super::command::strip_line_ending(line.get(4..).unwrap_or_default());
+            let advertised = text
+                .split(|&b| b == b' ')
+                .nth(1)
+                .and_then(|n| std::str::from_utf8(n).ok()?.parse::<u64>().ok())
+                .filter(|&n| n > 0);
+            let size = advertised.map_or(max, |n| n.min(max));
+            raw.extend_from_slice(&line[..4]);
+            raw.extend_from_slice(format!("SIZE {size}\r\n").as_bytes());
+        }
+        Reply {
+            code: self.code,
+            raw,
+        }
+    }
+}
+
 fn names_extension(line: &[u8], keyword: &str) -> bool {
     let text = line.get(4..).unwrap_or_default();
     let word = text
@@ -146,6 +181,28 @@ mod tests {
         let mut a = ReplyAssembler::new(10);
         assert!(a.push_line(b"250-aaaa\r\n").unwrap().is_none());
         assert_eq!(a.push_line(b"250 bbbb\r\n"), Err(ReplyError::TooLong(10)));
+        let mut a = ReplyAssembler::new(4096);
+        assert!(a.push_line(b"250-mx\r\n").unwrap().is_none());
+        assert_eq!(
+            a.push_line(b"500 CHUNKING\r\n"),
+            Err(ReplyError::MixedCodes)
+        );
+    }
+
+    #[test]
+    fn size_is_capped_at_the_proxy_limit() {
+        let ehlo = &assemble(b"250-mx\r\n250-SIZE 209715200\r\n250 8BITMIME\r\n")[0];
+        assert_eq!(
+            ehlo.with_size_limit(1024).raw,
+            b"250-mx\r\n250-SIZE 1024\r\n250 8BITMIME\r\n"
+        );
+        let unlimited = &assemble(b"250-mx\r\n250 SIZE\r\n")[0];
+        assert_eq!(
+            unlimited.with_size_limit(1024).raw,
+            b"250-mx\r\n250 SIZE 1024\r\n"
+        );
+        let smaller = &assemble(b"250-mx\r\n250 SIZE 100\r\n")[0];
+        assert_eq!(smaller.with_size_limit(1024), *smaller);
     }
 
     #[test]
