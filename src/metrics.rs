@@ -242,6 +242,12 @@ impl Metrics {
         self.commands[verb as usize].inc();
     }
 
+    /// Shows every configured upstream in the metrics from the start.
+    pub fn declare_upstream(&self, server: &str) {
+        self.upstream_connect_errors.with_label_values(&[server]);
+        self.upstream_up.with_label_values(&[server]);
+    }
+
     pub fn upstream_result(&self, server: &str, ok: bool) {
         self.upstream_up
             .with_label_values(&[server])

@@ -65,11 +65,15 @@ impl Server {
             })?),
             None => None,
         };
+        let metrics = Arc::new(Metrics::new());
+        for server in &config.upstream.servers {
+            metrics.declare_upstream(&server.to_string());
+        }
         Ok(Server {
             config: Arc::new(config),
             listeners,
             admin,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
         })
     }
 
