@@ -242,10 +242,11 @@ impl Metrics {
         self.commands[verb as usize].inc();
     }
 
-    /// Shows every configured upstream in the metrics from the start.
+    /// Shows every configured upstream's error count from the start (its
+    /// `up` gauge appears with the first connection: 0 before then would
+    /// read as "down" on a quiet server).
     pub fn declare_upstream(&self, server: &str) {
         self.upstream_connect_errors.with_label_values(&[server]);
-        self.upstream_up.with_label_values(&[server]);
     }
 
     pub fn upstream_result(&self, server: &str, ok: bool) {
