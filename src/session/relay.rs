@@ -19,6 +19,7 @@ use super::io::{consume, read_into, write_all_within, WriteError};
 use super::message::{self, Message, END_MARKER};
 use super::registry::Stop;
 use super::CloseReason;
+use crate::admission::Refusal;
 use crate::bans::BanEvent;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -436,13 +437,11 @@ where
         if self.facts.commands == 0 && crate::proxy_protocol::looks_like_header(&self.client_in) {
             // Only trusted proxies may say who the client is; anyone else
             // could spoof its way past every per-IP rule.
-            self.metrics
-                .refused(crate::admission::Refusal::ProxyUntrusted);
+            let refusal = Refusal::ProxyUntrusted;
+            self.metrics.refused(refusal);
             self.protocol_error();
-            self.answer(
-                b"554 5.7.1 PROXY header not accepted from your address\r\n",
-                Some(CloseReason::ProtocolError),
-            );
+            let reply = refusal.reply(&self.config.server.hostname);
+            self.answer(reply.as_bytes(), Some(CloseReason::ProtocolError));
             return;
         }
         let command = Command::parse(&self.client_in[..end]);
