@@ -21,6 +21,8 @@ pub mod bans;
 pub mod blocklist;
 pub mod config;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod listener;
 pub mod metrics;
 pub mod proxy_protocol;

@@ -57,7 +57,8 @@ impl DataScanner {
                 }
                 (Dot, b'\r') => DotCr,
                 (LineStart, b'.') => Dot,
-                (BareLineStart, b'.') => BareDot,
+                // After a bare LF or a bare CR: some receivers end lines there.
+                (BareLineStart | MidCr, b'.') => BareDot,
                 (_, b'\r') => MidCr,
                 (MidCr, b'\n') => LineStart,
                 (_, b'\n') => BareLineStart,
@@ -103,6 +104,8 @@ mod tests {
         assert_eq!(scan_all(&[b"a\n.\r\n"]), [DataEvent::Smuggling(3)]);
         assert_eq!(scan_all(&[b"a\r\n.\n"]), [DataEvent::Smuggling(4)]);
         assert_eq!(scan_all(&[b"a\r\n.\rX"]), [DataEvent::Smuggling(5)]);
+        assert_eq!(scan_all(&[b"a\r.\r\n"]), [DataEvent::Smuggling(3)]);
+        assert_eq!(scan_all(&[b"a\r.b\r\n"]), [DataEvent::Continue]);
         assert_eq!(scan_all(&[b"a\n.b\r\n"]), [DataEvent::Continue]);
     }
 }

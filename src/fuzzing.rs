@@ -1,0 +1,265 @@
+//! The checks behind `fuzz/fuzz_targets/*`: one function per target, each
+//! taking the raw input and panicking when a property fails. They live here,
+//! always compiled, so `tests/it/fuzz_corpus.rs` replays the seed corpora on
+//! stable with the very checks the fuzzers run.
+
+use std::path::Path;
+
+use crate::blocklist::{parse_list, parse_net, IpSet};
+use crate::config::Config;
+use crate::proxy_protocol::{self, Inbound, MAX_INBOUND_HEADER};
+use crate::session::message::{field, size_param, Message};
+use crate::smtp::{Command, DataEvent, DataScanner, Reply, ReplyAssembler, Verb};
+
+/// A target's check: panics when a property fails on `data`.
+pub type Check = fn(data: &[u8]);
+
+/// Every fuzz target, by name: the corpus folder and the check it runs.
+pub const TARGETS: [(&str, Check); 6] = [
+    ("smtp_command", smtp_command),
+    ("smtp_reply", smtp_reply),
+    ("data_scanner", data_scanner),
+    ("blocklist_line", blocklist_line),
+    ("proxy_header", proxy_header),
+    ("config_loader", config_loader),
+];
+
+/// `Command::parse` on each line: the verb matches the first word, the
+/// arguments survive a re-parse, and log fields stay printable ASCII.
+pub fn smtp_command(data: &[u8]) {
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        let command = Command::parse(line);
+        assert!(command.args.len() <= line.len());
+        if command.verb != Verb::Other {
+            let word = line.split(|&b| b == b' ').next().unwrap_or_default();
+            let word = crate::smtp::command::strip_line_ending(word);
+            assert!(word.eq_ignore_ascii_case(command.verb.as_str().as_bytes()));
+            let mut again = command.verb.as_str().as_bytes().to_vec();
+            again.push(b' ');
+            again.extend_from_slice(command.args);
+            again.extend_from_slice(b"\r\n");
+            assert_eq!(Command::parse(&again), command);
+        }
+        if size_param(command.args).is_some() {
+            let upper = command.args.to_ascii_uppercase();
+            assert!(upper.windows(5).any(|w| w == b"SIZE="));
+        }
+        assert_log_safe(&field(command.args));
+        assert_log_safe(&Message::new(command.args).mail_from);
+    }
+}
+
+fn assert_log_safe(text: &str) {
+    assert!(text.len() <= 4 * 256, "field too long: {}", text.len());
+    assert!(
+        text.bytes().all(|b| (b' '..=b'~').contains(&b)),
+        "unescaped byte in log field {text:?}"
+    );
+}
+
+/// The longest reply the target lets the assembler build.
+const REPLY_BOUND: usize = 512;
+
+/// Lines through a `ReplyAssembler`: no reply over its bound, each reply's
+/// lines are continuations up to one last line, all with one code. The EHLO
+/// edits (`without_extensions`, then `with_size_limit`, as the relay does)
+/// keep the first line and give a reply that reassembles to itself, whose
+/// SIZE never advertises more than the limit.
+pub fn smtp_reply(data: &[u8]) {
+    let mut assembler = ReplyAssembler::new(REPLY_BOUND);
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        let reply = match assembler.push_line(line) {
+            Ok(Some(reply)) => reply,
+            Ok(None) => continue,
+            Err(_) => {
+                // The relay closes the connection on any error.
+                assembler = ReplyAssembler::new(REPLY_BOUND);
+                continue;
+            }
+        };
+        assert!(reply.raw.len() <= REPLY_BOUND);
+        assert_one_reply(&reply);
+        let lines: Vec<&[u8]> = reply.lines().collect();
+        for keywords in [&["CHUNKING", "BINARYMIME"][..], &["PIPELINING"], &[]] {
+            let edited = reply.without_extensions(keywords);
+            assert_one_reply(&edited);
+            let first = edited.lines().next().expect("the first line is kept");
+            assert_eq!(first[..3], lines[0][..3]);
+            assert_eq!(text_of(first), text_of(lines[0]));
+            if keywords.is_empty() {
+                assert_eq!(edited, reply);
+            }
+            for max in [1, 25 << 20] {
+                let sized = edited.with_size_limit(max);
+                assert_one_reply(&sized);
+                assert_eq!(sized.code, edited.code);
+                assert_eq!(sized.lines().count(), edited.lines().count());
+                assert_eq!(sized.lines().next(), edited.lines().next());
+                for l in sized.lines().skip(1) {
+                    let mut words = text_of(l).split(|&b| b == b' ');
+                    if words
+                        .next()
+                        .is_some_and(|w| w.eq_ignore_ascii_case(b"SIZE"))
+                    {
+                        let n = words.next().and_then(|n| std::str::from_utf8(n).ok());
+                        let n: u64 = n.and_then(|n| n.parse().ok()).expect("a SIZE number");
+                        assert!((1..=max).contains(&n), "SIZE {n} over {max}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `reply` is one well-formed reply: fed back line by line to an assembler,
+/// it comes out whole, equal to itself, on its last line.
+fn assert_one_reply(reply: &Reply) {
+    let lines: Vec<&[u8]> = reply.lines().collect();
+    let mut again = ReplyAssembler::new(usize::MAX);
+    let mut replies = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let (_, last) = crate::smtp::reply::parse_line(l).expect("reply line parses");
+        assert_eq!(last, i + 1 == lines.len());
+        replies.extend(again.push_line(l).expect("one reply, one code"));
+    }
+    assert!(again.is_empty(), "reply does not end");
+    assert_eq!(replies, std::slice::from_ref(reply), "not one reply");
+    assert_eq!(
+        reply.code.to_string().as_bytes(),
+        &lines[lines.len() - 1][..3]
+    );
+}
+
+/// A reply line's text, without code, separator and line ending.
+fn text_of(line: &[u8]) -> &[u8] {
+    crate::smtp::command::strip_line_ending(line.get(4..).unwrap_or_default())
+}
+
+/// The scanner gives the same events, at the same absolute offsets, whether
+/// the input comes in one chunk, byte by byte, or in uneven chunks; an end
+/// is always just after `CRLF.CRLF` (or `.CRLF` at the very start).
+pub fn data_scanner(data: &[u8]) {
+    let whole = scan_in_chunks(data, |_| data.len().max(1));
+    let bytewise = scan_in_chunks(data, |_| 1);
+    let mut seed = data.len() as u32 | 1;
+    let uneven = scan_in_chunks(data, |_| {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        1 + (seed >> 16) as usize % 17
+    });
+    assert_eq!(whole, bytewise);
+    assert_eq!(whole, uneven);
+    let mut start = 0;
+    for event in &whole {
+        match *event {
+            DataEvent::End(end) => {
+                let message = &data[start..end];
+                assert!(
+                    message == b".\r\n" || message.ends_with(b"\r\n.\r\n"),
+                    "end after {message:?}"
+                );
+                start = end;
+            }
+            DataEvent::Smuggling(at) => assert!(at < data.len()),
+            DataEvent::Continue => unreachable!(),
+        }
+    }
+}
+
+/// Feeds `data` in chunks of `next_len()` bytes, each message to its end;
+/// returns the events with offsets from the start of `data`.
+fn scan_in_chunks(data: &[u8], mut next_len: impl FnMut(usize) -> usize) -> Vec<DataEvent> {
+    let mut events = Vec::new();
+    let mut scanner = DataScanner::default();
+    let mut offset = 0;
+    while offset < data.len() {
+        let len = next_len(offset).min(data.len() - offset);
+        let chunk = &data[offset..offset + len];
+        let mut pos = 0;
+        loop {
+            match scanner.scan(&chunk[pos..]) {
+                DataEvent::Continue => break,
+                DataEvent::End(n) => {
+                    assert!(n > 0 && pos + n <= chunk.len());
+                    pos += n;
+                    events.push(DataEvent::End(offset + pos));
+                }
+                DataEvent::Smuggling(i) => {
+                    assert!(pos + i < chunk.len());
+                    events.push(DataEvent::Smuggling(offset + pos + i));
+                    return events;
+                }
+            }
+        }
+        offset += len;
+    }
+    events
+}
+
+/// `parse_list` over the input as text: every entry is a network address
+/// that round-trips through its `Display` and matches itself in an `IpSet`.
+pub fn blocklist_line(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let (nets, bad) = parse_list(&text);
+    let lines = text.lines().count();
+    assert!(nets.len() + bad.len() <= lines);
+    for b in &bad {
+        assert!((1..=lines).contains(&b.line));
+        assert!(b.text.chars().count() <= 80);
+    }
+    let mut set = IpSet::new();
+    for net in &nets {
+        assert_eq!(*net, net.trunc());
+        assert_eq!(parse_net(&net.to_string()).as_ref(), Ok(net));
+        set.insert(*net, ());
+        let lookup = set.lookup(net.network());
+        assert!(
+            lookup.is_some_and(|(found, ())| found.prefix_len() >= net.prefix_len()),
+            "{net} does not match its own network address"
+        );
+    }
+    for line in text.lines() {
+        if let Ok(net) = parse_net(line) {
+            assert_eq!(parse_net(&net.to_string()), Ok(net));
+        }
+    }
+}
+
+/// `parse_inbound`: a parsed header is no longer than the input, begins like
+/// a header, and parses the same on its own; a full-size buffer is never
+/// `Incomplete`, so the reader's buffer stays bounded.
+pub fn proxy_header(data: &[u8]) {
+    let result = proxy_protocol::parse_inbound(data);
+    match &result {
+        Inbound::Proxied { client, len } => {
+            assert!(*len > 0 && *len <= data.len());
+            assert_eq!(client.ip(), client.ip().to_canonical());
+            assert!(proxy_protocol::looks_like_header(data));
+            assert_eq!(proxy_protocol::parse_inbound(&data[..*len]), result);
+        }
+        Inbound::Local { len } => {
+            assert!(*len > 0 && *len <= data.len());
+            assert!(proxy_protocol::looks_like_header(data));
+            assert_eq!(proxy_protocol::parse_inbound(&data[..*len]), result);
+        }
+        Inbound::Incomplete => assert!(data.len() < MAX_INBOUND_HEADER),
+        Inbound::Malformed(_) => {}
+    }
+}
+
+/// `Config::from_toml` on arbitrary text never panics; a config it accepts
+/// renders as TOML that parses again.
+pub fn config_loader(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match Config::from_toml(text, Path::new("fuzz.toml")) {
+        Ok(config) => {
+            let rendered = config.to_toml();
+            assert!(
+                rendered.parse::<toml::Table>().is_ok(),
+                "rendered config is not TOML:\n{rendered}"
+            );
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
