@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
@@ -141,14 +143,9 @@ async fn add_ban(
     headers: HeaderMap,
     Query(q): Query<BanQuery>,
 ) -> (StatusCode, String) {
-    if let Err(denied) = authorize(&state.config, &headers) {
-        return denied;
-    }
-    let Ok(net) = crate::blocklist::parse_net(&q.ip) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "ip= must be an IP or CIDR\n".into(),
-        );
+    let net = match authorized_net(&state, &headers, &q) {
+        Ok(net) => net,
+        Err(refused) => return refused,
     };
     let ttl = match q.ttl.as_deref().map(crate::config::units::parse_duration) {
         None => state.config.autoban.ttl,
@@ -156,10 +153,8 @@ async fn add_ban(
         Some(Err(e)) => return (StatusCode::BAD_REQUEST, format!("ttl=: {e}\n")),
     };
     state.shared.shaping.bans().ban(net, ttl, "manual");
-    (
-        StatusCode::OK,
-        format!("banned {net} for {}\n", humantime::format_duration(ttl)),
-    )
+    let ttl = humantime::format_duration(ttl);
+    (StatusCode::OK, format!("banned {net} for {ttl}\n"))
 }
 
 async fn lift_ban(
@@ -167,20 +162,30 @@ async fn lift_ban(
     headers: HeaderMap,
     Query(q): Query<BanQuery>,
 ) -> (StatusCode, String) {
-    if let Err(denied) = authorize(&state.config, &headers) {
-        return denied;
-    }
-    let Ok(net) = crate::blocklist::parse_net(&q.ip) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "ip= must be an IP or CIDR\n".into(),
-        );
+    let net = match authorized_net(&state, &headers, &q) {
+        Ok(net) => net,
+        Err(refused) => return refused,
     };
     if state.shared.shaping.bans().lift(net) {
         (StatusCode::OK, format!("lifted {net}\n"))
     } else {
         (StatusCode::NOT_FOUND, format!("no ban for {net}\n"))
     }
+}
+
+/// The network a ban mutation names, once the caller is authorized.
+fn authorized_net(
+    state: &AdminState,
+    headers: &HeaderMap,
+    q: &BanQuery,
+) -> Result<IpNet, (StatusCode, String)> {
+    authorize(&state.config, headers)?;
+    crate::blocklist::parse_net(&q.ip).map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            "ip= must be an IP or CIDR\n".into(),
+        )
+    })
 }
 
 /// Checks `Authorization: Bearer <token>` against `admin.token_file`, read

@@ -4,7 +4,6 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mailmoat::config::ProxyProtocol;
@@ -48,13 +47,7 @@ pub struct TempFile(PathBuf);
 
 impl TempFile {
     pub fn new(name: &str, text: &str) -> TempFile {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let unique = format!(
-            "mailmoat-it-{}-{}-{name}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = std::env::temp_dir().join(unique);
+        let path = unique_temp_path(name);
         std::fs::write(&path, text).expect("write temp file");
         TempFile(path)
     }

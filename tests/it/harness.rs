@@ -279,20 +279,33 @@ pub async fn send_mail(
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http(addr, "GET", path, None).await
+}
+
+/// One HTTP/1.1 request with an empty body, with a bearer token if given;
+/// returns the status and the body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut response = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut response)
             .await
             .unwrap();
-        response
+        String::from_utf8_lossy(&response).into_owned()
     };
-    let response = timeout(WAIT, exchange)
+    let text = timeout(WAIT, exchange)
         .await
         .expect("http response in time");
-    let text = String::from_utf8_lossy(&response).to_string();
     let status = text
         .split(' ')
         .nth(1)
@@ -316,18 +329,19 @@ pub fn big_message(size: usize) -> Vec<u8> {
     message
 }
 
+/// A path under the system temp dir that no other test uses.
+pub fn unique_temp_path(name: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("mailmoat-it-{}-{n}-{name}", std::process::id()))
+}
+
 /// A directory of its own under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(name: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let unique = format!(
-            "mailmoat-it-{}-{}-{name}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = std::env::temp_dir().join(unique);
+        let path = unique_temp_path(name);
         std::fs::create_dir_all(&path).expect("create temp dir");
         TempDir(path)
     }
