@@ -81,7 +81,10 @@ where
         local,
     };
     let (reason, facts) = match admit(&mut client, &mut peer, &mut early, &config, shared).await {
+        // Logged at debug: under a flood, a line per refusal would be the
+        // flood's own echo in the logs; the metrics and /admin/top say it.
         Err(refusal) => {
+            tracing::debug!(client = %peer.client.ip(), reason = refusal.as_str(), "connection refused");
             record_refusal(&shared.shaping, peer.client.ip(), refusal);
             let reply = refusal.reply(&config.server.hostname);
             match (refusal, config.blocklist.action) {
@@ -104,6 +107,10 @@ where
     let metrics = &shared.metrics;
     metrics.session_closed(reason);
     metrics.session_duration.observe(duration.as_secs_f64());
+    if facts.commands == 0 && facts.bytes_from_client == 0 {
+        tracing::debug!(client = %peer.client.ip(), reason = reason.as_str(), "session closed before it began");
+        return reason;
+    }
     tracing::info!(
         client = %peer.client.ip(),
         reason = reason.as_str(),

@@ -548,13 +548,17 @@ where
             self.client_in = Vec::new();
             return false;
         }
-        let chunk = &self.client_in[..taken];
-        self.to_upstream.extend_from_slice(chunk);
         if let Some(m) = self.message.as_mut() {
-            m.content(chunk);
+            m.content(&self.client_in[..taken]);
         }
         self.data_bytes += taken as u64;
-        consume(&mut self.client_in, taken);
+        if taken == self.client_in.len() && self.to_upstream.is_empty() {
+            // The bulk of a message: hand the buffer over, no copy.
+            self.to_upstream = std::mem::take(&mut self.client_in);
+        } else {
+            self.to_upstream.extend_from_slice(&self.client_in[..taken]);
+            consume(&mut self.client_in, taken);
+        }
         if matches!(event, DataEvent::End(_)) {
             if let Some(m) = self.message.as_mut() {
                 m.ended();

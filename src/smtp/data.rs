@@ -46,14 +46,24 @@ impl Default for DataScanner {
 impl DataScanner {
     pub fn scan(&mut self, chunk: &[u8]) -> DataEvent {
         use State::*;
-        for (i, &b) in chunk.iter().enumerate() {
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.state == Mid {
+                // Inside a line only CR and LF matter: skip to the next one.
+                match memchr::memchr2(b'\r', b'\n', &chunk[i..]) {
+                    Some(skip) => i += skip,
+                    None => return DataEvent::Continue,
+                }
+            }
+            let b = chunk[i];
+            i += 1;
             self.state = match (self.state, b) {
                 (DotCr, b'\n') => {
                     *self = DataScanner::default();
-                    return DataEvent::End(i + 1);
+                    return DataEvent::End(i);
                 }
                 (Dot, b'\n') | (DotCr, _) | (BareDot, b'\r' | b'\n') => {
-                    return DataEvent::Smuggling(i);
+                    return DataEvent::Smuggling(i - 1);
                 }
                 (Dot, b'\r') => DotCr,
                 (LineStart, b'.') => Dot,
