@@ -84,8 +84,9 @@ fn main() {
     if !common::selected("memory", &["greeting", "relayed"]) {
         return;
     }
-    let wanted = mode.pick(50, 1_000, 9_000);
-    let fit = |per_conn: u64| {
+    // Issue 3 measures the greeting case at 10,000 connections; SPEC
+    // measures relayed sessions at 9,000 (two descriptors each).
+    let fit = |wanted: usize, per_conn: u64| {
         let most = (limit.saturating_sub(FD_SLACK) / per_conn) as usize;
         wanted.min(most)
     };
@@ -93,8 +94,8 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("mailmoat-bench-memory-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
 
-    let greeting = fit(1);
-    let relayed = fit(2);
+    let greeting = fit(mode.pick(50, 1_000, 10_000), 1);
+    let relayed = fit(mode.pick(50, 1_000, 9_000), 2);
     let greet = [
         run_case(&client_rt, &dir, Case::Greeting, Server::Bare, greeting),
         run_case(&client_rt, &dir, Case::Greeting, Server::Mailmoat, greeting),
@@ -108,7 +109,7 @@ fn main() {
         "memory: resident memory per idle connection, mailmoat vs bare tokio",
         mode,
     );
-    println!("  open-file limit {limit}; N = connections held at once (SPEC measures at 9,000)");
+    println!("  open-file limit {limit}; N = connections held at once (full mode: 10,000 in greeting, 9,000 relayed)");
     report(
         "waiting in the greet pause",
         "bare tokio: write 220-, await a read",
@@ -121,7 +122,7 @@ fn main() {
         &relay,
         RELAYED_TARGET_KIB,
     );
-    if greeting < wanted || relayed < wanted {
+    if greeting < mode.pick(50, 1_000, 10_000) || relayed < mode.pick(50, 1_000, 9_000) {
         println!("  note: N lowered to fit the open-file limit of {limit}");
     }
     let _ = std::fs::remove_dir_all(&dir);
