@@ -27,6 +27,22 @@ pub fn encode(version: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> 
     }
 }
 
+/// The header of a connection that carries no client: v2 `LOCAL`, v1
+/// `UNKNOWN` (empty when PROXY is off).
+pub fn health_check(version: ProxyProtocol) -> Vec<u8> {
+    match version {
+        ProxyProtocol::Off => Vec::new(),
+        ProxyProtocol::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        ProxyProtocol::V2 => Builder::with_addresses(
+            Version::Two | Command::Local,
+            Protocol::Unspecified,
+            ppp::v2::Addresses::Unspecified,
+        )
+        .build()
+        .expect("an empty PROXY v2 header always fits"),
+    }
+}
+
 /// Longest header accepted inbound: v1 is at most 107 bytes; v2 carries
 /// TLVs, which a load balancer keeps small.
 pub const MAX_INBOUND_HEADER: usize = 536;

@@ -72,11 +72,15 @@ async fn connect_one(
     Ok(stream)
 }
 
-/// True when any upstream accepts a TCP connection within `limit`.
+/// True when any upstream accepts a TCP connection within `limit`. A
+/// receiver that expects a PROXY header gets a health-check one (v2 LOCAL,
+/// v1 UNKNOWN), so probes do not show up as protocol errors in its log.
 pub async fn probe(settings: &UpstreamSettings, limit: Duration) -> bool {
+    let hello = proxy_protocol::health_check(settings.proxy_protocol);
     for server in &settings.servers {
         let wait = settings.connect_timeout.min(limit);
-        if let Ok(Ok(_)) = timeout(wait, TcpStream::connect(server)).await {
+        if let Ok(Ok(mut stream)) = timeout(wait, TcpStream::connect(server)).await {
+            let _ = timeout(wait, stream.write_all(&hello)).await;
             return true;
         }
     }
