@@ -437,7 +437,10 @@ fn report(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
         "blocked",
         "early_talker",
     ] {
-        println!("    {reason:<16} {}", refused(metrics, reason));
+        match refused(metrics, reason) {
+            0 => {}
+            n => println!("    {reason:<16} {n}"),
+        }
     }
     println!(
         "  flood (4 IPs):     {} of {} connection attempts refused",
