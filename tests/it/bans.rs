@@ -76,15 +76,6 @@ async fn auth_sink() -> mailmoat::sink::Sink {
     .await
 }
 
-/// A session from `ip` past the banner and EHLO.
-async fn session(ip: Ipv4Addr, addr: SocketAddr) -> Raw {
-    let mut raw = Raw::connect(ip, addr).await;
-    raw.expect("220 ").await;
-    raw.send(b"EHLO client.test\r\n").await;
-    raw.expect("250-").await;
-    raw
-}
-
 /// Fails AUTH `n` times in one session, each answered 535 by the receiver.
 async fn fail_auth(raw: &mut Raw, n: usize) {
     for _ in 0..n {

@@ -249,6 +249,15 @@ pub async fn wait_refused(addr: SocketAddr) -> bool {
     false
 }
 
+/// A raw session from `ip` past the banner and EHLO.
+pub async fn session(ip: Ipv4Addr, addr: SocketAddr) -> Raw {
+    let mut raw = Raw::connect(ip, addr).await;
+    raw.expect("220 ").await;
+    raw.send(b"EHLO client.test\r\n").await;
+    raw.expect("250-").await;
+    raw
+}
+
 /// Sends one message with lettre from the loopback source `ip`.
 pub async fn send_mail(
     ip: Ipv4Addr,

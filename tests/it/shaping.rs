@@ -6,7 +6,7 @@
 //! Every config sets the autoban thresholds it does not test to 0, so a
 //! test client is never banned half-way through for its own refusals.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -27,15 +27,6 @@ const TOO_BIG: &str = "552 5.3.4 message size exceeds fixed maximum message size
 
 async fn shaping_proxy(limits: &str, sink: &mailmoat::sink::Sink) -> TestProxy {
     TestProxy::start(&format!("[limits]\n{limits}\n{NO_BANS}"), &[sink.addr()]).await
-}
-
-/// A session from `ip` past the banner and EHLO.
-async fn session(ip: Ipv4Addr, addr: SocketAddr) -> Raw {
-    let mut raw = Raw::connect(ip, addr).await;
-    raw.expect("220 ").await;
-    raw.send(b"EHLO client.test\r\n").await;
-    raw.expect("250-").await;
-    raw
 }
 
 /// Sends `command` and returns the one reply to it.
