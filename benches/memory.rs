@@ -32,7 +32,9 @@ mod common;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::{Mode, Smtp};
 use mailmoat::sink::{Sink, SinkOptions};

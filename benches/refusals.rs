@@ -25,7 +25,9 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::{us, verdict, Cpu, InProcessProxy, Mode, Samples, Smtp, ThreadCpu};
 use criterion::SamplingMode;

@@ -24,7 +24,9 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::{ms, percentile, verdict, InProcessProxy, Mode, Samples, Smtp};
 use criterion::SamplingMode;
