@@ -96,11 +96,14 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let live_lists = Arc::new(Blocklist::default());
         let registry = Arc::new(Registry::default());
-        let sources = Arc::new(Sources::new(
-            live_lists.clone(),
-            SourceMetrics::register(self.metrics.registry()),
-            kill_on_block(&self.config, registry.clone()),
-        ));
+        let sources = Arc::new(
+            Sources::new(
+                live_lists.clone(),
+                SourceMetrics::register(self.metrics.registry()),
+                kill_on_block(&self.config, registry.clone()),
+            )
+            .with_max_entries(self.config.blocklist.max_entries_per_source),
+        );
         {
             let (config, sources) = (self.config.clone(), sources.clone());
             let _ =

@@ -1,15 +1,16 @@
 //! The central blocklist API: pulled on an interval with ETag, a bearer
 //! token read from a file, jittered exponential backoff, and a cache on disk
 //! that is loaded before the first fetch, so a restart during an API outage
-//! still blocks everything that was blocked.
+//! still blocks everything that was blocked. Parsing an answer, building
+//! its set and writing the cache (fsync) run off the runtime.
 
-use std::io::Write;
+use std::io::{BufReader, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::sources::{Applied, Sources};
-use super::{parse_list, Source};
+use super::{parse_reader, Source};
 use crate::config::ApiSettings;
 
 /// Largest body accepted (a million entries is about 20 MB).
@@ -24,10 +25,11 @@ pub fn source() -> Source {
 
 /// Applies the cached list, if any.
 pub fn load_cache(sources: &Sources, api: &ApiSettings) {
-    match std::fs::read_to_string(&api.cache) {
-        Ok(text) => {
-            let (nets, bad) = parse_list(&text);
-            sources.update(&source(), nets, &bad);
+    let read = std::fs::File::open(&api.cache)
+        .and_then(|file| parse_reader(BufReader::new(file), sources.limits()));
+    match read {
+        Ok(parsed) => {
+            sources.apply(&source(), parsed.nets, &parsed.bad);
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => sources.error(
@@ -35,6 +37,34 @@ pub fn load_cache(sources: &Sources, api: &ApiSettings) {
             &format!("cannot read cache {}: {e}", api.cache.display()),
         ),
     }
+}
+
+/// Applies a fetched body and, if applied, caches it. Heavy (parse, build,
+/// fsync): call it off the runtime.
+fn apply_body(sources: &Sources, api: &ApiSettings, text: &str) -> bool {
+    let parsed = match parse_reader(text.as_bytes(), sources.limits()) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            sources.error(&source(), &format!("GET {}: body {e}", api.url));
+            return false;
+        }
+    };
+    if parsed.blank {
+        // An overloaded API answering 200 with nothing must not unblock
+        // everyone; an intentionally empty list says so with a comment line.
+        sources.error(&source(), "empty body; keeping the cached list");
+        return false;
+    }
+    if sources.apply(&source(), parsed.nets, &parsed.bad) == Applied::Kept {
+        return false;
+    }
+    if let Err(e) = persist(&api.cache, text) {
+        sources.error(
+            &source(),
+            &format!("cannot write cache {}: {e}", api.cache.display()),
+        );
+    }
+    true
 }
 
 enum Fetched {
@@ -65,25 +95,15 @@ pub async fn poll(sources: Arc<Sources>, api: ApiSettings) {
                 text,
                 etag: new_tag,
             }) => {
-                let (nets, bad) = parse_list(&text);
-                if text.trim().is_empty() {
-                    // An overloaded API answering 200 with nothing must not
-                    // unblock everyone; an intentionally empty list says so
-                    // with a comment line.
-                    sources.error(&source(), "empty body; keeping the cached list");
-                    false
-                } else if let Applied::Replaced { .. } = sources.update(&source(), nets, &bad) {
-                    if let Err(e) = persist(&api.cache, &text) {
-                        sources.error(
-                            &source(),
-                            &format!("cannot write cache {}: {e}", api.cache.display()),
-                        );
-                    }
+                let (sources, api) = (sources.clone(), api.clone());
+                let applied =
+                    tokio::task::spawn_blocking(move || apply_body(&sources, &api, &text))
+                        .await
+                        .unwrap_or(false);
+                if applied {
                     etag = new_tag;
-                    true
-                } else {
-                    false
                 }
+                applied
             }
             Err(e) => {
                 sources.error(&source(), &e);

@@ -1,19 +1,35 @@
 //! File sources: read at start, re-read when they change (notify, debounced)
 //! and on SIGHUP.
+//!
+//! Only changes to the listed files themselves wake a reload: events for
+//! other files in their directories (a log written next to the list) and
+//! the events of reading a file (inotify reports opens; our own re-read
+//! would otherwise wake the next one) are dropped in the watcher's callback.
+//! A file is read by streaming it, one line at a time, up to the source
+//! limits; reading the same bytes again changes and reports nothing.
 
+use std::collections::BTreeSet;
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecursiveMode, Watcher};
-use tokio::sync::mpsc;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::sources::{Applied, Sources};
-use super::{parse_list, Source};
+use super::{parse_reader, Source};
 
 /// Quiet time after the last change event before a file is re-read, so a
 /// writer's several writes are read once, whole.
 const SETTLE: Duration = Duration::from_millis(150);
+
+/// Longest wait for quiet: a file written without pause is still read
+/// within SPEC's second.
+const MAX_SETTLE: Duration = Duration::from_millis(750);
 
 #[derive(Clone, Debug)]
 pub struct FileSource {
@@ -31,114 +47,228 @@ impl FileSource {
 
     /// Reads and applies the file; a failed read keeps the last good version.
     pub fn load(&self, sources: &Sources) {
-        match std::fs::read_to_string(&self.path) {
-            // Truncated by an in-place rewrite not finished yet (or a failed
-            // one): applying it would unblock everyone it listed. As for the
-            // API, an intentionally empty list says so with a comment line.
-            Ok(text) if text.trim().is_empty() => sources.error(
-                &self.source(),
-                &format!(
-                    "{} is empty; keeping the last good version",
-                    self.path.display()
-                ),
-            ),
+        let source = self.source();
+        let read = std::fs::File::open(&self.path)
+            .and_then(|file| parse_reader(BufReader::new(file), sources.limits()));
+        let parsed = match read {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                sources.remember(&source, None, false);
+                sources.error(
+                    &source,
+                    &format!("cannot read {}: {e}", self.path.display()),
+                );
+                return;
+            }
+        };
+        match sources.seen(&source, parsed.fingerprint) {
             // The same text again (a touch, a second event, the re-read
             // after the watch starts): nothing to rebuild or report twice.
-            Ok(text) if sources.is_current(&self.source(), fingerprint(&text)) => {
-                sources.success(&self.source())
+            Some(true) => sources.success(&source),
+            Some(false) => {}
+            None => {
+                let applied = if parsed.blank {
+                    // Truncated by an in-place rewrite not finished yet (or
+                    // a failed one): applying it would unblock everyone it
+                    // listed. As for the API, an intentionally empty list
+                    // says so with a comment line.
+                    sources.error(
+                        &source,
+                        &format!(
+                            "{} is empty; keeping the last good version",
+                            self.path.display()
+                        ),
+                    );
+                    false
+                } else {
+                    let applied = sources.apply(&source, parsed.nets, &parsed.bad);
+                    matches!(applied, Applied::Replaced { .. })
+                };
+                sources.remember(&source, Some(parsed.fingerprint), applied);
             }
-            Ok(text) => {
-                let (nets, bad) = parse_list(&text);
-                let source = self.source();
-                if let Applied::Replaced { .. } = sources.update(&source, nets, &bad) {
-                    sources.set_fingerprint(&source, fingerprint(&text));
-                }
-            }
-            Err(e) => sources.error(
-                &self.source(),
-                &format!("cannot read {}: {e}", self.path.display()),
-            ),
         }
     }
 }
 
 /// Re-reads files when they change or on SIGHUP, until the task is dropped.
 pub async fn watch(sources: Arc<Sources>, files: Vec<FileSource>) {
-    let (tx, mut events) = mpsc::channel::<Vec<PathBuf>>(64);
-    // Watch the directories, not the files: replacing a file by rename
-    // (how careful tools write) would otherwise end the watch.
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            let _ = tx.try_send(event.paths);
-        }
-    });
-    let mut watcher = match watcher {
-        Ok(w) => Some(w),
+    // A file whose directory does not exist cannot be watched (SIGHUP
+    // still reloads it).
+    let targets: Vec<Option<PathBuf>> = files.iter().map(|f| absolute(&f.path)).collect();
+    let changes = Arc::new(Changes::new(targets));
+    // Kept alive for as long as we watch.
+    let watcher = start_watcher(changes.clone());
+    let hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch blocklist files; they reload on SIGHUP only");
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; blocklist files reload on change only");
             None
         }
     };
-    let targets: Vec<(PathBuf, FileSource)> = files
+    let changes = watcher.as_ref().map(|_| changes);
+    react(sources, files, changes, hangup).await;
+    drop(watcher);
+}
+
+/// Watches the directories of the targets, not the files: replacing a file
+/// by rename (how careful tools write) would otherwise end the watch.
+fn start_watcher(changes: Arc<Changes>) -> Option<notify::RecommendedWatcher> {
+    let callback = {
+        let changes = changes.clone();
+        move |event: notify::Result<notify::Event>| match event {
+            Ok(event) => changes.note(&event),
+            // The watcher lost events: any target may have changed.
+            Err(_) => changes.note_all(),
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(callback) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch blocklist files; they reload on SIGHUP only");
+            return None;
+        }
+    };
+    let mut dirs: Vec<&Path> = changes
+        .targets
         .iter()
-        .filter_map(|f| Some((absolute(&f.path)?, f.clone())))
+        .filter_map(|p| p.as_deref()?.parent())
         .collect();
-    if let Some(w) = watcher.as_mut() {
-        let mut dirs: Vec<&Path> = targets.iter().filter_map(|(p, _)| p.parent()).collect();
-        dirs.sort();
-        dirs.dedup();
-        for dir in dirs {
-            if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory");
-            }
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory");
         }
     }
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    Some(watcher)
+}
+
+/// The reload loop: `changes` (the watcher's, if it started) and `hangup`
+/// (if SIGHUP could be caught) say which files to re-read.
+async fn react(
+    sources: Arc<Sources>,
+    files: Vec<FileSource>,
+    changes: Option<Arc<Changes>>,
+    mut hangup: Option<Signal>,
+) {
+    if changes.is_none() && hangup.is_none() {
+        tracing::warn!(
+            "blocklist files are read at start only: neither a file watch nor SIGHUP is available"
+        );
+        return;
+    }
     // A change between the first load and the watch taking hold would be
     // missed until the next one: read once more now that we watch.
-    {
-        let (sources, files) = (sources.clone(), files.clone());
-        let _ =
-            tokio::task::spawn_blocking(move || files.iter().for_each(|f| f.load(&sources))).await;
-    }
-
+    load(&sources, files.clone()).await;
     loop {
         let changed: Vec<FileSource> = tokio::select! {
-            Some(paths) = events.recv() => {
-                let mut paths = paths;
-                // Settle: collect events until SETTLE passes without one.
-                while let Ok(Some(more)) = tokio::time::timeout(SETTLE, events.recv()).await {
-                    paths.extend(more);
-                }
-                targets
-                    .iter()
-                    .filter(|(target, _)| paths.iter().any(|p| p == target))
-                    .map(|(_, f)| f.clone())
-                    .collect()
+            dirty = next_change(changes.as_deref()) => {
+                dirty.into_iter().filter_map(|i| files.get(i).cloned()).collect()
             }
-            Some(()) = async { hangup.as_mut()?.recv().await } => {
+            () = next_hangup(&mut hangup) => {
                 tracing::info!("SIGHUP: re-reading blocklist files");
                 files.clone()
             }
         };
-        if changed.is_empty() {
-            continue;
-        }
-        let sources = sources.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            for f in &changed {
-                f.load(&sources);
-            }
-        })
-        .await;
+        load(&sources, changed).await;
     }
 }
 
-fn fingerprint(text: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
+/// Reads `files` off the runtime: parsing and building a big list is heavy.
+async fn load(sources: &Arc<Sources>, files: Vec<FileSource>) {
+    if files.is_empty() {
+        return;
+    }
+    let sources = sources.clone();
+    let _ = tokio::task::spawn_blocking(move || files.iter().for_each(|f| f.load(&sources))).await;
+}
+
+async fn next_change(changes: Option<&Changes>) -> BTreeSet<usize> {
+    match changes {
+        Some(changes) => changes.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_hangup(hangup: &mut Option<Signal>) {
+    if let Some(h) = hangup {
+        if h.recv().await.is_some() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// The targets changed since the last reload (a set of indices into the
+/// files, so bounded by their number), and the wake-up for the loop.
+struct Changes {
+    targets: Vec<Option<PathBuf>>,
+    dirty: Mutex<BTreeSet<usize>>,
+    wake: Notify,
+}
+
+impl Changes {
+    fn new(targets: Vec<Option<PathBuf>>) -> Changes {
+        Changes {
+            targets,
+            dirty: Mutex::new(BTreeSet::new()),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Marks the targets `event` changed; wakes the loop only if there is one.
+    fn note(&self, event: &notify::Event) {
+        if event.need_rescan() {
+            return self.note_all();
+        }
+        if !changes_content(&event.kind) {
+            return;
+        }
+        let hits: Vec<usize> = (0..self.targets.len())
+            .filter(|i| {
+                let target = self.targets[*i].as_ref();
+                target.is_some_and(|t| event.paths.contains(t))
+            })
+            .collect();
+        if hits.is_empty() {
+            return;
+        }
+        self.dirty.lock().expect("changes lock").extend(hits);
+        self.wake.notify_one();
+    }
+
+    fn note_all(&self) {
+        self.dirty
+            .lock()
+            .expect("changes lock")
+            .extend(0..self.targets.len());
+        self.wake.notify_one();
+    }
+
+    /// Waits for a change, then for `SETTLE` without one (at most
+    /// `MAX_SETTLE` in all), and takes the changed targets.
+    async fn next(&self) -> BTreeSet<usize> {
+        self.wake.notified().await;
+        let deadline = Instant::now() + MAX_SETTLE;
+        loop {
+            let quiet = (Instant::now() + SETTLE).min(deadline);
+            let woken = tokio::time::timeout_at(quiet, self.wake.notified()).await;
+            if woken.is_err() || Instant::now() >= deadline {
+                break;
+            }
+        }
+        std::mem::take(&mut *self.dirty.lock().expect("changes lock"))
+    }
+}
+
+/// Whether an event can mean new content. Opening, reading and closing a
+/// file unwritten (our own reload, anyone's `cat`) cannot.
+fn changes_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
 }
 
 fn absolute(path: &Path) -> Option<PathBuf> {

@@ -1,7 +1,14 @@
 //! The one blocklist text format, used for files, the API body, the cache
 //! and the ban export: one IP or CIDR per line, `#` starts a comment, blank
 //! lines are ignored.
+//!
+//! Lists from outside are read with [`parse_reader`], which streams: it
+//! holds one line at a time, keeps only the first few bad lines (and a
+//! count), and stops at a bound on entries and on bytes, so a huge or
+//! endless input costs neither memory nor an unbounded read.
 
+use std::hash::Hasher;
+use std::io::BufRead;
 use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net};
@@ -14,22 +21,219 @@ pub struct BadLine {
     pub error: String,
 }
 
+/// How many bad lines a report quotes; the rest are only counted.
+const QUOTED_BAD_LINES: usize = 5;
+
+/// Longest line read as an entry; longer ones are bad lines, skipped to
+/// their end without being held.
+const MAX_LINE: usize = 1024;
+
+/// The bad lines of one version: how many, and the first few.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BadLines {
+    pub count: u64,
+    pub first: Vec<BadLine>,
+}
+
+impl BadLines {
+    pub fn from_slice(bad: &[BadLine]) -> BadLines {
+        BadLines {
+            count: bad.len() as u64,
+            first: bad.iter().take(QUOTED_BAD_LINES).cloned().collect(),
+        }
+    }
+
+    fn push(&mut self, bad: BadLine) {
+        self.count += 1;
+        if self.first.len() < QUOTED_BAD_LINES {
+            self.first.push(bad);
+        }
+    }
+
+    /// One line for people: the count, then the first few with their line
+    /// numbers, e.g. `3 bad lines: line 2 "x" (not an IP …), line 5 "y"`.
+    /// A reason shared with the previous quoted line is not repeated.
+    pub fn summary(&self) -> String {
+        let noun = if self.count == 1 { "line" } else { "lines" };
+        let mut out = format!("{} bad {noun}: ", self.count);
+        let mut last_error: Option<&str> = None;
+        for (i, b) in self.first.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(&format!("line {} {:?}", b.line, b.text));
+            if last_error != Some(b.error.as_str()) {
+                out.push_str(&format!(" ({})", b.error));
+                last_error = Some(&b.error);
+            }
+        }
+        if self.count > self.first.len() as u64 {
+            out.push_str(", …");
+        }
+        out
+    }
+}
+
+/// One version of a list read by [`parse_reader`].
+#[derive(Debug)]
+pub struct Parsed {
+    /// At most `max_entries + 1`: one more than allowed says "too many".
+    pub nets: Vec<IpNet>,
+    pub bad: BadLines,
+    /// Identifies the bytes read, to skip re-applying an unchanged version.
+    pub fingerprint: u64,
+    /// Nothing but whitespace: a truncated file or an empty answer, never a
+    /// list (an intentionally empty list says so with a comment).
+    pub blank: bool,
+}
+
+/// How much of a list [`parse_reader`] reads.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Reading stops after one entry more than this (the caller refuses it).
+    pub max_entries: usize,
+    /// Reading fails past this many bytes.
+    pub max_bytes: u64,
+}
+
+impl Limits {
+    /// Bytes allowed per entry allowed: room for comments and long IPv6
+    /// lines, while an endless or runaway input still stops.
+    const BYTES_PER_ENTRY: u64 = 128;
+    /// Never less than the API's body limit, so a small entry limit does not
+    /// make a commented list unreadable.
+    const MIN_BYTES: u64 = 64 * 1024 * 1024;
+
+    pub fn for_entries(max_entries: usize) -> Limits {
+        Limits {
+            max_entries,
+            max_bytes: (max_entries as u64)
+                .saturating_mul(Self::BYTES_PER_ENTRY)
+                .max(Self::MIN_BYTES),
+        }
+    }
+}
+
+/// Streams a list from `reader`, line by line: good entries are kept even
+/// when some lines are bad. Stops early after `max_entries + 1` entries;
+/// fails past `max_bytes` or on a read error.
+pub fn parse_reader(mut reader: impl BufRead, limits: Limits) -> std::io::Result<Parsed> {
+    let mut parsed = Parsed {
+        nets: Vec::new(),
+        bad: BadLines::default(),
+        fingerprint: 0,
+        blank: true,
+    };
+    let mut hash = std::collections::hash_map::DefaultHasher::new();
+    let mut line = Vec::with_capacity(128);
+    let (mut number, mut read) = (0usize, 0u64);
+    loop {
+        line.clear();
+        let (taken, whole) = read_line(&mut reader, &mut line, &mut hash)?;
+        if taken == 0 {
+            break;
+        }
+        read = read.saturating_add(taken);
+        if read > limits.max_bytes {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "larger than {} bytes (128 per entry of \
+                     blocklist.max_entries_per_source, at least 64 MiB); \
+                     raise blocklist.max_entries_per_source if the list is meant to be this big",
+                    limits.max_bytes
+                ),
+            ));
+        }
+        number += 1;
+        let text = String::from_utf8_lossy(&line);
+        if !text.trim().is_empty() {
+            parsed.blank = false;
+        }
+        if !whole {
+            parsed.bad.push(BadLine {
+                line: number,
+                text: text.chars().take(80).collect(),
+                error: format!("longer than {MAX_LINE} bytes"),
+            });
+            continue;
+        }
+        match parse_line(number, &text) {
+            None => {}
+            Some(Ok(net)) => {
+                parsed.nets.push(net);
+                if parsed.nets.len() > limits.max_entries {
+                    break;
+                }
+            }
+            Some(Err(bad)) => parsed.bad.push(bad),
+        }
+    }
+    parsed.fingerprint = hash.finish();
+    Ok(parsed)
+}
+
+/// Reads one line into `line` (without its newline), at most `MAX_LINE`
+/// bytes of it kept; hashes every byte read. Returns the bytes consumed and
+/// whether the line fit.
+fn read_line(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    hash: &mut impl Hasher,
+) -> std::io::Result<(u64, bool)> {
+    let mut taken = 0u64;
+    let mut whole = true;
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok(chunk) => chunk,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            return Ok((taken, whole));
+        }
+        let (part, done) = match memchr::memchr(b'\n', chunk) {
+            Some(i) => (&chunk[..=i], true),
+            None => (chunk, false),
+        };
+        hash.write(part);
+        let content = part.strip_suffix(b"\n").unwrap_or(part);
+        let room = MAX_LINE.saturating_sub(line.len());
+        if content.len() > room {
+            whole = false;
+        }
+        line.extend_from_slice(&content[..content.len().min(room)]);
+        let used = part.len();
+        reader.consume(used);
+        taken += used as u64;
+        if done {
+            return Ok((taken, whole));
+        }
+    }
+}
+
+/// An entry, nothing (blank or comment), or a bad line.
+fn parse_line(number: usize, line: &str) -> Option<Result<IpNet, BadLine>> {
+    let entry = line.split('#').next().unwrap_or_default().trim();
+    if entry.is_empty() {
+        return None;
+    }
+    Some(parse_net(entry).map_err(|error| BadLine {
+        line: number,
+        text: entry.chars().take(80).collect(),
+        error,
+    }))
+}
+
 /// Parses `text`; good entries are returned even when some lines are bad.
 pub fn parse_list(text: &str) -> (Vec<IpNet>, Vec<BadLine>) {
     let mut nets = Vec::new();
     let mut bad = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let entry = line.split('#').next().unwrap_or_default().trim();
-        if entry.is_empty() {
-            continue;
-        }
-        match parse_net(entry) {
-            Ok(net) => nets.push(net),
-            Err(error) => bad.push(BadLine {
-                line: i + 1,
-                text: entry.chars().take(80).collect(),
-                error,
-            }),
+        match parse_line(i + 1, line) {
+            None => {}
+            Some(Ok(net)) => nets.push(net),
+            Some(Err(b)) => bad.push(b),
         }
     }
     (nets, bad)

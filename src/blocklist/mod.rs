@@ -1,6 +1,9 @@
-//! The blocklist and allowlist: sources in one text format, merged into
-//! longest-prefix sets that are swapped whole, so admission reads a
-//! consistent list without waiting on a rebuild.
+//! The blocklist and allowlist: sources in one text format, each built
+//! into its own longest-prefix set. The effective lists are the sources'
+//! sets side by side, swapped whole, so admission reads a consistent list
+//! without waiting on a rebuild, and a change to one source (the bans,
+//! often) rebuilds only that source's set while the others (a million-line
+//! file, rarely changed) are shared with the previous generation.
 
 pub mod api;
 pub mod files;
@@ -14,7 +17,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 
-pub use format::{parse_list, parse_net, BadLine};
+pub use format::{parse_list, parse_net, parse_reader, BadLine, BadLines, Limits, Parsed};
 pub use set::IpSet;
 
 use crate::config::Config;
@@ -34,26 +37,55 @@ pub enum Verdict {
     Unlisted,
 }
 
-/// One built generation of the effective lists.
-#[derive(Debug, Default)]
+/// One source's built entries.
+#[derive(Clone, Debug)]
+struct Listed {
+    source: Source,
+    set: Arc<IpSet<()>>,
+}
+
+/// One built generation of the effective lists: every source's set, the
+/// allowlists apart from the blocklists. A lookup asks each set of a kind
+/// (there are a handful); the longest matching entry decides which source
+/// is named, the earlier source on a tie.
+#[derive(Clone, Debug, Default)]
 pub struct Lists {
-    sources: Vec<Source>,
-    block: IpSet<u16>,
-    allow: IpSet<u16>,
+    allow: Vec<Listed>,
+    block: Vec<Listed>,
 }
 
 impl Lists {
+    /// Lists from built sets; empty ones are left out (nothing to ask).
+    fn from_sets<'a>(sets: impl IntoIterator<Item = (&'a Source, &'a Arc<IpSet<()>>)>) -> Lists {
+        let mut lists = Lists::default();
+        for (source, set) in sets {
+            if set.is_empty() {
+                continue;
+            }
+            let listed = Listed {
+                source: source.clone(),
+                set: set.clone(),
+            };
+            if source.allow {
+                lists.allow.push(listed);
+            } else {
+                lists.block.push(listed);
+            }
+        }
+        lists
+    }
+
     /// The allowlist wins over any covering block entry.
     pub fn verdict(&self, ip: IpAddr) -> Verdict {
-        if let Some((entry, s)) = self.allow.lookup(ip) {
+        if let Some((source, entry)) = longest(&self.allow, ip) {
             return Verdict::Allowed {
-                source: self.sources[usize::from(s)].name.clone(),
+                source: source.name.clone(),
                 entry,
             };
         }
-        if let Some((entry, s)) = self.block.lookup(ip) {
+        if let Some((source, entry)) = longest(&self.block, ip) {
             return Verdict::Blocked {
-                source: self.sources[usize::from(s)].name.clone(),
+                source: source.name.clone(),
                 entry,
             };
         }
@@ -61,32 +93,32 @@ impl Lists {
     }
 
     pub fn is_allowed(&self, ip: IpAddr) -> bool {
-        self.allow.contains(ip)
+        self.allow.iter().any(|l| l.set.contains(ip))
     }
 
     pub fn is_blocked(&self, ip: IpAddr) -> bool {
-        self.block.contains(ip)
+        self.block.iter().any(|l| l.set.contains(ip))
     }
 
+    /// Block entries across sources (an entry two sources list counts twice).
     pub fn block_len(&self) -> usize {
-        self.block.len()
+        self.block.iter().map(|l| l.set.len()).sum()
     }
 
     /// Every list entry that covers `ip`, decisive one first, as lines
     /// for people: `blocked by FILE entry NET`.
     pub fn explain(&self, ip: IpAddr) -> Vec<String> {
         let mut lines = Vec::new();
-        let name = |s: u16| self.sources[usize::from(s)].name.clone();
-        if let Some((entry, s)) = self.allow.lookup(ip) {
-            lines.push(format!("allowed by {} entry {entry}", name(s)));
+        if let Some((source, entry)) = longest(&self.allow, ip) {
+            lines.push(format!("allowed by {} entry {entry}", source.name));
         }
-        if let Some((entry, s)) = self.block.lookup(ip) {
+        if let Some((source, entry)) = longest(&self.block, ip) {
             let note = if lines.is_empty() {
                 ""
             } else {
                 " (overridden by the allowlist)"
             };
-            lines.push(format!("blocked by {} entry {entry}{note}", name(s)));
+            lines.push(format!("blocked by {} entry {entry}{note}", source.name));
         }
         if lines.is_empty() {
             lines.push("not listed".into());
@@ -95,28 +127,33 @@ impl Lists {
     }
 }
 
+/// The longest entry covering `ip` in any of `sets`, with its source; the
+/// earlier source on a tie.
+fn longest(sets: &[Listed], ip: IpAddr) -> Option<(&Source, IpNet)> {
+    let mut best: Option<(&Source, IpNet)> = None;
+    for listed in sets {
+        if let Some((entry, ())) = listed.set.lookup(ip) {
+            if best.is_none_or(|(_, b)| entry.prefix_len() > b.prefix_len()) {
+                best = Some((&listed.source, entry));
+            }
+        }
+    }
+    best
+}
+
 /// Builds lists from named sources and their entries.
 #[derive(Default)]
 pub struct ListsBuilder {
-    lists: Lists,
+    sets: Vec<(Source, Arc<IpSet<()>>)>,
 }
 
 impl ListsBuilder {
     pub fn add(&mut self, source: Source, nets: &[IpNet]) {
-        let id = u16::try_from(self.lists.sources.len()).unwrap_or(u16::MAX);
-        let set = if source.allow {
-            &mut self.lists.allow
-        } else {
-            &mut self.lists.block
-        };
-        for net in nets {
-            set.insert(*net, id);
-        }
-        self.lists.sources.push(source);
+        self.sets.push((source, Arc::new(IpSet::from_nets(nets))));
     }
 
     pub fn build(self) -> Lists {
-        self.lists
+        Lists::from_sets(self.sets.iter().map(|(s, set)| (s, set)))
     }
 }
 
@@ -176,7 +213,8 @@ pub fn load_all(config: &Config, sources: &sources::Sources) {
 pub fn load_offline(config: &Config) -> Arc<Lists> {
     let live = Arc::new(Blocklist::default());
     let metrics = sources::SourceMetrics::register(&prometheus::Registry::new());
-    let sources = sources::Sources::new(live.clone(), metrics, Box::new(|_| {}));
+    let sources = sources::Sources::new(live.clone(), metrics, Box::new(|_| {}))
+        .with_max_entries(config.blocklist.max_entries_per_source);
     load_all(config, &sources);
     live.load_full()
 }

@@ -33,6 +33,17 @@ impl<V> Default for IpSet<V> {
     }
 }
 
+impl IpSet<()> {
+    /// The set of `nets` (one source's entries).
+    pub fn from_nets(nets: &[IpNet]) -> Self {
+        let mut set = IpSet::new();
+        for net in nets {
+            set.insert(*net, ());
+        }
+        set
+    }
+}
+
 impl<V: Copy> IpSet<V> {
     pub fn new() -> Self {
         Self::default()

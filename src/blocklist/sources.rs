@@ -1,16 +1,32 @@
-//! Every source's last good entries, and the rebuild that merges them.
+//! Every source's last good version, built into its own set, and the swap
+//! that publishes them together.
 //!
 //! A source only ever replaces its entries with a newer good version: a
-//! failed read, a missing file or a garbage answer leaves the last good one
-//! in place, so a failure never unblocks anyone.
+//! failed read, a missing file, a garbage answer or a list over
+//! `blocklist.max_entries_per_source` leaves the last good one in place, so
+//! a failure never unblocks anyone. An update builds only the updated
+//! source's set (the heavy part, done before taking the lock, on the
+//! caller's thread: callers on the runtime call from `spawn_blocking`); the
+//! new lists share every other source's set with the old ones.
+//!
+//! Reports are for people: one line per version for its bad lines (a
+//! count and the first few), and an error condition that persists (the
+//! same empty file read again and again) is logged once, again only when it
+//! changes or after the source recovered. The metrics count everything.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
-use super::{BadLine, Blocklist, Lists, ListsBuilder, Source};
+use super::{BadLine, BadLines, Blocklist, IpSet, Limits, Lists, Source};
+
+/// The default of `blocklist.max_entries_per_source`: SPEC asks for a
+/// million entries; twice that leaves room without letting one source take
+/// the memory of the host.
+pub const DEFAULT_MAX_ENTRIES: usize = 2_000_000;
 
 /// Per-source metrics, labelled by source name (configured, so bounded).
 pub struct SourceMetrics {
@@ -59,14 +75,34 @@ impl SourceMetrics {
 
 struct Entry {
     source: Source,
-    nets: Arc<Vec<IpNet>>,
-    /// Identifies the text the entries came from, when the source has one.
-    fingerprint: Option<u64>,
+    set: Arc<IpSet<()>>,
+    /// The update ticket of the version in effect: a slower build of an
+    /// older update never replaces a newer one.
+    installed: u64,
+    /// The text last read for this source and whether it was applied, when
+    /// the source has text (files): the same text again changes nothing.
+    seen: Option<(u64, bool)>,
+    /// The error condition last reported and not yet recovered from.
+    failing: Option<String>,
+}
+
+impl Entry {
+    fn new(source: Source) -> Entry {
+        Entry {
+            source,
+            set: Arc::new(IpSet::new()),
+            installed: 0,
+            seen: None,
+            failing: None,
+        }
+    }
 }
 
 /// The sources, the live lists built from them, and the hook run after each swap.
 pub struct Sources {
     entries: Mutex<Vec<Entry>>,
+    tickets: AtomicU64,
+    max_entries: usize,
     live: Arc<Blocklist>,
     metrics: SourceMetrics,
     on_swap: Box<dyn Fn(&Lists) + Send + Sync>,
@@ -90,10 +126,24 @@ impl Sources {
     ) -> Sources {
         Sources {
             entries: Mutex::new(Vec::new()),
+            tickets: AtomicU64::new(0),
+            max_entries: DEFAULT_MAX_ENTRIES,
             live,
             metrics,
             on_swap,
         }
+    }
+
+    /// Refuses versions of more than `max` entries (`blocklist.max_entries_per_source`).
+    pub fn with_max_entries(mut self, max: usize) -> Sources {
+        self.max_entries = max;
+        self
+    }
+
+    /// How much of a source's text to read: one entry past the limit is
+    /// enough to refuse it.
+    pub fn limits(&self) -> Limits {
+        Limits::for_entries(self.max_entries)
     }
 
     /// Declares a source with no entries yet (so it shows in metrics).
@@ -105,74 +155,100 @@ impl Sources {
                 .with_label_values(&[&source.name])
                 .set(0);
             self.metrics.errors.with_label_values(&[&source.name]);
-            entries.push(Entry {
-                source,
-                nets: Arc::new(Vec::new()),
-                fingerprint: None,
-            });
+            entries.push(Entry::new(source));
         }
     }
 
     /// Applies a parsed version of `source`. Bad lines are reported and
     /// counted; a version with bad lines and no good entry is garbage and
-    /// is not applied.
+    /// is not applied. Builds the source's set: call it off the runtime.
     pub fn update(&self, source: &Source, nets: Vec<IpNet>, bad: &[BadLine]) -> Applied {
-        for b in bad {
-            tracing::warn!(source = %source.name, line = b.line, text = ?b.text, "blocklist: skipped bad line: {}", b.error);
-        }
+        self.apply(source, nets, &BadLines::from_slice(bad))
+    }
+
+    /// [`Sources::update`] with the bad lines already summarised (a
+    /// streamed read keeps only the first few).
+    pub fn apply(&self, source: &Source, nets: Vec<IpNet>, bad: &BadLines) -> Applied {
         self.metrics
             .bad_lines
             .with_label_values(&[&source.name])
-            .inc_by(bad.len() as u64);
-        if nets.is_empty() && !bad.is_empty() {
+            .inc_by(bad.count);
+        if nets.is_empty() && bad.count > 0 {
             self.error(
                 source,
-                "no valid entry in this version; keeping the last good one",
+                &format!(
+                    "no valid entry in this version ({}); keeping the last good one",
+                    bad.summary()
+                ),
+            );
+            return Applied::Kept;
+        }
+        if bad.count > 0 {
+            tracing::warn!(source = %source.name, bad_lines = bad.count, "blocklist: skipped {}", bad.summary());
+        }
+        if nets.len() > self.max_entries {
+            self.error(
+                source,
+                &format!(
+                    "more than {} entries, the limit of blocklist.max_entries_per_source; \
+                     keeping the last good version (raise the limit if the list is meant to be this long)",
+                    self.max_entries
+                ),
             );
             return Applied::Kept;
         }
         let count = nets.len();
-        // Update and rebuild under one lock, so concurrent updates from
-        // different sources cannot swap in a build that misses either.
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed) + 1;
+        let set = Arc::new(IpSet::from_nets(&nets));
+        drop(nets);
+
+        // Install and swap under one lock, so concurrent updates from
+        // different sources cannot swap in lists that miss either.
         let mut entries = self.entries.lock().expect("sources lock");
-        let nets = Arc::new(nets);
-        match entries.iter_mut().find(|e| e.source == *source) {
-            Some(e) => {
-                e.nets = nets;
-                e.fingerprint = None;
+        let i = match entries.iter().position(|e| e.source == *source) {
+            Some(i) => i,
+            None => {
+                entries.push(Entry::new(source.clone()));
+                entries.len() - 1
             }
-            None => entries.push(Entry {
-                source: source.clone(),
-                nets,
-                fingerprint: None,
-            }),
+        };
+        let entry = &mut entries[i];
+        if ticket > entry.installed {
+            entry.set = set;
+            entry.installed = ticket;
+            entry.seen = None;
+            self.metrics
+                .entries
+                .with_label_values(&[&source.name])
+                .set(count as i64);
+            self.swap(&entries);
         }
-        self.rebuild(&entries);
         drop(entries);
-        self.metrics
-            .entries
-            .with_label_values(&[&source.name])
-            .set(count as i64);
         self.success(source);
         Applied::Replaced { entries: count }
     }
 
-    /// True when `source` is already built from text with this fingerprint.
-    pub fn is_current(&self, source: &Source, fingerprint: u64) -> bool {
+    /// Whether `source`'s text with this fingerprint was read before:
+    /// `Some(true)` if that version is in effect, `Some(false)` if it was
+    /// refused (and reported), `None` if it is new.
+    pub fn seen(&self, source: &Source, fingerprint: u64) -> Option<bool> {
         let entries = self.entries.lock().expect("sources lock");
-        entries
-            .iter()
-            .any(|e| e.source == *source && e.fingerprint == Some(fingerprint))
-    }
-
-    pub fn set_fingerprint(&self, source: &Source, fingerprint: u64) {
-        let mut entries = self.entries.lock().expect("sources lock");
-        if let Some(e) = entries.iter_mut().find(|e| e.source == *source) {
-            e.fingerprint = Some(fingerprint);
+        let entry = entries.iter().find(|e| e.source == *source)?;
+        match entry.seen {
+            Some((f, applied)) if f == fingerprint => Some(applied),
+            _ => None,
         }
     }
 
-    /// Notes a successful check that changed nothing (HTTP 304).
+    /// Records the text just read for `source` (`None`: none could be read).
+    pub fn remember(&self, source: &Source, fingerprint: Option<u64>, applied: bool) {
+        let mut entries = self.entries.lock().expect("sources lock");
+        if let Some(e) = entries.iter_mut().find(|e| e.source == *source) {
+            e.seen = fingerprint.map(|f| (f, applied));
+        }
+    }
+
+    /// Notes a successful load or check (HTTP 304); ends an error condition.
     pub fn success(&self, source: &Source) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -181,21 +257,41 @@ impl Sources {
             .last_success
             .with_label_values(&[&source.name])
             .set(now as i64);
-    }
-
-    pub fn error(&self, source: &Source, what: &str) {
-        tracing::warn!(source = %source.name, "blocklist source failed: {what}");
-        self.metrics.errors.with_label_values(&[&source.name]).inc();
-    }
-
-    /// Merges every source's entries into new lists, swaps them in, then
-    /// runs the hook (which closes sessions of newly blocked clients).
-    fn rebuild(&self, entries: &[Entry]) {
-        let mut builder = ListsBuilder::default();
-        for e in entries {
-            builder.add(e.source.clone(), &e.nets);
+        let mut entries = self.entries.lock().expect("sources lock");
+        let recovered = entries
+            .iter_mut()
+            .find(|e| e.source == *source)
+            .and_then(|e| e.failing.take());
+        drop(entries);
+        if recovered.is_some() {
+            tracing::info!(source = %source.name, "blocklist source recovered");
         }
-        self.live.store(builder.build());
+    }
+
+    /// Counts a failure; logs it unless it is the condition last reported.
+    pub fn error(&self, source: &Source, what: &str) {
+        self.metrics.errors.with_label_values(&[&source.name]).inc();
+        let mut entries = self.entries.lock().expect("sources lock");
+        let new = match entries.iter_mut().find(|e| e.source == *source) {
+            Some(e) if e.failing.as_deref() == Some(what) => false,
+            Some(e) => {
+                e.failing = Some(what.to_string());
+                true
+            }
+            None => true,
+        };
+        drop(entries);
+        if new {
+            tracing::warn!(source = %source.name, "blocklist source failed: {what}");
+        }
+    }
+
+    /// Publishes lists of every source's current set, then runs the hook
+    /// (which closes sessions of newly blocked clients). Cheap: the sets
+    /// are shared, not copied.
+    fn swap(&self, entries: &[Entry]) {
+        let lists = Lists::from_sets(entries.iter().map(|e| (&e.source, &e.set)));
+        self.live.store(lists);
         (self.on_swap)(&self.live.load());
     }
 }
@@ -246,6 +342,166 @@ mod tests {
             swaps.load(Ordering::SeqCst),
             2,
             "the hook runs after each swap"
+        );
+    }
+
+    /// A log capture for one test: what the code under `f` logs, as text.
+    fn logs(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Capture(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = capture.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    fn sources_for_test(live: &Arc<Blocklist>) -> Sources {
+        Sources::new(
+            live.clone(),
+            SourceMetrics::register(&Registry::new()),
+            Box::new(|_| {}),
+        )
+    }
+
+    /// Issue 9 #7: a 200k-line garbage list logged a line per bad line.
+    #[test]
+    fn a_garbage_list_is_reported_in_one_line_with_a_count() {
+        let live = Arc::new(Blocklist::default());
+        let sources = sources_for_test(&live);
+        let a = source("a");
+        let mut garbage: String = (0..200_000).map(|i| format!("<p>{i}</p>\n")).collect();
+        let log = logs(|| {
+            let (nets, bad) = parse_list(&garbage);
+            assert_eq!(sources.update(&a, nets, &bad), Applied::Kept);
+        });
+        assert_eq!(log.lines().count(), 1, "{}", &log[..log.len().min(2000)]);
+        assert!(log.contains("200000 bad lines"), "{log}");
+        assert!(log.contains(r#"line 1 "<p>0</p>""#), "{log}");
+        assert!(log.contains(r#"line 5 "<p>4</p>""#), "{log}");
+        assert!(!log.contains("line 6 "), "only the first five: {log}");
+
+        // With good entries too: applied, and again one line.
+        garbage.push_str("192.0.2.1\n");
+        let log = logs(|| {
+            let (nets, bad) = parse_list(&garbage);
+            assert_eq!(
+                sources.update(&a, nets, &bad),
+                Applied::Replaced { entries: 1 }
+            );
+        });
+        assert_eq!(log.lines().count(), 1, "{}", &log[..log.len().min(2000)]);
+        assert!(log.contains("source=a") && log.contains("200000 bad lines"));
+        assert!(live.load().is_blocked("192.0.2.1".parse().unwrap()));
+        let counted = sources.metrics.bad_lines.with_label_values(&["a"]).get();
+        assert_eq!(counted, 400_000, "the metric still counts every bad line");
+    }
+
+    /// Issue 9 #16: an empty file was reported about seven times a second.
+    #[test]
+    fn a_persisting_source_error_is_logged_once_until_it_changes_or_recovers() {
+        let live = Arc::new(Blocklist::default());
+        let sources = sources_for_test(&live);
+        let a = source("a");
+        sources.declare(a.clone());
+        let log = logs(|| {
+            for _ in 0..10 {
+                sources.error(&a, "a.txt is empty");
+            }
+            sources.error(&a, "cannot read a.txt: not found");
+            sources.error(&a, "cannot read a.txt: not found");
+            sources.update(&a, vec!["192.0.2.1/32".parse().unwrap()], &[]);
+            sources.error(&a, "a.txt is empty");
+        });
+        let failed: Vec<&str> = log.lines().filter(|l| l.contains("failed")).collect();
+        assert_eq!(failed.len(), 3, "{log}");
+        assert!(failed[0].contains("is empty") && failed[1].contains("not found"));
+        assert!(log.contains("recovered"), "{log}");
+        let errors = sources.metrics.errors.with_label_values(&["a"]).get();
+        assert_eq!(errors, 13, "the metric still counts every failure");
+    }
+
+    /// Issue 9 #13: a 200 MB list was built whole (916 MB resident).
+    #[test]
+    fn a_version_over_max_entries_per_source_is_refused_and_the_last_good_one_kept() {
+        let live = Arc::new(Blocklist::default());
+        let sources = sources_for_test(&live).with_max_entries(3);
+        let a = source("a");
+        let (nets, bad) = parse_list("192.0.2.1\n192.0.2.2\n");
+        assert_eq!(
+            sources.update(&a, nets, &bad),
+            Applied::Replaced { entries: 2 }
+        );
+        let (nets, bad) = parse_list("198.51.100.1\n198.51.100.2\n198.51.100.3\n198.51.100.4\n");
+        let log = logs(|| assert_eq!(sources.update(&a, nets, &bad), Applied::Kept));
+        assert!(
+            log.contains("source=a") && log.contains("more than 3 entries"),
+            "{log}"
+        );
+        assert!(log.contains("blocklist.max_entries_per_source"), "{log}");
+        let lists = live.load();
+        assert!(lists.is_blocked("192.0.2.2".parse().unwrap()));
+        assert!(!lists.is_blocked("198.51.100.1".parse().unwrap()));
+    }
+
+    /// Issue 9 #15: each ban batch rebuilt every source's entries.
+    #[test]
+    fn updating_one_source_shares_the_other_sources_sets() {
+        let live = Arc::new(Blocklist::default());
+        let sources = sources_for_test(&live);
+        let (big, bans) = (source("big"), source("bans"));
+        let allow = Source {
+            name: "allow".into(),
+            allow: true,
+        };
+        sources.update(&big, vec!["198.51.100.0/24".parse().unwrap()], &[]);
+        sources.update(&allow, vec!["198.51.100.7/32".parse().unwrap()], &[]);
+        let before = live.load_full();
+        sources.update(&bans, vec!["192.0.2.1/32".parse().unwrap()], &[]);
+        sources.update(&bans, vec!["192.0.2.2/32".parse().unwrap()], &[]);
+        let after = live.load_full();
+        assert!(Arc::ptr_eq(&before.block[0].set, &after.block[0].set));
+        assert!(Arc::ptr_eq(&before.allow[0].set, &after.allow[0].set));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(after.is_blocked(ip("192.0.2.2")) && !after.is_blocked(ip("192.0.2.1")));
+        assert!(after.is_blocked(ip("198.51.100.9")));
+        assert!(after.is_allowed(ip("198.51.100.7")));
+        assert_eq!(after.block_len(), 2);
+    }
+
+    #[test]
+    fn the_longest_entry_of_any_source_is_the_one_named() {
+        let live = Arc::new(Blocklist::default());
+        let sources = sources_for_test(&live);
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        sources.update(&source("wide"), vec![net("192.0.2.0/24")], &[]);
+        sources.update(&source("narrow"), vec![net("192.0.2.0/28")], &[]);
+        sources.update(&source("same"), vec![net("192.0.2.0/28")], &[]);
+        let lists = live.load();
+        assert_eq!(
+            lists.verdict("192.0.2.3".parse().unwrap()),
+            super::super::Verdict::Blocked {
+                source: "narrow".into(),
+                entry: net("192.0.2.0/28")
+            }
+        );
+        assert_eq!(
+            lists.explain("192.0.2.200".parse().unwrap()),
+            ["blocked by wide entry 192.0.2.0/24"]
         );
     }
 }

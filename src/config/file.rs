@@ -110,6 +110,7 @@ pub struct BlocklistFile {
     pub kill_on_block: Raw<bool>,
     pub tarpit_max: Raw<Scalar>,
     pub tarpit_time: Raw<Scalar>,
+    pub max_entries_per_source: Raw<Scalar>,
     pub api: Option<ApiFile>,
 }
 

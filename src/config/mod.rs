@@ -107,6 +107,7 @@ pub struct BlocklistSettings {
     pub tarpit_max: usize,
     #[serde(serialize_with = "ser_duration")]
     pub tarpit_time: Duration,
+    pub max_entries_per_source: usize,
     pub api: Option<ApiSettings>,
 }
 
@@ -358,6 +359,11 @@ impl Validator<'_> {
                     "blocklist.tarpit_time",
                     raw.blocklist.tarpit_time,
                     "10s",
+                ),
+                max_entries_per_source: self.count(
+                    "blocklist.max_entries_per_source",
+                    raw.blocklist.max_entries_per_source,
+                    "2000000",
                 ),
                 api: raw.blocklist.api.map(|api| self.api(api)),
             },
