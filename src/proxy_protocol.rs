@@ -71,16 +71,22 @@ pub fn parse_inbound(bytes: &[u8]) -> Inbound {
     }
     let result = ppp::HeaderResult::parse(bytes);
     match result {
+        // The command decides, not the address block: a `LOCAL` header may
+        // carry addresses (some balancers fill them in), and they must be
+        // ignored; the connection's real endpoints stand.
         ppp::HeaderResult::V2(Ok(h)) => {
             let len = h.len();
-            match h.addresses {
-                ppp::v2::Addresses::IPv4(a) => {
+            match (h.command, h.addresses) {
+                (Command::Local, _) => Inbound::Local { len },
+                (Command::Proxy, ppp::v2::Addresses::IPv4(a)) => {
                     proxied(SocketAddr::new(a.source_address.into(), a.source_port), len)
                 }
-                ppp::v2::Addresses::IPv6(a) => {
+                (Command::Proxy, ppp::v2::Addresses::IPv6(a)) => {
                     proxied(SocketAddr::new(a.source_address.into(), a.source_port), len)
                 }
-                _ => Inbound::Local { len },
+                // No IP client (AF_UNSPEC, AF_UNIX): as v1's `UNKNOWN`, the
+                // protocol says to use the real endpoints.
+                (Command::Proxy, _) => Inbound::Local { len },
             }
         }
         ppp::HeaderResult::V1(Ok(h)) => {
@@ -109,10 +115,40 @@ fn proxied(client: SocketAddr, len: usize) -> Inbound {
     }
 }
 
+const V1_PREFIX: &[u8] = b"PROXY ";
+
+/// What the first bytes of a connection say about a PROXY header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sniff {
+    /// They begin like a v1 or v2 header.
+    Header,
+    /// Too few to tell (none, or a strict prefix of a header's signature):
+    /// the v2 signature begins with two bare `\r\n`, which a line reader
+    /// would otherwise take for empty command lines.
+    Undecided,
+    NotHeader,
+}
+
+/// Tells whether `bytes` begin like a PROXY header (v1 or v2).
+pub fn sniff(bytes: &[u8]) -> Sniff {
+    let v2 = ppp::v2::PROTOCOL_PREFIX;
+    let mut undecided = false;
+    for signature in [V1_PREFIX, v2] {
+        if bytes.starts_with(signature) {
+            return Sniff::Header;
+        }
+        undecided |= signature.starts_with(bytes);
+    }
+    if undecided {
+        Sniff::Undecided
+    } else {
+        Sniff::NotHeader
+    }
+}
+
 /// True when `bytes` begin like a PROXY header (v1 or v2).
 pub fn looks_like_header(bytes: &[u8]) -> bool {
-    const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
-    bytes.starts_with(b"PROXY ") || bytes.starts_with(&V2_SIGNATURE[..bytes.len().clamp(5, 12)])
+    sniff(bytes) == Sniff::Header
 }
 
 /// IPv4-mapped IPv6 (`::ffff:1.2.3.4`, seen on dual-stack listeners) as IPv4,
@@ -161,6 +197,44 @@ mod tests {
         ));
         assert!(!looks_like_header(b"EHLO x\r\n"));
         assert!(!looks_like_header(b"\r\n"));
+    }
+
+    #[test]
+    fn v2_local_with_an_address_block_keeps_the_real_endpoints() {
+        let client: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:25".parse().unwrap();
+        for addresses in [(client, local), ("0.0.0.0:0".parse().unwrap(), local)] {
+            let header =
+                Builder::with_addresses(Version::Two | Command::Local, Protocol::Stream, addresses)
+                    .build()
+                    .unwrap();
+            let len = header.len();
+            assert_eq!(
+                parse_inbound(&header),
+                Inbound::Local { len },
+                "{addresses:?}"
+            );
+        }
+        let check = health_check(ProxyProtocol::V2);
+        let len = check.len();
+        assert_eq!(parse_inbound(&check), Inbound::Local { len });
+    }
+
+    #[test]
+    fn a_v2_signature_cut_after_its_blank_lines_is_undecided_not_junk() {
+        let header = encode(
+            ProxyProtocol::V2,
+            "192.0.2.7:4000".parse().unwrap(),
+            "127.0.0.1:25".parse().unwrap(),
+        );
+        for cut in 1..12 {
+            assert_eq!(sniff(&header[..cut]), Sniff::Undecided, "cut at {cut}");
+        }
+        assert_eq!(sniff(&header), Sniff::Header);
+        assert_eq!(sniff(b"PROXY TCP4 "), Sniff::Header);
+        assert_eq!(sniff(b"PROX"), Sniff::Undecided);
+        assert_eq!(sniff(b"\r\nEHLO x\r\n"), Sniff::NotHeader);
+        assert_eq!(sniff(b"EHLO x\r\n"), Sniff::NotHeader);
     }
 
     #[test]

@@ -51,6 +51,12 @@ pub struct Shaping {
     /// Refusals per IP, halved at each sweep: "who is hitting us now".
     recent_refusals: DashMap<IpAddr, u32>,
     max_tracked: usize,
+    /// `server.trusted_proxies`: a load balancer's own address is never
+    /// rate-limited or counted toward a ban here, whatever its connections
+    /// do (no header, a bad one, a health check's commands). Refusing it
+    /// would refuse every client behind it and fail its health checks: an
+    /// outage. Metrics still count what it did.
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Shaping {
@@ -64,6 +70,7 @@ impl Shaping {
             metrics,
             recent_refusals: DashMap::new(),
             max_tracked: max,
+            trusted_proxies: config.server.trusted_proxies.clone(),
         }
     }
 
@@ -97,6 +104,9 @@ impl Shaping {
     }
 
     fn take(&self, table: &RateTable, ip: IpAddr, limit: Limit) -> bool {
+        if self.is_trusted_proxy(ip) {
+            return true;
+        }
         match table.check(ip) {
             RateCheck::Allowed => true,
             RateCheck::Untracked => {
@@ -120,7 +130,13 @@ impl Shaping {
         if event == BanEvent::AuthFailure {
             self.metrics.auth_failures.inc();
         }
-        self.bans.record(ip, event);
+        if !self.is_trusted_proxy(ip) {
+            self.bans.record(ip, event);
+        }
+    }
+
+    fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
     }
 
     pub fn bans(&self) -> &Arc<Bans> {

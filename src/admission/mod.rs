@@ -87,15 +87,7 @@ impl<C: Clock> Admission<C> {
         if !allowed && lists.is_blocked(ip) {
             self.refuse(ip, Refusal::Blocked)?;
         }
-        let mut permit = match self.counts.acquire(self.max_connections, false) {
-            Some(permit) => permit,
-            None => {
-                self.refuse(ip, Refusal::GlobalCap)?;
-                self.counts
-                    .acquire(self.max_connections, true)
-                    .expect("forced")
-            }
-        };
+        let mut permit = self.global_permit(ip)?;
         if allowed {
             return Ok(permit);
         }
@@ -113,6 +105,30 @@ impl<C: Clock> Admission<C> {
             RateCheck::Untracked => self.metrics.rate_untracked.inc(),
         }
         Ok(permit)
+    }
+
+    /// Admits a trusted proxy's own connection (a PROXY `LOCAL`/`UNKNOWN`
+    /// header: its health check), whose address `proxy` is the load
+    /// balancer's, not a client's. Only the global cap applies, as to every
+    /// session: per-IP caps and rates would refuse the balancer's checks,
+    /// and the lists are for clients; a balancer whose address is listed
+    /// or banned must still see the service up, or every client behind it
+    /// is turned away.
+    pub fn admit_proxy_check(&self, proxy: IpAddr) -> Result<Permit, Refusal> {
+        self.global_permit(proxy)
+    }
+
+    fn global_permit(&self, ip: IpAddr) -> Result<Permit, Refusal> {
+        match self.counts.acquire(self.max_connections, false) {
+            Some(permit) => Ok(permit),
+            None => {
+                self.refuse(ip, Refusal::GlobalCap)?;
+                Ok(self
+                    .counts
+                    .acquire(self.max_connections, true)
+                    .expect("forced"))
+            }
+        }
     }
 
     /// Counts a refusal. In shadow mode it is only logged and `Ok` lets the

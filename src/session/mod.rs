@@ -28,7 +28,7 @@ use crate::bans::BanEvent;
 use crate::blocklist::Blocklist;
 use crate::config::{BlockAction, Config};
 use crate::metrics::Metrics;
-use crate::proxy_protocol::{self, Inbound};
+use crate::proxy_protocol::{self, Inbound, Sniff};
 use crate::shaping::{Limit, Shaping};
 use crate::upstream;
 use registry::Registry;
@@ -59,6 +59,10 @@ pub struct Peer {
     pub client: SocketAddr,
     /// Our address the client connected to.
     pub local: SocketAddr,
+    /// A trusted proxy's own connection (PROXY `LOCAL`/`UNKNOWN`, its
+    /// health check): `client` is the proxy, to which no per-IP rule, list
+    /// or ban applies.
+    pub proxy_check: bool,
 }
 
 /// Serves one accepted connection until it ends; returns the recorded
@@ -79,6 +83,7 @@ where
     let mut peer = Peer {
         client: remote,
         local,
+        proxy_check: false,
     };
     let (reason, facts) = match admit(&mut client, &mut peer, &mut early, &config, shared).await {
         // Logged at debug: under a flood, a line per refusal would be the
@@ -124,8 +129,15 @@ where
     reason
 }
 
-/// The door: trusted PROXY header, admission, greet pause. `Ok(None)` when
-/// the client left before it was decided.
+/// The door: trusted PROXY header, admission, greet pause, and a look at
+/// what the client sent unasked. `Ok(None)` when the client left before it
+/// was decided.
+///
+/// A trusted proxy is never refused for its own address: a health check
+/// (`LOCAL`/`UNKNOWN`) passes whatever lists or bans name that address,
+/// so the balancer sees the service up, while the lists apply to the real
+/// clients its headers name. Its failures (no header, a bad one) are
+/// refused and counted in metrics, but never toward a ban (see `Shaping`).
 async fn admit<C>(
     client: &mut C,
     peer: &mut Peer,
@@ -145,9 +157,21 @@ where
     {
         match read_proxy_header(client, early, config.timeouts.proxy_header).await {
             Ok(Some(real)) => peer.client = real,
-            Ok(None) => {}
+            Ok(None) => {
+                // No greet pause: the balancer is not a bot to be tested,
+                // and a checker that reads the first line takes `220-` for
+                // a failure.
+                peer.proxy_check = true;
+                return admission.admit_proxy_check(peer.client.ip()).map(Some);
+            }
             Err(why) => {
-                tracing::warn!(proxy = %peer.client, error = %why, "bad PROXY header from trusted proxy");
+                // A plain TCP check connects and closes without a word;
+                // anything else is a misconfigured proxy worth a warning.
+                if matches!(why, HeaderError::Silent) {
+                    tracing::debug!(proxy = %peer.client, "trusted proxy closed without a PROXY header");
+                } else {
+                    tracing::warn!(proxy = %peer.client, error = %why, "bad PROXY header from trusted proxy");
+                }
                 shared.metrics.refused(Refusal::ProxyMalformed);
                 return Err(Refusal::ProxyMalformed);
             }
@@ -155,7 +179,9 @@ where
     }
     let ip = peer.client.ip();
     let permit = admission.admit(ip)?;
+    let mut paused = false;
     if admission.needs_greet_pause(ip, Instant::now()) {
+        paused = true;
         let t = &config.timeouts;
         match greeting::greet_pause(
             client,
@@ -167,11 +193,66 @@ where
         .await
         {
             GreetOutcome::Patient => admission.greet_passed(ip, Instant::now()),
+            GreetOutcome::EarlyTalker if proxy_header_unasked(early) => {
+                return Err(untrusted_header(shared))
+            }
             GreetOutcome::EarlyTalker => admission.refuse(ip, Refusal::EarlyTalker)?,
             GreetOutcome::Gone => return Ok(None),
         }
     }
+    // The greet pause collected anything sent early; without one, look now.
+    if !paused && early.is_empty() && !collect_waiting(client, early).await {
+        return Ok(None);
+    }
+    if proxy_header_unasked(early) {
+        return Err(untrusted_header(shared));
+    }
     Ok(Some(permit))
+}
+
+/// True when a client (never a trusted proxy: its header is consumed) sent
+/// what is, or may yet become, a PROXY header. Honest SMTP clients wait for
+/// the greeting, so any early bytes are suspect already: refusing a prefix
+/// costs them nothing, and catches a v2 signature cut after its `\r\n`.
+fn proxy_header_unasked(early: &[u8]) -> bool {
+    !early.is_empty() && proxy_protocol::sniff(early) != Sniff::NotHeader
+}
+
+/// Refuses a PROXY header from a peer that is not a trusted proxy, at the
+/// door, before a receiver connection is spent on it. Shadow mode does not
+/// let it through: it would only reach the receiver as junk.
+fn untrusted_header(shared: &Shared) -> Refusal {
+    shared.metrics.refused(Refusal::ProxyUntrusted);
+    Refusal::ProxyUntrusted
+}
+
+/// Collects what the client has already sent, without waiting for more.
+/// The yield lets the runtime notice bytes already waiting on a socket
+/// just accepted. False when the client has left.
+async fn collect_waiting<C: AsyncRead + Unpin>(client: &mut C, early: &mut Vec<u8>) -> bool {
+    tokio::task::yield_now().await;
+    // A zero timeout polls the read exactly once.
+    match tokio::time::timeout(Duration::ZERO, io::read_into(client, early)).await {
+        Err(_) | Ok(Ok(1..)) => true,
+        Ok(Ok(0)) | Ok(Err(_)) => false,
+    }
+}
+
+/// Why a trusted proxy's connection carried no usable PROXY header.
+#[derive(Debug)]
+enum HeaderError {
+    /// Closed without sending a byte (a plain TCP health check).
+    Silent,
+    Bad(String),
+}
+
+impl std::fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderError::Silent => f.write_str("connection closed before the PROXY header"),
+            HeaderError::Bad(why) => f.write_str(why),
+        }
+    }
 }
 
 /// Reads a PROXY header; leftover bytes stay in `early`. `Ok(None)` for a
@@ -180,7 +261,7 @@ async fn read_proxy_header<C: AsyncRead + Unpin>(
     client: &mut C,
     early: &mut Vec<u8>,
     within: Duration,
-) -> Result<Option<SocketAddr>, String> {
+) -> Result<Option<SocketAddr>, HeaderError> {
     let parse = async {
         loop {
             match proxy_protocol::parse_inbound(early) {
@@ -192,18 +273,23 @@ async fn read_proxy_header<C: AsyncRead + Unpin>(
                     early.drain(..len);
                     return Ok(None);
                 }
-                Inbound::Malformed(why) => return Err(why),
+                Inbound::Malformed(why) => return Err(HeaderError::Bad(why)),
                 Inbound::Incomplete => match io::read_into(client, early).await {
-                    Ok(0) => return Err("connection closed before the PROXY header".into()),
+                    Ok(0) if early.is_empty() => return Err(HeaderError::Silent),
+                    Ok(0) => {
+                        return Err(HeaderError::Bad(
+                            "connection closed in the PROXY header".into(),
+                        ))
+                    }
                     Ok(_) => {}
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(HeaderError::Bad(e.to_string())),
                 },
             }
         }
     };
     tokio::time::timeout(within, parse)
         .await
-        .unwrap_or_else(|_| Err("no PROXY header in time".into()))
+        .unwrap_or_else(|_| Err(HeaderError::Bad("no PROXY header in time".into())))
 }
 
 async fn connect_and_relay<C>(
@@ -232,7 +318,9 @@ where
             let registration = shared.registry.register(ip, &shared.abort);
             // A list swapped in since admission has not seen this session.
             let lists = shared.blocklist.load();
+            // A proxy's health check passes a listed proxy address (see `admit`).
             if config.blocklist.kill_on_block
+                && !peer.proxy_check
                 && !config.server.shadow
                 && lists.is_blocked(ip)
                 && !lists.is_allowed(ip)
@@ -287,6 +375,8 @@ async fn close_upstream(mut upstream: tokio::net::TcpStream) {
 
 /// Feeds a refusal to the ban counters: early talking and protocol abuse
 /// are their own triggers, cap and rate refusals are limit violations.
+/// A trusted proxy's own address is counted here (`/admin/top`) but
+/// `Shaping` never lets it feed a ban.
 fn record_refusal(shaping: &Shaping, ip: std::net::IpAddr, refusal: Refusal) {
     shaping.refused(ip);
     match refusal {

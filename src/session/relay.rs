@@ -23,6 +23,7 @@ use crate::admission::Refusal;
 use crate::bans::BanEvent;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::proxy_protocol::{self, Sniff};
 use crate::shaping::{Limit, Shaping};
 use crate::smtp::{Command, DataEvent, DataScanner, Reply, ReplyAssembler, Verb};
 
@@ -356,6 +357,7 @@ where
         // its end, however slowly the bytes in between trickle.
         let partial_line = matches!(self.phase, Phase::Command | Phase::SaslResponse)
             && (self.discarding_line
+                || self.proxy_header_undecided()
                 || (!self.client_in.is_empty() && !self.client_in.contains(&b'\n')));
         if partial_line {
             self.line_started.get_or_insert_with(Instant::now);
@@ -366,7 +368,10 @@ where
 
     /// Handles one complete line if there is one; false when it must wait.
     fn take_line(&mut self) -> bool {
-        if self.awaiting_sync_reply || self.pending.len() >= MAX_PIPELINE {
+        if self.awaiting_sync_reply
+            || self.pending.len() >= MAX_PIPELINE
+            || self.proxy_header_undecided()
+        {
             return false;
         }
         let max = self.config.limits.max_line_length;
@@ -433,8 +438,19 @@ where
         self.answer(reply, close);
     }
 
+    /// The first bytes might still be a PROXY header arriving in pieces
+    /// (the door catches those already there): held, under the line
+    /// timeout, until they can be told apart. The v2 signature begins with
+    /// two bare `\r\n` that would otherwise reach the receiver as lines.
+    fn proxy_header_undecided(&self) -> bool {
+        self.facts.commands == 0
+            && matches!(self.phase, Phase::Command)
+            && !self.client_in.is_empty()
+            && proxy_protocol::sniff(&self.client_in) == Sniff::Undecided
+    }
+
     fn command(&mut self, end: usize) {
-        if self.facts.commands == 0 && crate::proxy_protocol::looks_like_header(&self.client_in) {
+        if self.facts.commands == 0 && proxy_protocol::looks_like_header(&self.client_in) {
             // Only trusted proxies may say who the client is; anyone else
             // could spoof its way past every per-IP rule.
             let refusal = Refusal::ProxyUntrusted;
@@ -809,6 +825,46 @@ mod tests {
             self.upstream.write_all(reply).await.unwrap();
             expect_bytes(&mut self.client, reply).await;
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn proxy_v2_signature_split_after_its_first_line_is_held_and_refused() {
+        let header = crate::proxy_protocol::encode(
+            crate::config::ProxyProtocol::V2,
+            "203.0.113.9:4000".parse().unwrap(),
+            "192.0.2.25:25".parse().unwrap(),
+        );
+        let (reason, errors) = relay_with(|mut p| async move {
+            p.greet().await;
+            p.client.write_all(&header[..2]).await.unwrap();
+            // Paused time advances only once the relay has done all it can
+            // with the first segment.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            p.client.write_all(&header[2..]).await.unwrap();
+            let reply = text(&rest(&mut p.client).await);
+            assert!(reply.starts_with("554 5.7.1 "), "{reply:?}");
+            assert_eq!(
+                text(&rest(&mut p.upstream).await),
+                "",
+                "part of the header reached the receiver"
+            );
+        })
+        .await;
+        assert_eq!(reason, CloseReason::ProtocolError);
+        assert_eq!(errors, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_blank_first_line_is_held_only_until_the_line_timeout() {
+        let (reason, _) = relay_with(|mut p| async move {
+            p.greet().await;
+            p.client.write_all(b"\r\n").await.unwrap();
+            let reply = text(&rest(&mut p.client).await);
+            assert!(reply.starts_with("421 4.4.2 "), "{reply:?}");
+            assert_eq!(text(&rest(&mut p.upstream).await), "");
+        })
+        .await;
+        assert_eq!(reason, CloseReason::LineTimeout);
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,6 +6,7 @@ mod bans;
 mod blocklist;
 mod cli;
 mod clients;
+mod door;
 mod fuzz_corpus;
 mod harness;
 mod lists;
