@@ -11,7 +11,7 @@
 //! that serves sockets.
 //!
 //! Durability: an automatic ban reaches `autoban.state` with its batch,
-//! within [`APPLY_EVERY`] (plus the write). A manual change through the
+//! within [`APPLY_EVERY`] plus the time of one rebuild and write. A manual change through the
 //! admin API is written before it is acknowledged ([`Bans::save`]); every
 //! write is temp file, fsync, rename, fsync of the directory.
 //!
@@ -83,7 +83,8 @@ impl BanEvent {
 pub struct Ban {
     /// Unix seconds.
     pub until: u64,
-    pub reason: String,
+    /// Shared, so a snapshot of every ban is cheap to take under the lock.
+    pub reason: Arc<str>,
 }
 
 /// Why a ban was refused; the text names the config key to change.
@@ -189,18 +190,26 @@ impl Table {
         self.by_expiry.first().map(|&(until, _)| until)
     }
 
-    /// The bans in force in the blocklist text format.
-    fn export(&self, now: u64) -> String {
-        let mut text = String::from(
-            "# mailmoat automatic bans: IP or CIDR, then until=<unix time> reason=<trigger>\n",
-        );
-        for (net, ban) in &self.by_net {
-            if ban.until > now {
-                let _ = writeln!(text, "{net} # until={} reason={}", ban.until, ban.reason);
-            }
-        }
-        text
+    /// The bans in force, copied cheaply so they are formatted after the
+    /// lock is released.
+    fn snapshot(&self, now: u64) -> Vec<(IpNet, Ban)> {
+        self.by_net
+            .iter()
+            .filter(|(_, ban)| ban.until > now)
+            .map(|(net, ban)| (*net, ban.clone()))
+            .collect()
     }
+}
+
+/// Bans in the blocklist text format, expiry and reason in comments.
+fn export_text(bans: &[(IpNet, Ban)]) -> String {
+    let mut text = String::from(
+        "# mailmoat automatic bans: IP or CIDR, then until=<unix time> reason=<trigger>\n",
+    );
+    for (net, ban) in bans {
+        let _ = writeln!(text, "{net} # until={} reason={}", ban.until, ban.reason);
+    }
+    text
 }
 
 /// What `autoban.state` on disk holds, and whether it may be written.
@@ -266,12 +275,13 @@ fn time_until(until: u64) -> Duration {
 }
 
 /// A reason as it may appear in the state file and the logs.
-fn clean_reason(reason: &str) -> String {
-    reason
+fn clean_reason(reason: &str) -> Arc<str> {
+    let clean: String = reason
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
         .take(40)
-        .collect()
+        .collect();
+    clean.into()
 }
 
 /// The state file's bytes; `None` when there is none.
@@ -445,7 +455,7 @@ impl Bans {
         if until <= now {
             return Ok(None);
         }
-        let reason = field("reason").map_or_else(|| "loaded".into(), clean_reason);
+        let reason = field("reason").map_or_else(|| Arc::from("loaded"), clean_reason);
         Ok(Some((net, Ban { until, reason })))
     }
 
@@ -571,7 +581,8 @@ impl Bans {
 
     /// The bans in the blocklist text format, expiry and reason in comments.
     pub fn export(&self) -> String {
-        lock(&self.table).export(unix_now())
+        let bans = lock(&self.table).snapshot(unix_now());
+        export_text(&bans)
     }
 
     /// Writes the bans to `autoban.state` now, off the runtime, and returns
@@ -652,14 +663,14 @@ impl Bans {
         if let Some(refused) = &disk.refused {
             return Err(std::io::Error::other(refused.clone()));
         }
-        let (text, changes) = {
+        let (bans, changes) = {
             let table = lock(&self.table);
-            (table.export(unix_now()), table.changes)
+            if disk.written.is_some_and(|written| written >= table.changes) {
+                return Ok(());
+            }
+            (table.snapshot(unix_now()), table.changes)
         };
-        if disk.written.is_some_and(|written| written >= changes) {
-            return Ok(());
-        }
-        crate::blocklist::api::persist(path, &text)?;
+        crate::blocklist::api::persist(path, &export_text(&bans))?;
         disk.written = Some(changes);
         Ok(())
     }
