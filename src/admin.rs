@@ -18,6 +18,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::bans::Saved;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::session::Shared;
@@ -138,6 +139,8 @@ struct BanQuery {
     ttl: Option<String>,
 }
 
+/// Bans `ip=` for `ttl=` (default `autoban.ttl`). A 200 means the ban is
+/// in `autoban.state` on disk (or says that there is none to keep it).
 async fn add_ban(
     State(state): State<Arc<AdminState>>,
     headers: HeaderMap,
@@ -150,11 +153,30 @@ async fn add_ban(
     let ttl = match q.ttl.as_deref().map(crate::config::units::parse_duration) {
         None => state.config.autoban.ttl,
         Some(Ok(ttl)) => ttl,
-        Some(Err(e)) => return (StatusCode::BAD_REQUEST, format!("ttl=: {e}\n")),
+        Some(Err(e)) => {
+            let max = humantime::format_duration(state.config.autoban.max_ttl);
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("ttl=: {e} (the longest ban is autoban.max_ttl = {max})\n"),
+            );
+        }
     };
-    state.shared.shaping.bans().ban(net, ttl, "manual");
+    let bans = state.shared.shaping.bans();
+    if let Err(e) = bans.ban(net, ttl, "manual") {
+        return (StatusCode::BAD_REQUEST, format!("{e}\n"));
+    }
     let ttl = humantime::format_duration(ttl);
-    (StatusCode::OK, format!("banned {net} for {ttl}\n"))
+    match bans.save().await {
+        Ok(Saved::OnDisk) => (
+            StatusCode::OK,
+            format!("banned {net} for {ttl}; saved to autoban.state\n"),
+        ),
+        Ok(Saved::NotConfigured) => (
+            StatusCode::OK,
+            format!("banned {net} for {ttl}; not saved: autoban.state is not set, so the ban is lost at restart\n"),
+        ),
+        Err(e) => not_saved(&format!("banned {net} for {ttl}"), &e),
+    }
 }
 
 async fn lift_ban(
@@ -166,11 +188,23 @@ async fn lift_ban(
         Ok(net) => net,
         Err(refused) => return refused,
     };
-    if state.shared.shaping.bans().lift(net) {
-        (StatusCode::OK, format!("lifted {net}\n"))
-    } else {
-        (StatusCode::NOT_FOUND, format!("no ban for {net}\n"))
+    let bans = state.shared.shaping.bans();
+    if !bans.lift(net) {
+        return (StatusCode::NOT_FOUND, format!("no ban for {net}\n"));
     }
+    match bans.save().await {
+        Ok(_) => (StatusCode::OK, format!("lifted {net}\n")),
+        Err(e) => not_saved(&format!("lifted {net}"), &e),
+    }
+}
+
+/// A change in force but not on disk is not acknowledged as done.
+fn not_saved(done: &str, error: &std::io::Error) -> (StatusCode, String) {
+    tracing::error!(error = %error, "cannot persist bans (autoban.state)");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("{done} in memory, but saving autoban.state failed ({error}): the change is lost at restart\n"),
+    )
 }
 
 /// The network a ban mutation names, once the caller is authorized.

@@ -6,13 +6,35 @@
 //! persisted in the blocklist text format (expiry in the comment) and
 //! reloaded at start with their remaining time, and exported the same way.
 //! A batch of new bans is applied at most every [`APPLY_EVERY`], so a brute
-//! force from many IPs rebuilds the lists a few times a second, not per ban.
+//! force from many IPs rebuilds the lists a few times a second, not per ban;
+//! the rebuild and the save run on the blocking pool, never on a worker
+//! that serves sockets.
+//!
+//! Durability: an automatic ban reaches `autoban.state` with its batch,
+//! within [`APPLY_EVERY`] plus the time of one rebuild and write. A manual change through the
+//! admin API is written before it is acknowledged ([`Bans::save`]); every
+//! write is temp file, fsync, rename, fsync of the directory.
+//!
+//! Bounds: a ban lasts at most `autoban.max_ttl` (a longer request is
+//! refused, a longer expiry in the state file is cut to it), covers no
+//! prefix wider than `autoban.min_prefix_v4`/`_v6`, and at most
+//! `autoban.max_bans` are kept (a new one evicts the ban soonest to
+//! expire). Every expiry is computed with saturating arithmetic, so no
+//! value from a request, the config or the state file can overflow a
+//! timer.
+//!
+//! A state file that cannot be fully read (a line not UTF-8, not an IP or
+//! CIDR, too wide, a bad `until=`) is never silently overwritten: its bad
+//! lines are reported, the good ones loaded, and the file as it was is
+//! renamed `<state>.bad-<unix time>` before the good bans are saved in its
+//! place. If it cannot be moved aside, nothing is ever written over it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::io::Read as _;
 use std::net::IpAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -26,6 +48,16 @@ use crate::config::AutobanSettings;
 use crate::metrics::Metrics;
 
 pub const APPLY_EVERY: Duration = Duration::from_millis(200);
+
+/// Longest sleep of the maintenance task when no ban is due to expire.
+const IDLE_WAKE: Duration = Duration::from_secs(3600);
+
+/// Largest state file read: `max_bans` lines are far smaller; anything
+/// bigger is not a file mailmoat wrote.
+const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Bad state-file lines logged one by one; the rest are only counted.
+const MAX_REPORTED_LINES: usize = 10;
 
 /// What can earn a ban.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,7 +83,39 @@ impl BanEvent {
 pub struct Ban {
     /// Unix seconds.
     pub until: u64,
-    pub reason: String,
+    /// Shared, so a snapshot of every ban is cheap to take under the lock.
+    pub reason: Arc<str>,
+}
+
+/// Why a ban was refused; the text names the config key to change.
+#[derive(Debug, thiserror::Error)]
+pub enum BanError {
+    #[error("{net} is wider than /{min} ({key}): refusing to ban that many addresses; ban a narrower prefix, list it in a blocklist file, or lower {key}")]
+    TooWide {
+        net: IpNet,
+        key: &'static str,
+        min: u8,
+    },
+    #[error("a ban of {ttl} is longer than autoban.max_ttl ({max}); ask for a shorter one or raise autoban.max_ttl")]
+    TooLong { ttl: String, max: String },
+}
+
+/// What a ban request changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Banned {
+    New,
+    /// Already banned; now until the later expiry.
+    Extended,
+    /// Already banned at least that long.
+    Unchanged,
+}
+
+/// Where an acknowledged change is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Saved {
+    OnDisk,
+    /// No `autoban.state`: in memory only, lost at restart.
+    NotConfigured,
 }
 
 /// Events of one IP in the current fixed window.
@@ -61,13 +125,115 @@ struct Window {
     counts: [u32; 4],
 }
 
+/// The bans, by network and by expiry (so expiring, finding the next
+/// expiry and evicting the soonest are logarithmic, not a scan).
+#[derive(Default)]
+struct Table {
+    by_net: BTreeMap<IpNet, Ban>,
+    by_expiry: BTreeSet<(u64, IpNet)>,
+    /// Bumped by every change; compared with what is on disk.
+    changes: u64,
+    /// Bumped when the set of networks changes; compared with the lists.
+    net_changes: u64,
+}
+
+impl Table {
+    /// Adds or extends a ban; at `cap`, evicts the bans soonest to expire.
+    /// Returns what changed and how many were evicted.
+    fn insert(&mut self, net: IpNet, ban: Ban, cap: usize, now: u64) -> (Banned, usize) {
+        if let Some(old) = self.by_net.get_mut(&net) {
+            if old.until > now {
+                if ban.until <= old.until {
+                    return (Banned::Unchanged, 0);
+                }
+                self.by_expiry.remove(&(old.until, net));
+                old.until = ban.until;
+                self.by_expiry.insert((ban.until, net));
+                self.changes += 1;
+                return (Banned::Extended, 0);
+            }
+            self.remove(net);
+        }
+        let mut evicted = 0;
+        while self.by_net.len() >= cap {
+            let Some(&(_, soonest)) = self.by_expiry.first() else {
+                break;
+            };
+            self.remove(soonest);
+            evicted += 1;
+        }
+        self.by_expiry.insert((ban.until, net));
+        self.by_net.insert(net, ban);
+        self.changes += 1;
+        self.net_changes += 1;
+        (Banned::New, evicted)
+    }
+
+    fn remove(&mut self, net: IpNet) -> Option<Ban> {
+        let ban = self.by_net.remove(&net)?;
+        self.by_expiry.remove(&(ban.until, net));
+        self.changes += 1;
+        self.net_changes += 1;
+        Some(ban)
+    }
+
+    fn expire(&mut self, now: u64) {
+        while let Some(&(until, net)) = self.by_expiry.first() {
+            if until > now {
+                break;
+            }
+            self.remove(net);
+        }
+    }
+
+    fn next_expiry(&self) -> Option<u64> {
+        self.by_expiry.first().map(|&(until, _)| until)
+    }
+
+    /// The bans in force, copied cheaply so they are formatted after the
+    /// lock is released.
+    fn snapshot(&self, now: u64) -> Vec<(IpNet, Ban)> {
+        self.by_net
+            .iter()
+            .filter(|(_, ban)| ban.until > now)
+            .map(|(net, ban)| (*net, ban.clone()))
+            .collect()
+    }
+}
+
+/// Bans in the blocklist text format, expiry and reason in comments.
+fn export_text(bans: &[(IpNet, Ban)]) -> String {
+    let mut text = String::from(
+        "# mailmoat automatic bans: IP or CIDR, then until=<unix time> reason=<trigger>\n",
+    );
+    for (net, ban) in bans {
+        let _ = writeln!(text, "{net} # until={} reason={}", ban.until, ban.reason);
+    }
+    text
+}
+
+/// What `autoban.state` on disk holds, and whether it may be written.
+#[derive(Default)]
+struct Disk {
+    /// The `Table::changes` last written.
+    written: Option<u64>,
+    /// Why the file must not be overwritten (it failed to load and could
+    /// not be moved aside).
+    refused: Option<String>,
+}
+
 pub struct Bans {
     settings: AutobanSettings,
     shadow: bool,
     max_tracked: usize,
     events: DashMap<IpAddr, Window>,
-    bans: Mutex<BTreeMap<IpNet, Ban>>,
+    table: Mutex<Table>,
     dirty: Notify,
+    /// The `Table::net_changes` last pushed to the lists; held while
+    /// pushing, so an older set never replaces a newer one.
+    applied: Mutex<Option<u64>>,
+    /// Held while writing, so an older state never replaces a newer one.
+    disk: Mutex<Disk>,
     sources: Arc<Sources>,
     metrics: Arc<Metrics>,
 }
@@ -79,27 +245,69 @@ pub fn source() -> Source {
     }
 }
 
-fn unix_now() -> u64 {
+/// A poisoned lock still guards consistent data here (no code panics
+/// half-way through a change), so bans keep working after a panic elsewhere.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn since_epoch() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn unix_now() -> u64 {
+    since_epoch().as_secs()
 }
 
 /// The whole Unix second by which `ttl` from now has passed: a ban lasts
 /// at least its TTL, never up to a second less.
 fn unix_after(ttl: Duration) -> u64 {
-    let at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        + ttl;
-    at.as_secs() + u64::from(at.subsec_nanos() > 0)
+    let at = since_epoch().saturating_add(ttl);
+    at.as_secs()
+        .saturating_add(u64::from(at.subsec_nanos() > 0))
 }
 
 /// Time left until the Unix second `until`.
 fn time_until(until: u64) -> Duration {
-    (UNIX_EPOCH + Duration::from_secs(until))
-        .duration_since(SystemTime::now())
-        .unwrap_or_default()
+    Duration::from_secs(until).saturating_sub(since_epoch())
+}
+
+/// A reason as it may appear in the state file and the logs.
+fn clean_reason(reason: &str) -> Arc<str> {
+    let clean: String = reason
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(40)
+        .collect();
+    clean.into()
+}
+
+/// The state file's bytes; `None` when there is none.
+fn read_state(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_STATE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_STATE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_STATE_BYTES} bytes"
+        )));
+    }
+    Ok(Some(bytes))
+}
+
+/// What loading a state file found.
+#[derive(Default)]
+struct Loaded {
+    bans: usize,
+    bad: usize,
+    clamped: usize,
+    evicted: usize,
 }
 
 impl Bans {
@@ -116,8 +324,10 @@ impl Bans {
             shadow,
             max_tracked,
             events: DashMap::new(),
-            bans: Mutex::new(BTreeMap::new()),
+            table: Mutex::new(Table::default()),
             dirty: Notify::new(),
+            applied: Mutex::new(None),
+            disk: Mutex::new(Disk::default()),
             sources,
             metrics,
         };
@@ -125,21 +335,128 @@ impl Bans {
         bans
     }
 
-    /// Loads the bans persisted in `autoban.state`, if any.
+    /// Loads the bans persisted in `autoban.state`, if any, and puts them
+    /// in force before the first client is accepted (not at the first
+    /// maintenance pass: a restart must not let a banned client in).
     fn restore(&self) {
-        let Some(path) = &self.settings.state else {
+        let Some(path) = self.settings.state.clone() else {
             return;
         };
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let n = self.load(&text);
-                tracing::info!(bans = n, path = %path.display(), "bans restored");
+        let problem = match read_state(&path) {
+            Ok(None) => return,
+            Ok(Some(bytes)) => {
+                let loaded = self.load(&bytes, &path);
+                tracing::info!(bans = loaded.bans, path = %path.display(), "bans restored");
+                if loaded.clamped > 0 {
+                    tracing::warn!(path = %path.display(), bans = loaded.clamped, max_ttl = %humantime::format_duration(self.settings.max_ttl), "autoban.state: expiries beyond autoban.max_ttl were cut to it");
+                }
+                if loaded.evicted > 0 {
+                    tracing::warn!(path = %path.display(), evicted = loaded.evicted, "autoban.state holds more than autoban.max_bans bans; kept those that expire last");
+                }
+                (loaded.bad > 0).then(|| format!("{} lines could not be read", loaded.bad))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => Some(format!("cannot read it: {e}")),
+        };
+        self.apply(None);
+        if let Some(problem) = problem {
+            self.set_aside(&path, &problem);
+        }
+    }
+
+    /// Keeps a state file that failed to load for the operator, renamed
+    /// `<state>.bad-<unix time>`, and saves the bans that were read in its
+    /// place; if it cannot be moved, refuses to ever write over it.
+    fn set_aside(&self, path: &Path, problem: &str) {
+        let mut name = path
+            .file_name()
+            .map(std::ffi::OsString::from)
+            .unwrap_or_else(|| "autoban-state".into());
+        name.push(format!(".bad-{}", unix_now()));
+        let aside = path.with_file_name(name);
+        match std::fs::rename(path, &aside) {
+            Ok(()) => {
+                tracing::warn!(path = %path.display(), kept = %aside.display(), "autoban.state: {problem}; the file as it was is kept aside and the bans that could be read are saved in its place");
+                if let Err(e) = self.write_state(path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot persist bans (autoban.state)");
+                }
+            }
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read autoban.state")
+                let refused = format!(
+                    "{} failed to load ({problem}) and cannot be moved aside ({e}); it is not overwritten: move it away and restart mailmoat",
+                    path.display()
+                );
+                tracing::error!("autoban.state: {refused}");
+                lock(&self.disk).refused = Some(refused);
             }
         }
+    }
+
+    /// Parses a state file line by line: a bad line is reported and
+    /// skipped, never the whole file. A line without `until=` gets a full
+    /// TTL (an operator's hand-written list).
+    fn load(&self, bytes: &[u8], path: &Path) -> Loaded {
+        let now = unix_now();
+        let latest = unix_after(self.settings.max_ttl);
+        let default_until = unix_after(self.settings.ttl);
+        let mut loaded = Loaded::default();
+        let mut table = lock(&self.table);
+        for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+            let parsed = std::str::from_utf8(raw)
+                .map_err(|_| "not UTF-8".to_string())
+                .and_then(|line| self.parse_line(line, now, default_until));
+            match parsed {
+                Ok(Some((net, mut ban))) => {
+                    if ban.until > latest {
+                        ban.until = latest;
+                        loaded.clamped += 1;
+                    }
+                    loaded.evicted += table.insert(net, ban, self.settings.max_bans, now).1;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    loaded.bad += 1;
+                    if loaded.bad <= MAX_REPORTED_LINES {
+                        let text: String = String::from_utf8_lossy(raw).chars().take(80).collect();
+                        tracing::warn!(path = %path.display(), line = i + 1, text = ?text, "autoban.state: skipped a line: {error}");
+                    }
+                }
+            }
+        }
+        loaded.bans = table.by_net.len();
+        drop(table);
+        self.metrics.bans_evicted.inc_by(loaded.evicted as u64);
+        loaded
+    }
+
+    /// One state-file line: `None` for blanks, comments and expired bans.
+    fn parse_line(
+        &self,
+        line: &str,
+        now: u64,
+        default_until: u64,
+    ) -> Result<Option<(IpNet, Ban)>, String> {
+        let (entry, comment) = line.split_once('#').unwrap_or((line, ""));
+        if entry.trim().is_empty() {
+            return Ok(None);
+        }
+        let net = parse_net(entry)?;
+        self.check_prefix(net).map_err(|e| e.to_string())?;
+        let field = |key: &str| {
+            comment
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        };
+        let until = match field("until") {
+            None => default_until,
+            Some(u) => u
+                .parse()
+                .map_err(|_| format!("until={u:?} is not a Unix time"))?,
+        };
+        if until <= now {
+            return Ok(None);
+        }
+        let reason = field("reason").map_or_else(|| Arc::from("loaded"), clean_reason);
+        Ok(Some((net, Ban { until, reason })))
     }
 
     fn threshold(&self, event: BanEvent) -> u32 {
@@ -163,7 +480,7 @@ impl Bans {
         if self.events.len() >= self.max_tracked && !self.events.contains_key(&ip) {
             return false;
         }
-        let count = {
+        let reached = {
             let mut w = self.events.entry(ip).or_insert(Window {
                 started: now,
                 counts: [0; 4],
@@ -174,47 +491,79 @@ impl Bans {
                     counts: [0; 4],
                 };
             }
-            w.counts[event as usize] += 1;
-            w.counts[event as usize]
+            let count = &mut w.counts[event as usize];
+            *count = count.saturating_add(1);
+            // Start over under the entry's lock: of events racing past the
+            // trigger, exactly one bans (one ban, one log line).
+            let reached = *count >= threshold;
+            if reached {
+                *w = Window {
+                    started: now,
+                    counts: [0; 4],
+                };
+            }
+            reached
         };
-        if count < threshold {
+        if !reached {
             return false;
         }
         if self.shadow {
             tracing::info!(client = %ip, trigger = event.as_str(), "shadow: would ban");
             return false;
         }
-        self.events.remove(&ip);
-        self.ban(IpNet::from(ip), self.settings.ttl, event.as_str());
-        true
+        matches!(
+            self.ban(IpNet::from(ip), self.settings.ttl, event.as_str()),
+            Ok(Banned::New)
+        )
+    }
+
+    fn check_prefix(&self, net: IpNet) -> Result<(), BanError> {
+        let (min, key) = match net {
+            IpNet::V4(_) => (self.settings.min_prefix_v4, "autoban.min_prefix_v4"),
+            IpNet::V6(_) => (self.settings.min_prefix_v6, "autoban.min_prefix_v6"),
+        };
+        if net.prefix_len() < min {
+            return Err(BanError::TooWide { net, key, min });
+        }
+        Ok(())
     }
 
     /// Bans `net` for `ttl`; applied to the lists within [`APPLY_EVERY`].
-    pub fn ban(&self, net: IpNet, ttl: Duration, reason: &str) {
+    /// A net already banned is extended silently (it was logged once).
+    pub fn ban(&self, net: IpNet, ttl: Duration, reason: &str) -> Result<Banned, BanError> {
+        let net = net.trunc();
+        self.check_prefix(net)?;
+        if ttl > self.settings.max_ttl {
+            return Err(BanError::TooLong {
+                ttl: humantime::format_duration(ttl).to_string(),
+                max: humantime::format_duration(self.settings.max_ttl).to_string(),
+            });
+        }
+        let reason = clean_reason(reason);
         let ban = Ban {
             until: unix_after(ttl.max(Duration::from_secs(1))),
-            reason: reason
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .take(40)
-                .collect(),
+            reason: reason.clone(),
         };
-        tracing::warn!(net = %net, reason = %ban.reason, ttl = ?ttl, "banned");
-        self.bans
-            .lock()
-            .expect("bans lock")
-            .insert(net.trunc(), ban);
+        let (banned, evicted) =
+            lock(&self.table).insert(net, ban, self.settings.max_bans, unix_now());
+        match banned {
+            Banned::New if evicted > 0 => {
+                self.metrics.bans_evicted.inc_by(evicted as u64);
+                tracing::warn!(net = %net, reason = %reason, ttl = ?ttl, evicted, "banned (autoban.max_bans reached: evicted the bans soonest to expire)");
+            }
+            Banned::New => tracing::warn!(net = %net, reason = %reason, ttl = ?ttl, "banned"),
+            Banned::Extended => {
+                tracing::debug!(net = %net, reason = %reason, ttl = ?ttl, "ban extended")
+            }
+            Banned::Unchanged => return Ok(banned),
+        }
         self.dirty.notify_one();
+        Ok(banned)
     }
 
     /// Lifts a ban; false when there was none.
     pub fn lift(&self, net: IpNet) -> bool {
-        let lifted = self
-            .bans
-            .lock()
-            .expect("bans lock")
-            .remove(&net.trunc())
-            .is_some();
+        let lifted = lock(&self.table).remove(net.trunc()).is_some();
         if lifted {
             tracing::info!(net = %net, "ban lifted");
             self.dirty.notify_one();
@@ -224,67 +573,45 @@ impl Bans {
 
     pub fn is_banned(&self, ip: IpAddr) -> bool {
         let now = unix_now();
-        self.bans
-            .lock()
-            .expect("bans lock")
+        lock(&self.table)
+            .by_net
             .iter()
             .any(|(net, ban)| ban.until > now && net.contains(&ip))
     }
 
     /// The bans in the blocklist text format, expiry and reason in comments.
     pub fn export(&self) -> String {
-        let now = unix_now();
-        let mut text = String::from(
-            "# mailmoat automatic bans: IP or CIDR, then until=<unix time> reason=<trigger>\n",
-        );
-        for (net, ban) in self.bans.lock().expect("bans lock").iter() {
-            if ban.until > now {
-                let _ = writeln!(text, "{net} # until={} reason={}", ban.until, ban.reason);
-            }
-        }
-        text
+        let bans = lock(&self.table).snapshot(unix_now());
+        export_text(&bans)
     }
 
-    /// Loads persisted bans, keeping those not yet expired. A line without
-    /// `until=` gets a full TTL (an operator's hand-written list).
-    pub fn load(&self, text: &str) -> usize {
-        let now = unix_now();
-        let mut bans = self.bans.lock().expect("bans lock");
-        for line in text.lines() {
-            let (entry, comment) = line.split_once('#').unwrap_or((line, ""));
-            let Ok(net) = parse_net(entry) else {
-                continue;
-            };
-            let field = |key: &str| {
-                comment
-                    .split_whitespace()
-                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-                    .map(str::to_string)
-            };
-            let until = field("until")
-                .and_then(|u| u.parse().ok())
-                .unwrap_or(now + self.settings.ttl.as_secs());
-            if until > now {
-                let reason = field("reason").unwrap_or_else(|| "loaded".into());
-                bans.insert(net, Ban { until, reason });
-            }
-        }
-        let n = bans.len();
-        drop(bans);
-        // In force before the first client is accepted, not at the first
-        // maintenance pass: a restart must not let a banned client in.
-        self.apply(None);
-        self.dirty.notify_one();
-        n
+    /// Writes the bans to `autoban.state` now, off the runtime, and returns
+    /// once they are on disk: what the admin API waits for before it
+    /// acknowledges a change.
+    pub async fn save(self: &Arc<Self>) -> std::io::Result<Saved> {
+        let Some(path) = self.settings.state.clone() else {
+            return Ok(Saved::NotConfigured);
+        };
+        let bans = self.clone();
+        tokio::task::spawn_blocking(move || bans.write_state(&path))
+            .await
+            .map_err(std::io::Error::other)??;
+        Ok(Saved::OnDisk)
     }
 
     /// Applies bans to the lists and persists them whenever they change,
     /// and expires them on time. Run as a task.
     pub async fn maintain(self: Arc<Self>, state: Option<PathBuf>) {
         loop {
-            let next_expiry = self.apply(state.as_deref());
-            let wait = next_expiry.map_or(Duration::from_secs(3600), |at| {
-                time_until(at).max(Duration::from_millis(100))
+            let (bans, path) = (self.clone(), state.clone());
+            let next_expiry = tokio::task::spawn_blocking(move || bans.apply(path.as_deref()))
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "applying bans failed; retrying");
+                    Some(unix_now().saturating_add(1))
+                });
+            let wait = next_expiry.map_or(IDLE_WAKE, |at| {
+                time_until(at).clamp(Duration::from_millis(100), IDLE_WAKE)
             });
             tokio::select! {
                 () = self.dirty.notified() => {}
@@ -294,29 +621,58 @@ impl Bans {
         }
     }
 
-    /// Applies and persists the bans now (at shutdown).
-    pub fn save_now(&self, state: Option<&std::path::Path>) {
+    /// Applies and persists the bans now. Blocks (rebuild, fsync): for the
+    /// end of shutdown, when no task is left on the runtime to hold up.
+    pub fn save_now(&self, state: Option<&Path>) {
         self.apply(state);
     }
 
-    /// Drops expired bans, pushes the rest to the lists, writes the state
-    /// file. Returns the earliest expiry left.
-    fn apply(&self, state: Option<&std::path::Path>) -> Option<u64> {
-        let now = unix_now();
-        let (nets, next) = {
-            let mut bans = self.bans.lock().expect("bans lock");
-            bans.retain(|_, b| b.until > now);
-            let nets: Vec<IpNet> = bans.keys().copied().collect();
-            (nets, bans.values().map(|b| b.until).min())
+    /// Drops expired bans, pushes the rest to the lists when the networks
+    /// changed, writes the state file when anything changed. Returns the
+    /// earliest expiry left. Blocking work: rebuild and fsync.
+    fn apply(&self, state: Option<&Path>) -> Option<u64> {
+        let next = {
+            let mut applied = lock(&self.applied);
+            let (nets, count, next) = {
+                let mut table = lock(&self.table);
+                table.expire(unix_now());
+                let nets = (*applied != Some(table.net_changes)).then(|| {
+                    let nets: Vec<IpNet> = table.by_net.keys().copied().collect();
+                    (nets, table.net_changes)
+                });
+                (nets, table.by_net.len(), table.next_expiry())
+            };
+            self.metrics.active_bans.set(count as i64);
+            if let Some((nets, version)) = nets {
+                self.sources.update(&source(), nets, &[]);
+                *applied = Some(version);
+            }
+            next
         };
-        self.metrics.active_bans.set(nets.len() as i64);
-        self.sources.update(&source(), nets, &[]);
         if let Some(path) = state {
-            if let Err(e) = crate::blocklist::api::persist(path, &self.export()) {
+            if let Err(e) = self.write_state(path) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot persist bans (autoban.state)");
             }
         }
         next
+    }
+
+    /// Writes the bans to `path` unless it already holds this version.
+    fn write_state(&self, path: &Path) -> std::io::Result<()> {
+        let mut disk = lock(&self.disk);
+        if let Some(refused) = &disk.refused {
+            return Err(std::io::Error::other(refused.clone()));
+        }
+        let (bans, changes) = {
+            let table = lock(&self.table);
+            if disk.written.is_some_and(|written| written >= table.changes) {
+                return Ok(());
+            }
+            (table.snapshot(unix_now()), table.changes)
+        };
+        crate::blocklist::api::persist(path, &export_text(&bans))?;
+        disk.written = Some(changes);
+        Ok(())
     }
 
     /// Forgets event windows that have ended.
@@ -325,5 +681,95 @@ impl Bans {
         let window = self.settings.window;
         self.events
             .retain(|_, w| now.duration_since(w.started) < window);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::blocklist::sources::SourceMetrics;
+    use crate::config::Config;
+
+    /// Log output, shared by every thread that writes to it.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn detached_bans(settings: AutobanSettings) -> Bans {
+        let sources = Sources::new(
+            Default::default(),
+            SourceMetrics::register(&prometheus::Registry::new()),
+            Box::new(|_| {}),
+        );
+        Bans::new(
+            settings,
+            false,
+            1000,
+            Arc::new(sources),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[test]
+    fn a_flood_from_one_ip_logs_its_ban_once() {
+        let mut settings = Config::default().autoban;
+        settings.auth_failures = 3;
+        let bans = Arc::new(detached_bans(settings));
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let dispatch = tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(move || writer.clone())
+                .finish(),
+        );
+        let ip: IpAddr = "192.0.2.50".parse().unwrap();
+        // Sessions of one client race past the trigger, and keep failing
+        // after the ban until they are closed.
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (bans, dispatch) = (bans.clone(), dispatch.clone());
+                std::thread::spawn(move || {
+                    tracing::dispatcher::with_default(&dispatch, || {
+                        (0..30)
+                            .filter(|_| bans.record(ip, BanEvent::AuthFailure))
+                            .count()
+                    })
+                })
+            })
+            .collect();
+        let new_bans: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        let logs = String::from_utf8(lock(&captured.0).clone()).unwrap();
+        assert_eq!(logs.matches(" banned").count(), 1, "{logs}");
+        assert_eq!(new_bans, 1);
+        assert!(bans.is_banned(ip));
+    }
+
+    #[test]
+    fn expiries_at_the_end_of_time_do_not_overflow() {
+        assert!(time_until(u64::MAX) > Duration::from_secs(u64::MAX / 2));
+        assert_eq!(time_until(0), Duration::ZERO);
+        assert!(unix_after(Duration::MAX) >= unix_now());
+        let bans = detached_bans(Config::default().autoban);
+        let far = u64::MAX.to_string();
+        let loaded = bans.load(
+            format!("192.0.2.1 # until={far}\n").as_bytes(),
+            Path::new("t"),
+        );
+        assert_eq!((loaded.bans, loaded.clamped), (1, 1));
+        let next = bans.apply(None).expect("an expiry");
+        assert!(next <= unix_after(bans.settings.max_ttl));
     }
 }

@@ -36,6 +36,7 @@ pub struct Metrics {
     messages: IntCounterVec,
     pub auth_failures: IntCounter,
     pub active_bans: IntGauge,
+    pub bans_evicted: IntCounter,
 }
 
 impl Metrics {
@@ -181,6 +182,10 @@ impl Metrics {
             "mailmoat_active_bans",
             "Automatic and manual bans in force.",
         );
+        let bans_evicted = counter(
+            "mailmoat_bans_evicted_total",
+            "Bans dropped before their expiry because autoban.max_bans was reached.",
+        );
 
         Metrics {
             limit_hits: Limit::ALL
@@ -190,6 +195,7 @@ impl Metrics {
             messages,
             auth_failures,
             active_bans,
+            bans_evicted,
             refused: Refusal::ALL
                 .iter()
                 .map(|r| refused_vec.with_label_values(&[r.as_str()]))

@@ -167,7 +167,8 @@ fn next_wait(interval: Duration, failures: u32) -> Duration {
     backoff.mul_f64(jitter)
 }
 
-/// Writes `text` to `path` atomically: temp file, fsync, rename.
+/// Writes `text` to `path` atomically and durably: temp file, fsync,
+/// rename, fsync of the directory.
 pub fn persist(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -176,7 +177,15 @@ pub fn persist(path: &Path, text: &str) -> std::io::Result<()> {
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    // The rename is only durable once the directory entry is: without this
+    // a power loss or kill can leave the old file (or none) after a save
+    // that was reported done.
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

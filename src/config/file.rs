@@ -92,6 +92,10 @@ pub struct AutobanFile {
     pub limit_violations: Raw<Scalar>,
     pub protocol_errors: Raw<Scalar>,
     pub window: Raw<Scalar>,
+    pub max_ttl: Raw<Scalar>,
+    pub max_bans: Raw<Scalar>,
+    pub min_prefix_v4: Raw<Scalar>,
+    pub min_prefix_v6: Raw<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]

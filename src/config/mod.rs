@@ -96,6 +96,14 @@ pub struct AutobanSettings {
     pub protocol_errors: u32,
     #[serde(serialize_with = "ser_duration")]
     pub window: Duration,
+    /// The longest ban, from any source: `ttl`, the admin API, the state file.
+    #[serde(serialize_with = "ser_duration")]
+    pub max_ttl: Duration,
+    /// Bans kept at once; at the cap the ban soonest to expire is evicted.
+    pub max_bans: usize,
+    /// The widest IPv4 and IPv6 prefixes a ban may cover.
+    pub min_prefix_v4: u8,
+    pub min_prefix_v6: u8,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -248,11 +256,12 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn config(&mut self, raw: FileConfig) -> Config {
+        let ttl_span = raw.autoban.ttl.as_ref().map(|t| t.span());
         let s = raw.server;
         let u = raw.upstream;
         let l = raw.limits;
         let t = raw.timeouts;
-        Config {
+        let config = Config {
             server: ServerSettings {
                 listen: self.addrs("server.listen", s.listen, &["127.0.0.1:2525"]),
                 hostname: s
@@ -399,6 +408,25 @@ impl Validator<'_> {
                     whole,
                 ),
                 window: self.duration("autoban.window", raw.autoban.window, "10m"),
+                max_ttl: self.parse("autoban.max_ttl", raw.autoban.max_ttl, "1year", |s| {
+                    match units::parse_duration(s)? {
+                        d if d < Duration::from_secs(1) => Err("must be at least 1s".into()),
+                        d => Ok(d),
+                    }
+                }),
+                max_bans: self.count("autoban.max_bans", raw.autoban.max_bans, "100000"),
+                min_prefix_v4: self.parse(
+                    "autoban.min_prefix_v4",
+                    raw.autoban.min_prefix_v4,
+                    "16",
+                    |s| prefix_len(s, 32),
+                ),
+                min_prefix_v6: self.parse(
+                    "autoban.min_prefix_v6",
+                    raw.autoban.min_prefix_v6,
+                    "32",
+                    |s| prefix_len(s, 128),
+                ),
             },
             admin: AdminSettings {
                 token_file: raw
@@ -429,6 +457,32 @@ impl Validator<'_> {
                     .level
                     .map_or_else(|| "info".into(), |l| l.into_inner()),
             },
+        };
+        self.ban_ttl_within_max(&config.autoban, ttl_span);
+        config
+    }
+
+    /// `autoban.ttl` may not exceed `autoban.max_ttl`: every ban is bounded
+    /// by the same maximum, whoever makes it.
+    fn ban_ttl_within_max(
+        &mut self,
+        a: &AutobanSettings,
+        ttl_span: Option<std::ops::Range<usize>>,
+    ) {
+        if a.ttl <= a.max_ttl {
+            return;
+        }
+        let message = format!(
+            "{} is longer than autoban.max_ttl ({}); shorten it or raise autoban.max_ttl",
+            humantime::format_duration(a.ttl),
+            humantime::format_duration(a.max_ttl)
+        );
+        match ttl_span {
+            Some(span) => self.problem("autoban.ttl", span, &message),
+            None => self.problems.push(format!(
+                "{}: autoban.ttl (default) = {message}",
+                self.origin.display()
+            )),
         }
     }
 
@@ -622,6 +676,38 @@ mod tests {
             .to_string();
         assert!(err.contains("m.toml:2: timeouts.idle"), "{err}");
         assert!(err.contains("m.toml:3: timeouts.session"), "{err}");
+    }
+
+    #[test]
+    fn durations_that_cannot_be_added_to_now_are_config_errors() {
+        let text = "[timeouts]\nidle = \"1000000000years\"\n[autoban]\nwindow = \"18446744073709551615s\"\n";
+        let err = Config::from_toml(text, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("m.toml:2: timeouts.idle"), "{err}");
+        assert!(err.contains("m.toml:4: autoban.window"), "{err}");
+        assert!(err.contains("maximum of 100years"), "{err}");
+    }
+
+    #[test]
+    fn a_ban_ttl_beyond_max_ttl_is_a_config_error() {
+        let text = "[autoban]\nmax_ttl = \"1d\"\nttl = \"2d\"\n";
+        let err = Config::from_toml(text, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("m.toml:3: autoban.ttl"), "{err}");
+        assert!(err.contains("autoban.max_ttl"), "{err}");
+        let err = Config::from_toml("[autoban]\nmax_ttl = \"10m\"\n", Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("autoban.ttl (default)"), "{err}");
+        for bad in ["min_prefix_v4 = 0", "min_prefix_v6 = 129", "max_bans = 0"] {
+            let text = format!("[autoban]\n{bad}\n");
+            let err = Config::from_toml(&text, Path::new("m.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("m.toml:2: autoban."), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -4,13 +4,26 @@
 
 use std::time::Duration;
 
+/// The longest duration accepted anywhere (100 years of 365.25 days): any
+/// value up to it can be added to `Instant::now()` or `SystemTime::now()`
+/// without overflow, so no timer or expiry computed from a configured (or
+/// requested) duration can panic.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{e}; write a duration such as \"500ms\", \"30s\" or \"10m\""))
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{e}; write a duration such as \"500ms\", \"30s\" or \"10m\""))?;
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "longer than the maximum of {}; write a shorter duration",
+            humantime::format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(duration)
 }
 
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -93,5 +106,15 @@ mod tests {
         assert_eq!(parse_rate("1KiB/s", true).unwrap().amount, 1024);
         assert!(parse_rate("60", false).is_err());
         assert!(parse_rate("60/0s", false).is_err());
+    }
+
+    #[test]
+    fn durations_too_long_to_add_to_now_are_refused() {
+        assert_eq!(parse_duration("100years"), Ok(MAX_DURATION));
+        for text in ["101years", "10000000000000000000s", "18446744073709551615s"] {
+            let e = parse_duration(text).unwrap_err();
+            assert!(e.contains("maximum of 100years"), "{text}: {e}");
+        }
+        assert!(parse_rate("1/200years", false).is_err());
     }
 }

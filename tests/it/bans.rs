@@ -294,3 +294,271 @@ async fn admin_ban_mutations_are_forbidden_without_a_token_file() {
         "220 sink.test ESMTP ready\r\n"
     );
 }
+
+/// A proxy whose ban endpoints take the token "s3cret", with `extra`
+/// `[autoban]` keys; returns it and the directory holding the token.
+async fn proxy_with_token(sink: &mailmoat::sink::Sink, extra: &str) -> (TestProxy, TempDir) {
+    let dir = TempDir::new("ban-token");
+    let token_file = dir.write("token", "s3cret\n");
+    let toml = format!(
+        "{}[admin]\ntoken_file = {}\n",
+        autoban_toml(&[], extra),
+        quoted(&token_file)
+    );
+    (TestProxy::start(&toml, &[sink.addr()]).await, dir)
+}
+
+/// The `until=` of the exported ban of `net`.
+fn exported_until(export: &str, net: &str) -> Option<u64> {
+    export
+        .lines()
+        .find(|l| l.starts_with(&format!("{net} ")))?
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("until="))?
+        .parse()
+        .ok()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+const YEAR: u64 = 31_557_600;
+
+#[tokio::test]
+async fn a_ttl_beyond_max_ttl_is_refused_and_later_bans_are_still_enforced() {
+    let sink = sink().await;
+    let (proxy, _dir) = proxy_with_token(&sink, "").await;
+    let admin = proxy.admin.unwrap();
+
+    for ttl in ["10000000000000000000s", "18446744073709551615s", "2years"] {
+        let (status, body) = http(
+            admin,
+            "POST",
+            &format!("/admin/bans?ip=127.0.93.1&ttl={ttl}"),
+            Some("s3cret"),
+        )
+        .await;
+        assert_eq!(status, 400, "ttl={ttl}: {body}");
+        assert!(body.contains("autoban.max_ttl"), "ttl={ttl}: {body}");
+    }
+    assert_eq!(
+        door(proxy.addr, Ipv4Addr::new(127, 0, 93, 1)).await,
+        "220 sink.test ESMTP ready\r\n"
+    );
+    // The longest allowed ban is taken, and a ban after it is enforced.
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/admin/bans?ip=127.0.93.2&ttl=1year",
+        Some("s3cret"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(admin, "POST", "/admin/bans?ip=127.0.93.3", Some("s3cret")).await;
+    assert_eq!(status, 200, "{body}");
+    wait_door(proxy.addr, Ipv4Addr::new(127, 0, 93, 3), BLOCKED).await;
+    assert_eq!(
+        door(proxy.addr, Ipv4Addr::new(127, 0, 93, 2)).await,
+        BLOCKED
+    );
+    proxy.wait_metric("mailmoat_active_bans", 2.0).await;
+}
+
+#[tokio::test]
+async fn a_state_file_until_beyond_max_ttl_is_clamped_and_later_bans_are_still_enforced() {
+    let sink = sink().await;
+    let dir = TempDir::new("ban-clamp");
+    let state = dir.write(
+        "bans.txt",
+        "127.0.94.1/32 # until=18446744073709551615 reason=manual\n",
+    );
+    let (proxy, _token) = proxy_with_token(&sink, &format!("state = {}", quoted(&state))).await;
+    let admin = proxy.admin.unwrap();
+    assert_eq!(
+        door(proxy.addr, Ipv4Addr::new(127, 0, 94, 1)).await,
+        BLOCKED
+    );
+    let (_, export) = http_get(admin, "/admin/bans").await;
+    let until = exported_until(&export, "127.0.94.1/32").expect("the clamped ban is exported");
+    assert!(until <= unix_now() + YEAR + 5, "{export}");
+
+    // The maintenance task still runs: a new ban is enforced and saved.
+    let (status, body) = http(admin, "POST", "/admin/bans?ip=127.0.94.2", Some("s3cret")).await;
+    assert_eq!(status, 200, "{body}");
+    wait_door(proxy.addr, Ipv4Addr::new(127, 0, 94, 2), BLOCKED).await;
+    proxy.wait_metric("mailmoat_active_bans", 2.0).await;
+    let saved = std::fs::read_to_string(&state).unwrap();
+    let until = exported_until(&saved, "127.0.94.1/32").expect("the clamped ban is saved");
+    assert!(until <= unix_now() + YEAR + 5, "{saved}");
+}
+
+#[tokio::test]
+async fn unreadable_state_lines_are_skipped_and_the_original_is_kept_aside() {
+    let sink = sink().await;
+    let dir = TempDir::new("ban-bad-state");
+    let state = dir.path().join("bans.txt");
+    let until = unix_now() + 3600;
+    let mut original = format!("127.0.95.1/32 # until={until} reason=auth_failures\n").into_bytes();
+    original.extend_from_slice(b"127.0.95.2/32 # until=1 reason=caf\xe9\n");
+    original.extend_from_slice(format!("0.0.0.0/0 # until={until} reason=manual\n").as_bytes());
+    original.extend_from_slice(format!("127.0.95.3/32 # until={until} reason=manual\n").as_bytes());
+    std::fs::write(&state, &original).unwrap();
+
+    let proxy = TestProxy::start(
+        &autoban_toml(&[], &format!("state = {}", quoted(&state))),
+        &[sink.addr()],
+    )
+    .await;
+    assert_eq!(
+        door(proxy.addr, Ipv4Addr::new(127, 0, 95, 1)).await,
+        BLOCKED
+    );
+    assert_eq!(
+        door(proxy.addr, Ipv4Addr::new(127, 0, 95, 3)).await,
+        BLOCKED
+    );
+    // The line banning everyone is not loaded.
+    assert_eq!(
+        door(proxy.addr, Ipv4Addr::new(127, 0, 95, 9)).await,
+        "220 sink.test ESMTP ready\r\n"
+    );
+    // The file as it was is kept for the operator, byte for byte …
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("bans.txt.bad-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "no copy of the bad state file was kept");
+    assert_eq!(std::fs::read(aside[0].path()).unwrap(), original);
+    // … and the state file holds the bans that could be read.
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(
+        saved.contains("127.0.95.1/32 ") && saved.contains("127.0.95.3/32 "),
+        "{saved}"
+    );
+    assert!(!saved.contains("0.0.0.0/0"), "{saved}");
+}
+
+#[tokio::test]
+async fn a_ban_wider_than_the_minimum_prefix_is_refused() {
+    let sink = sink().await;
+    let (proxy, _dir) = proxy_with_token(&sink, "").await;
+    let admin = proxy.admin.unwrap();
+    for (net, key) in [
+        ("0.0.0.0/0", "autoban.min_prefix_v4"),
+        ("127.0.0.0/8", "autoban.min_prefix_v4"),
+        ("::ffff:0:0/96", "autoban.min_prefix_v4"),
+        ("::/0", "autoban.min_prefix_v6"),
+        ("2001:db8::/24", "autoban.min_prefix_v6"),
+    ] {
+        let (status, body) = http(
+            admin,
+            "POST",
+            &format!("/admin/bans?ip={net}"),
+            Some("s3cret"),
+        )
+        .await;
+        assert_eq!(status, 400, "{net}: {body}");
+        assert!(body.contains(key), "{net}: {body}");
+    }
+    assert_eq!(proxy.metric("mailmoat_active_bans"), 0.0);
+    assert_eq!(
+        door(proxy.addr, Ipv4Addr::new(127, 0, 96, 1)).await,
+        "220 sink.test ESMTP ready\r\n"
+    );
+    // At the minimum is fine.
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/admin/bans?ip=127.96.0.0/16",
+        Some("s3cret"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn an_acknowledged_ban_is_on_disk_when_the_post_returns() {
+    let sink = sink().await;
+    let dir = TempDir::new("ban-durable");
+    let state = dir.path().join("bans.txt");
+    let (proxy, _token) = proxy_with_token(&sink, &format!("state = {}", quoted(&state))).await;
+    let admin = proxy.admin.unwrap();
+    for i in 1..=5u8 {
+        let (status, body) = http(
+            admin,
+            "POST",
+            &format!("/admin/bans?ip=127.0.97.{i}"),
+            Some("s3cret"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("saved"), "{body}");
+        let saved = std::fs::read_to_string(&state).unwrap_or_default();
+        assert!(
+            saved.contains(&format!("127.0.97.{i}/32 ")),
+            "ban {i} acknowledged but not on disk:\n{saved}"
+        );
+    }
+    // Lifting is durable too.
+    let (status, _) = http(admin, "DELETE", "/admin/bans?ip=127.0.97.1", Some("s3cret")).await;
+    assert_eq!(status, 200);
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(!saved.contains("127.0.97.1/32 "), "{saved}");
+}
+
+#[tokio::test]
+async fn a_ban_acknowledged_without_autoban_state_says_it_is_lost_at_restart() {
+    let sink = sink().await;
+    let (proxy, _dir) = proxy_with_token(&sink, "").await;
+    let (status, body) = http(
+        proxy.admin.unwrap(),
+        "POST",
+        "/admin/bans?ip=127.0.98.1",
+        Some("s3cret"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("autoban.state is not set") && body.contains("lost at restart"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn at_max_bans_the_ban_soonest_to_expire_is_evicted() {
+    let sink = sink().await;
+    let (proxy, _dir) = proxy_with_token(&sink, "max_bans = 3").await;
+    let admin = proxy.admin.unwrap();
+    for (ip, ttl) in [
+        ("127.0.99.1", "3h"),
+        ("127.0.99.2", "1h"),
+        ("127.0.99.3", "2h"),
+        ("127.0.99.4", "4h"),
+    ] {
+        let (status, body) = http(
+            admin,
+            "POST",
+            &format!("/admin/bans?ip={ip}&ttl={ttl}"),
+            Some("s3cret"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, export) = http_get(admin, "/admin/bans").await;
+    assert!(!export.contains("127.0.99.2/32"), "{export}");
+    for kept in ["127.0.99.1/32 ", "127.0.99.3/32 ", "127.0.99.4/32 "] {
+        assert!(export.contains(kept), "{export}");
+    }
+    assert_eq!(proxy.metric("mailmoat_bans_evicted_total"), 1.0);
+    proxy.wait_metric("mailmoat_active_bans", 3.0).await;
+    wait_door(proxy.addr, Ipv4Addr::new(127, 0, 99, 4), BLOCKED).await;
+    assert_eq!(
+        door(proxy.addr, Ipv4Addr::new(127, 0, 99, 2)).await,
+        "220 sink.test ESMTP ready\r\n"
+    );
+}
