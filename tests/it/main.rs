@@ -8,6 +8,7 @@ mod cli;
 mod clients;
 mod door;
 mod fuzz_corpus;
+mod haproxy;
 mod harness;
 mod lists;
 mod relay;
