@@ -9,6 +9,7 @@ mod clients;
 mod fuzz_corpus;
 mod harness;
 mod lists;
+mod logs;
 mod relay;
 mod shaping;
 mod shutdown;
