@@ -1,5 +1,5 @@
-//! `mailmoat check-config`: the shipped file passes; mistakes are named with
-//! their key and line.
+//! The command line: `check-config` accepts the shipped and packaged files
+//! and names mistakes with their key and line; `blocklist check` output.
 
 use tokio::time::timeout;
 
@@ -8,6 +8,12 @@ use crate::harness::*;
 #[tokio::test]
 async fn check_config_accepts_the_shipped_file() {
     let (ok, stderr) = mailmoat_output(&["check-config", "-c", "config/mailmoat.toml"]).await;
+    assert!(ok, "{stderr}");
+}
+
+#[tokio::test]
+async fn check_config_accepts_the_debian_package_file() {
+    let (ok, stderr) = mailmoat_output(&["check-config", "-c", "ops/debian/mailmoat.toml"]).await;
     assert!(ok, "{stderr}");
 }
 
