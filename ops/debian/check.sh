@@ -24,8 +24,10 @@ fail() {
 [[ $(id -u) -eq 0 ]] || fail "must run as root (installs the package)"
 export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
 
-if dpkg-query -W -f='${Status}' mailmoat 2>/dev/null | grep -q 'installed'; then
-    fail "a mailmoat package is already installed here; this check would replace it"
+# "install ok installed", or "deinstall ok config-files" (removed, its
+# conffiles kept): either way the purge at the end would destroy them.
+if dpkg-query -W -f='${Status}' mailmoat 2>/dev/null | grep -qE ' (installed|config-files)$'; then
+    fail "a mailmoat package (or its config files) is installed here; this check would replace it"
 fi
 
 # --- the packaged unit is ops/mailmoat.service with the package's paths ------
