@@ -20,11 +20,13 @@ struct Cli {
 enum Cmd {
     /// Run the proxy (embedded defaults without -c).
     Run {
+        /// Config file (TOML); keys left out take their defaults.
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Validate a config file and print the effective configuration.
     CheckConfig {
+        /// Config file (TOML); keys left out take their defaults.
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
@@ -47,7 +49,9 @@ enum BlocklistCmd {
     /// Say which source and entry match an IP, offline (files and the API
     /// cache, as the proxy would load them at start).
     Check {
+        /// The client address to look up.
         ip: std::net::IpAddr,
+        /// Config file (TOML); keys left out take their defaults.
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
@@ -76,8 +80,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = load(config.as_deref())?;
             // Bad lines and unreadable sources are reported as warnings.
+            // Colours only on a terminal: this output is piped and grepped.
+            use std::io::IsTerminal;
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_max_level(tracing::Level::WARN)
                 .init();
             let lists = mailmoat::blocklist::load_offline(&config);
@@ -98,9 +105,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { config } => {
-            let config = load(config.as_deref())?;
+        Cmd::Run { config: path } => {
+            let config = load(path.as_deref())?;
             init_logging(&config);
+            let path = path.map_or_else(|| "<defaults>".into(), |p| p.display().to_string());
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                config = path.as_str(),
+                "mailmoat starting"
+            );
             raise_open_file_limit();
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -9,7 +9,7 @@ use crate::smtp::command::strip_line_ending;
 /// Header bytes kept per message; the rest of the message is never buffered.
 const MAX_HEADER: usize = 64 * 1024;
 /// Longest client-supplied text kept for a log field.
-const MAX_FIELD: usize = 256;
+pub(crate) const MAX_FIELD: usize = 256;
 /// The `.CRLF` that ends DATA: on the wire, but not part of the message
 /// size (RFC 1870). The CRLF before the dot ends the message's last line
 /// (RFC 5321 4.1.1.4), so it counts, as the receiver stores it.
@@ -71,12 +71,12 @@ impl Message {
         tracing::info!(
             target: "mailmoat::message",
             client = %client,
-            helo = %helo,
-            mail_from = %self.mail_from,
+            helo,
+            mail_from = self.mail_from.as_str(),
             recipients = self.recipients,
             size = self.size,
-            from_domain = %from_domain,
-            message_id = %message_id,
+            from_domain = from_domain.as_str(),
+            message_id = message_id.as_str(),
             "message accepted"
         );
     }
@@ -103,11 +103,21 @@ fn angle_address(args: &[u8]) -> &[u8] {
     &args[start..end]
 }
 
-/// Client text made safe for a log line: bounded, and every control or
-/// non-ASCII byte escaped, so a client cannot forge log lines.
+/// Client text for a log field: bounded, as UTF-8 (invalid bytes become
+/// U+FFFD), otherwise kept as sent. Log it as a `&str` value
+/// (`helo = helo.as_str()`), never with `%` or `?`: the text formatter then
+/// writes it as one double-quoted value with quotes and control characters
+/// escaped, and the JSON formatter escapes it exactly once, so a client
+/// cannot add a field or a line. Escaping here as well would escape JSON
+/// twice (`\\x1b`, `é` as `\\xc3\\xa9`).
 pub fn field(bytes: &[u8]) -> String {
-    let bytes = &bytes[..bytes.len().min(MAX_FIELD)];
-    bytes.escape_ascii().to_string()
+    let mut text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_FIELD)]).into_owned();
+    let mut end = text.len().min(MAX_FIELD);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
 }
 
 #[cfg(test)]
@@ -133,8 +143,12 @@ mod tests {
     }
 
     #[test]
-    fn client_text_cannot_forge_log_lines() {
-        assert_eq!(field(b"evil\r\nINFO fake"), "evil\\r\\nINFO fake");
+    fn client_text_is_bounded_utf8_kept_as_sent() {
+        assert_eq!(field("evil\r\nINFO é".as_bytes()), "evil\r\nINFO é");
+        assert_eq!(field(b"a\xffb"), "a\u{fffd}b");
         assert_eq!(field(&[b'a'; 1000]).len(), MAX_FIELD);
+        // Invalid bytes and a character cut by the bound stay within it.
+        assert!(field(&[0xff; 1000]).len() <= MAX_FIELD);
+        assert!(field("é".repeat(500).as_bytes()).len() <= MAX_FIELD);
     }
 }

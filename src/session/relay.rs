@@ -129,7 +129,7 @@ pub struct Relay<'a, C, U> {
     line_started: Option<Instant>,
     data_started: Instant,
     data_bytes: u64,
-    /// The client's HELO/EHLO argument, escaped, for the message log.
+    /// The client's HELO/EHLO argument, bounded, for the message log.
     helo: String,
     /// The open transaction, from MAIL to its end.
     message: Option<Message>,

@@ -11,6 +11,7 @@ mod fuzz_corpus;
 mod haproxy;
 mod harness;
 mod lists;
+mod logs;
 mod relay;
 mod shaping;
 mod shutdown;
