@@ -377,7 +377,7 @@ where
 
     /// Ends our side of the client's connection, then reads and discards
     /// until the client closes, pauses for `LINGER_QUIET`, or `LINGER` runs
-    /// out. Nothing read is kept: one read at a time, on the stack.
+    /// out. Nothing read is kept.
     async fn linger(&mut self) {
         let deadline = Instant::now() + LINGER;
         if timeout_at(deadline, self.client.shutdown()).await.is_err() {
@@ -649,7 +649,7 @@ where
             DataEvent::End(n) => n,
             DataEvent::Smuggling(_) => {
                 // Receivers disagree on whether this ends the message: one
-                // more message may be hidden behind it. Nothing to retry.
+                // more message may be hidden behind it.
                 self.refuse_data(b"421 4.5.0 bare line ending near end of data, closing\r\n");
                 return false;
             }
