@@ -140,7 +140,8 @@ fn text_of(line: &[u8]) -> &[u8] {
 
 /// The scanner gives the same events, at the same absolute offsets, whether
 /// the input comes in one chunk, byte by byte, or in uneven chunks; an end
-/// is always just after `CRLF.CRLF` (or `.CRLF` at the very start).
+/// is always just after `CRLF.CRLF` (or `.CRLF` at the very start), with no
+/// NUL before it; a `Nul` event points at the first NUL byte.
 pub fn data_scanner(data: &[u8]) {
     let whole = scan_in_chunks(data, |_| data.len().max(1));
     let bytewise = scan_in_chunks(data, |_| 1);
@@ -160,9 +161,17 @@ pub fn data_scanner(data: &[u8]) {
                     message == b".\r\n" || message.ends_with(b"\r\n.\r\n"),
                     "end after {message:?}"
                 );
+                assert!(!message.contains(&0), "NUL in {message:?}");
                 start = end;
             }
-            DataEvent::Smuggling(at) => assert!(at < data.len()),
+            DataEvent::Smuggling(at) => {
+                assert!(at < data.len());
+                assert!(!data[start..at].contains(&0), "NUL before smuggling");
+            }
+            DataEvent::Nul(at) => {
+                assert_eq!(data.get(at), Some(&0));
+                assert!(!data[start..at].contains(&0), "not the first NUL");
+            }
             DataEvent::Continue => unreachable!(),
         }
     }
@@ -189,6 +198,11 @@ fn scan_in_chunks(data: &[u8], mut next_len: impl FnMut(usize) -> usize) -> Vec<
                 DataEvent::Smuggling(i) => {
                     assert!(pos + i < chunk.len());
                     events.push(DataEvent::Smuggling(offset + pos + i));
+                    return events;
+                }
+                DataEvent::Nul(i) => {
+                    assert!(pos + i < chunk.len());
+                    events.push(DataEvent::Nul(offset + pos + i));
                     return events;
                 }
             }

@@ -1,6 +1,15 @@
 //! Shaping inside a session: per-IP message and recipient buckets, and the
 //! abuse events that feed automatic bans. The relay asks; this answers and
 //! counts, without I/O.
+//!
+//! A session shapes through its [`ClientShaping`], where the two rules that
+//! bend every limit are applied, once, at the point of enforcement:
+//! - An allowlisted client skips every per-IP limit (the message and
+//!   recipient rates) and feeds no ban. The per-message limits
+//!   (`recipients_per_message`, `max_message_size`) are not per-IP: they
+//!   protect the receiver from any one message, and apply to everyone.
+//! - In shadow mode a limit is evaluated, counted and logged as "shadow:
+//!   would refuse", and nothing is refused.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -44,6 +53,7 @@ impl Limit {
 }
 
 pub struct Shaping {
+    shadow: bool,
     messages: RateTable,
     recipients: RateTable,
     bans: Arc<Bans>,
@@ -64,6 +74,7 @@ impl Shaping {
         let l = &config.limits;
         let max = config.server.max_tracked_ips;
         Shaping {
+            shadow: config.server.shadow,
             messages: RateTable::new(quota(l.message_rate, l.message_burst), max),
             recipients: RateTable::new(quota(l.recipient_rate, l.recipient_burst), max),
             bans,
@@ -93,30 +104,15 @@ impl Shaping {
         all
     }
 
-    /// Takes a message token for `ip` (at MAIL); false when over the rate.
-    pub fn message(&self, ip: IpAddr) -> bool {
-        self.take(&self.messages, ip, Limit::MessageRate)
-    }
-
-    /// Takes a recipient token for `ip` (at RCPT); false when over the rate.
-    pub fn recipient(&self, ip: IpAddr) -> bool {
-        self.take(&self.recipients, ip, Limit::RecipientRate)
-    }
-
-    fn take(&self, table: &RateTable, ip: IpAddr, limit: Limit) -> bool {
-        if self.is_trusted_proxy(ip) {
-            return true;
-        }
-        match table.check(ip) {
-            RateCheck::Allowed => true,
-            RateCheck::Untracked => {
-                self.metrics.rate_untracked.inc();
-                true
-            }
-            RateCheck::Limited => {
-                self.violation(ip, limit);
-                false
-            }
+    /// The shaping of one session's client. `allowlisted` is the verdict
+    /// taken when the session started; it holds for the whole session, as
+    /// the config snapshot does. A trusted proxy's own address is exempt
+    /// as an allowlisted client is.
+    pub fn client(&self, ip: IpAddr, allowlisted: bool) -> ClientShaping<'_> {
+        ClientShaping {
+            shaping: self,
+            ip,
+            allowlisted: allowlisted || self.is_trusted_proxy(ip),
         }
     }
 
@@ -127,11 +123,16 @@ impl Shaping {
     }
 
     pub fn event(&self, ip: IpAddr, event: BanEvent) {
-        if event == BanEvent::AuthFailure {
-            self.metrics.auth_failures.inc();
-        }
+        self.count(event);
         if !self.is_trusted_proxy(ip) {
             self.bans.record(ip, event);
+        }
+    }
+
+    /// The metric an event has of its own, besides its ban window.
+    fn count(&self, event: BanEvent) {
+        if event == BanEvent::AuthFailure {
+            self.metrics.auth_failures.inc();
         }
     }
 
@@ -151,5 +152,70 @@ impl Shaping {
             *n /= 2;
             *n > 0
         });
+    }
+}
+
+/// What the relay does about a limit the client went over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Verdict {
+    Pass,
+    Refuse,
+}
+
+/// One session's shaping: its client, and whether it is allowlisted.
+#[derive(Clone, Copy)]
+pub struct ClientShaping<'a> {
+    shaping: &'a Shaping,
+    ip: IpAddr,
+    allowlisted: bool,
+}
+
+impl ClientShaping<'_> {
+    /// Takes a message token (at MAIL).
+    pub fn message(&self) -> Verdict {
+        self.take(&self.shaping.messages, Limit::MessageRate)
+    }
+
+    /// Takes a recipient token (at RCPT).
+    pub fn recipient(&self) -> Verdict {
+        self.take(&self.shaping.recipients, Limit::RecipientRate)
+    }
+
+    fn take(&self, table: &RateTable, limit: Limit) -> Verdict {
+        if self.allowlisted {
+            return Verdict::Pass;
+        }
+        match table.check(self.ip) {
+            RateCheck::Allowed => Verdict::Pass,
+            RateCheck::Untracked => {
+                self.shaping.metrics.rate_untracked.inc();
+                Verdict::Pass
+            }
+            RateCheck::Limited => self.over(limit),
+        }
+    }
+
+    /// The client went over `limit`: counts the hit and its ban event, and
+    /// says whether to refuse (never in shadow mode).
+    pub fn over(&self, limit: Limit) -> Verdict {
+        let s = self.shaping;
+        s.metrics.limit_hit(limit);
+        self.event(BanEvent::LimitViolation);
+        if s.shadow {
+            tracing::info!(client = %self.ip, limit = limit.as_str(), "shadow: would refuse");
+            return Verdict::Pass;
+        }
+        s.refused(self.ip);
+        Verdict::Refuse
+    }
+
+    /// Counts an abuse event; it feeds the client's bans unless allowlisted.
+    pub fn event(&self, event: BanEvent) {
+        if self.allowlisted {
+            self.shaping.count(event);
+        } else {
+            self.shaping.event(self.ip, event);
+        }
     }
 }

@@ -25,6 +25,9 @@ pub struct Message {
     pub size: u64,
     header: Vec<u8>,
     header_done: bool,
+    /// Bytes searched for the end of the header, to test it stays linear.
+    #[cfg(test)]
+    scanned: usize,
 }
 
 impl Message {
@@ -43,9 +46,17 @@ impl Message {
             return;
         }
         let room = MAX_HEADER.saturating_sub(self.header.len());
+        let old_len = self.header.len();
         self.header
             .extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if self.header.windows(4).any(|w| w == b"\r\n\r\n") || self.header.len() >= MAX_HEADER {
+        // Only the new bytes, and the three before them in case the blank
+        // line straddles two chunks: the kept block was searched already.
+        let fresh = &self.header[old_len.saturating_sub(3)..];
+        #[cfg(test)]
+        {
+            self.scanned += fresh.len();
+        }
+        if memchr::memmem::find(fresh, b"\r\n\r\n").is_some() || self.header.len() >= MAX_HEADER {
             self.header_done = true;
         }
     }
@@ -140,6 +151,47 @@ mod tests {
             .parse_headers(&m.header[..])
             .unwrap();
         assert_eq!(parsed.message_id(), Some("id1@sender.example"));
+    }
+
+    #[test]
+    fn header_end_split_across_chunks_is_found_at_every_split() {
+        let message = b"Subject: x\r\nTo: y\r\n\r\nbody\r\n";
+        let blank = 17;
+        assert_eq!(&message[blank..blank + 4], b"\r\n\r\n");
+        for split in 1..message.len() {
+            let mut m = Message::default();
+            m.content(&message[..split]);
+            assert_eq!(m.header_done, split >= blank + 4, "split at {split}");
+            m.content(&message[split..]);
+            assert!(m.header_done, "split at {split}");
+        }
+        // A byte at a time, no blank line until the very end.
+        let mut m = Message::default();
+        for (i, b) in message.iter().enumerate() {
+            m.content(std::slice::from_ref(b));
+            assert_eq!(m.header_done, i + 1 >= blank + 4, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn header_scan_stays_linear_in_small_chunks() {
+        // 64 KiB of header lines a byte at a time: each byte is searched a
+        // bounded number of times, not the whole kept block on every chunk.
+        let line = b"X-Filler: 0123456789abcdefghijklmnopqrstuvwxyz\r\n";
+        let mut m = Message::default();
+        let mut fed = 0;
+        while !m.header_done {
+            let b = line[fed % line.len()];
+            m.content(&[b]);
+            fed += 1;
+            assert!(fed <= MAX_HEADER, "header never ended");
+        }
+        assert_eq!(m.header.len(), MAX_HEADER);
+        assert!(
+            m.scanned <= 4 * fed,
+            "{} bytes scanned for {fed}",
+            m.scanned
+        );
     }
 
     #[test]

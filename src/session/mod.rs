@@ -318,12 +318,16 @@ where
             let registration = shared.registry.register(ip, &shared.abort);
             // A list swapped in since admission has not seen this session.
             let lists = shared.blocklist.load();
+            // Decided once, from the lists as the session starts, like the
+            // config snapshot: a list change mid-session does not lift or
+            // impose per-IP limits on a session already relaying.
+            let allowlisted = lists.is_allowed(ip);
             // A proxy's health check passes a listed proxy address (see `admit`).
             if config.blocklist.kill_on_block
                 && !peer.proxy_check
                 && !config.server.shadow
                 && lists.is_blocked(ip)
-                && !lists.is_allowed(ip)
+                && !allowlisted
             {
                 registration.stop.stop(CloseReason::Blocked);
             }
@@ -332,6 +336,7 @@ where
                 metrics,
                 shaping: &shared.shaping,
                 client_ip: ip,
+                allowlisted,
                 drain: &shared.drain,
                 stop: &registration.stop,
                 session_deadline,

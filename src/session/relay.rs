@@ -6,13 +6,22 @@
 //! answers, and enforce every deadline. Replies reach the client in command
 //! order: `pending` holds one entry per command in flight, and a reply the
 //! proxy makes itself waits in that queue behind the receiver's earlier ones.
+//! A message's facts travel in that queue too: the end of its data carries
+//! them, so the reply that accepts it logs that message, whatever the client
+//! has pipelined since.
+//!
+//! When the session ends mid-DATA on our side (a refusal, or the receiver
+//! failing), the client is still writing and reads only after its end of
+//! data: the relay says why, ends its side and discards what the client
+//! sends for a short linger, since closing a socket with bytes unread sends
+//! a reset that destroys the reply before the client reads it.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{sleep_until, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::io::{consume, read_into, write_all_within, WriteError};
@@ -24,7 +33,7 @@ use crate::bans::BanEvent;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, Sniff};
-use crate::shaping::{Limit, Shaping};
+use crate::shaping::{ClientShaping, Limit, Shaping, Verdict};
 use crate::smtp::{Command, DataEvent, DataScanner, Reply, ReplyAssembler, Verb};
 
 /// Commands in flight before the proxy stops reading from a pipelining client.
@@ -33,6 +42,11 @@ const MAX_PIPELINE: usize = 100;
 const MAX_REPLY: usize = 64 * 1024;
 /// Deadline for the last words to a client we are closing on.
 const GOODBYE_WRITE: Duration = Duration::from_secs(2);
+/// The longest we discard a client's input after ending a session mid-DATA,
+/// so it reads our reply; and the pause that ends it sooner: a client that
+/// sends nothing for that long has finished writing.
+const LINGER: Duration = Duration::from_secs(5);
+const LINGER_QUIET: Duration = Duration::from_secs(1);
 /// EHLO extensions the proxy cannot shape; BINARYMIME needs CHUNKING.
 const HIDDEN_EXTENSIONS: [&str; 2] = ["CHUNKING", "BINARYMIME"];
 
@@ -49,15 +63,18 @@ enum Phase {
 }
 
 /// What the reply at this position of the queue will answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Expect {
     Greeting,
     Ehlo,
-    Mail,
-    Rcpt,
+    /// The MAIL that opened transaction number `.0`.
+    Mail(u64),
+    /// A RCPT of transaction number `.0`.
+    Rcpt(u64),
     Rset,
     Data,
-    DataEnd,
+    /// The end of a message's data, with the facts for its log record.
+    DataEnd(Option<Box<Message>>),
     Auth,
     Quit,
     StartTls,
@@ -87,6 +104,9 @@ pub struct RelayContext<'a> {
     pub metrics: &'a Metrics,
     pub shaping: &'a Shaping,
     pub client_ip: IpAddr,
+    /// The client was on the allowlist when the session started: no per-IP
+    /// limit and no ban for the whole session (see `shaping.rs`).
+    pub allowlisted: bool,
     /// Stop at the next quiet point (graceful shutdown).
     pub drain: &'a CancellationToken,
     /// Stop now, for the reason it carries.
@@ -99,7 +119,7 @@ pub struct Relay<'a, C, U> {
     upstream: U,
     config: &'a Config,
     metrics: &'a Metrics,
-    shaping: &'a Shaping,
+    shaping: ClientShaping<'a>,
     client_ip: IpAddr,
     drain: &'a CancellationToken,
     stop: &'a Stop,
@@ -131,8 +151,11 @@ pub struct Relay<'a, C, U> {
     data_bytes: u64,
     /// The client's HELO/EHLO argument, bounded, for the message log.
     helo: String,
-    /// The open transaction, from MAIL to its end.
-    message: Option<Message>,
+    /// The transaction the client is framing, with its number: from its MAIL
+    /// to RSET or the end of its data, when it moves into `pending`.
+    message: Option<(u64, Message)>,
+    /// MAIL commands forwarded so far; numbers the transactions.
+    mails: u64,
     pub facts: RelayFacts,
 }
 
@@ -149,7 +172,7 @@ where
             upstream,
             config: ctx.config,
             metrics: ctx.metrics,
-            shaping: ctx.shaping,
+            shaping: ctx.shaping.client(ctx.client_ip, ctx.allowlisted),
             client_ip: ctx.client_ip,
             drain: ctx.drain,
             stop: ctx.stop,
@@ -174,6 +197,7 @@ where
             data_bytes: 0,
             helo: String::new(),
             message: None,
+            mails: 0,
             facts: RelayFacts::default(),
         }
     }
@@ -186,16 +210,30 @@ where
 
     /// Relays until the session ends, and says why it ended.
     pub async fn run(&mut self) -> CloseReason {
-        loop {
+        let reason = loop {
             if let Err(reason) = self.step().await {
-                return reason;
+                break reason;
             }
+        };
+        let ours = matches!(
+            reason,
+            CloseReason::ProtocolError
+                | CloseReason::Limit
+                | CloseReason::UpstreamError
+                | CloseReason::UpstreamClosed
+        );
+        if ours && matches!(self.phase, Phase::Data(_)) {
+            self.linger().await;
         }
+        reason
     }
 
     async fn step(&mut self) -> Result<(), CloseReason> {
         self.process_client_input();
-        self.flush().await?;
+        if let Err(reason) = self.flush_upstream().await {
+            return Err(self.receiver_lost(reason).await);
+        }
+        self.flush_client().await?;
         if let Some(reason) = self.closing {
             return Err(reason);
         }
@@ -235,19 +273,22 @@ where
                 }
             }
             read = read_into(&mut self.upstream, &mut self.upstream_in) => {
-                match read {
-                    Ok(0) => {
-                        return Err(if self.quit_sent { CloseReason::ClientQuit } else { CloseReason::UpstreamClosed });
-                    }
+                let failed = match read {
+                    Ok(0) if self.quit_sent => return Err(CloseReason::ClientQuit),
+                    Ok(0) => CloseReason::UpstreamClosed,
                     Ok(_) => {
                         self.last_activity = Instant::now();
-                        self.process_upstream_input()?;
+                        match self.process_upstream_input() {
+                            Ok(()) => return Ok(()),
+                            Err(reason) => reason,
+                        }
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "upstream read failed");
-                        return Err(CloseReason::UpstreamError);
+                        CloseReason::UpstreamError
                     }
-                }
+                };
+                return Err(self.receiver_lost(failed).await);
             }
             () = sleep_until(deadline) => {
                 return Err(self.goodbye(expiry, "4.4.2", "timeout exceeded, closing connection").await);
@@ -299,9 +340,33 @@ where
     /// deadline) and returns `reason`. The enhanced status code comes right
     /// after the reply code (RFC 2034), as in Postfix's `421 4.4.2 mx …`.
     async fn goodbye(&mut self, reason: CloseReason, status: &str, text: &str) -> CloseReason {
+        self.last_reply(reason, 421, status, text).await
+    }
+
+    /// The receiver failed or went away. A client mid-DATA is owed the
+    /// answer to its message, which will not come from the receiver: it gets
+    /// `451 4.4.2` (try again later), then `run` lingers so it reads it.
+    async fn receiver_lost(&mut self, reason: CloseReason) -> CloseReason {
+        if !matches!(self.phase, Phase::Data(_)) {
+            return reason;
+        }
+        let text = "receiver failed during the message, try again later";
+        self.last_reply(reason, 451, "4.4.2", text).await
+    }
+
+    /// Writes what is queued for the client and a final
+    /// `<code> <status> <hostname> <text>` (best effort, short deadline);
+    /// returns `reason`.
+    async fn last_reply(
+        &mut self,
+        reason: CloseReason,
+        code: u16,
+        status: &str,
+        text: &str,
+    ) -> CloseReason {
         let mut bytes = std::mem::take(&mut self.to_client);
         bytes.extend_from_slice(
-            format!("421 {status} {} {text}\r\n", self.config.server.hostname).as_bytes(),
+            format!("{code} {status} {} {text}\r\n", self.config.server.hostname).as_bytes(),
         );
         let deadline = GOODBYE_WRITE.min(self.config.timeouts.write);
         if let Ok(n) = write_all_within(&mut self.client, &mut bytes, deadline).await {
@@ -311,16 +376,44 @@ where
         reason
     }
 
-    async fn flush(&mut self) -> Result<(), CloseReason> {
-        let deadline = self.config.timeouts.write;
-        match write_all_within(&mut self.upstream, &mut self.to_upstream, deadline).await {
-            Ok(0) => {}
-            Ok(_) => self.last_activity = Instant::now(),
-            Err(e) => {
-                tracing::debug!(error = ?e, "upstream write failed");
-                return Err(CloseReason::UpstreamError);
+    /// Ends our side of the client's connection, then reads and discards
+    /// until the client closes, pauses for `LINGER_QUIET`, or `LINGER` runs
+    /// out. Nothing read is kept.
+    async fn linger(&mut self) {
+        let deadline = Instant::now() + LINGER;
+        if timeout_at(deadline, self.client.shutdown()).await.is_err() {
+            return;
+        }
+        loop {
+            let mut discard = Vec::new();
+            let quiet = deadline.min(Instant::now() + LINGER_QUIET);
+            match timeout_at(quiet, read_into(&mut self.client, &mut discard)).await {
+                Ok(Ok(n @ 1..)) => {
+                    self.metrics.bytes_from_client.inc_by(n as u64);
+                    self.facts.bytes_from_client += n as u64;
+                }
+                _ => return,
             }
         }
+    }
+
+    async fn flush_upstream(&mut self) -> Result<(), CloseReason> {
+        let deadline = self.config.timeouts.write;
+        match write_all_within(&mut self.upstream, &mut self.to_upstream, deadline).await {
+            Ok(0) => Ok(()),
+            Ok(_) => {
+                self.last_activity = Instant::now();
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!(error = ?e, "upstream write failed");
+                Err(CloseReason::UpstreamError)
+            }
+        }
+    }
+
+    async fn flush_client(&mut self) -> Result<(), CloseReason> {
+        let deadline = self.config.timeouts.write;
         match write_all_within(&mut self.client, &mut self.to_client, deadline).await {
             Ok(0) => Ok(()),
             Ok(n) => {
@@ -397,6 +490,8 @@ where
         }
         if end > max {
             self.line_too_long();
+        } else if memchr::memchr(0, &self.client_in[..end]).is_some() {
+            self.nul_in_line();
         } else if matches!(self.phase, Phase::SaslResponse) {
             // Credentials: forwarded, never parsed or logged.
             self.phase = Phase::Command;
@@ -414,10 +509,25 @@ where
         self.answer(b"500 5.5.2 line too long\r\n", None);
     }
 
+    /// A line with a NUL is never forwarded: RFC 5321 text has none, and a
+    /// receiver may end the line there and read a command the proxy did not.
+    fn nul_in_line(&mut self) {
+        self.protocol_error();
+        if matches!(self.phase, Phase::SaslResponse) {
+            // The receiver waits for a response: cancel the exchange
+            // instead (RFC 4954), and its 501 answers the client.
+            self.phase = Phase::Command;
+            self.to_upstream.extend_from_slice(b"*\r\n");
+            self.expect(Expect::Auth);
+        } else {
+            self.answer(b"500 5.5.2 NUL byte in command line\r\n", None);
+        }
+    }
+
     /// Counts a protocol error, toward a ban too.
     fn protocol_error(&mut self) {
         self.metrics.protocol_errors.inc();
-        self.shaping.event(self.client_ip, BanEvent::ProtocolError);
+        self.shaping.event(BanEvent::ProtocolError);
     }
 
     /// Queues the proxy's own reply in command order.
@@ -427,14 +537,9 @@ where
         self.release_local_replies();
     }
 
-    /// Refuses a command over a limit with `reply`.
-    fn over_limit(&mut self, limit: Limit, reply: &[u8], close: Option<CloseReason>) {
-        if limit != Limit::MessageRate && limit != Limit::RecipientRate {
-            // Rate hits are counted by the shaper that refused them.
-            self.shaping.violation(self.client_ip, limit);
-        }
+    /// Refuses a message or recipient over a limit with `reply`.
+    fn refuse(&mut self, reply: &[u8], close: Option<CloseReason>) {
         self.metrics.message("refused");
-        self.shaping.refused(self.client_ip);
         self.answer(reply, close);
     }
 
@@ -477,33 +582,44 @@ where
             Verb::Mail => {
                 if message::size_param(command.args)
                     .is_some_and(|size| size > limits.max_message_size)
+                    && self.shaping.over(Limit::MessageSize) == Verdict::Refuse
                 {
                     let reply = b"552 5.3.4 message size exceeds fixed maximum message size\r\n";
-                    return self.over_limit(Limit::MessageSize, reply, None);
+                    return self.refuse(reply, None);
                 }
-                if !self.shaping.message(self.client_ip) {
+                if self.shaping.message() == Verdict::Refuse {
                     let reply = b"450 4.7.1 message rate limit exceeded, try again later\r\n";
-                    return self.over_limit(Limit::MessageRate, reply, None);
+                    return self.refuse(reply, None);
                 }
-                self.message = Some(Message::new(command.args));
-                Expect::Mail
+                self.mails += 1;
+                self.message = Some((self.mails, Message::new(command.args)));
+                Expect::Mail(self.mails)
             }
             Verb::Rcpt => {
-                let sent = self.message.as_ref().map_or(0, |m| m.recipients_sent);
-                if sent >= limits.recipients_per_message {
-                    let reply = b"452 4.5.3 too many recipients\r\n";
-                    return self.over_limit(Limit::RecipientsPerMessage, reply, None);
+                let sent = self.message.as_ref().map_or(0, |(_, m)| m.recipients_sent);
+                if sent >= limits.recipients_per_message
+                    && self.shaping.over(Limit::RecipientsPerMessage) == Verdict::Refuse
+                {
+                    return self.refuse(b"452 4.5.3 too many recipients\r\n", None);
                 }
-                if !self.shaping.recipient(self.client_ip) {
+                if self.shaping.recipient() == Verdict::Refuse {
                     let reply = b"450 4.7.1 recipient rate limit exceeded, try again later\r\n";
-                    return self.over_limit(Limit::RecipientRate, reply, None);
+                    return self.refuse(reply, None);
                 }
-                if let Some(m) = self.message.as_mut() {
-                    m.recipients_sent += 1;
+                match self.message.as_mut() {
+                    Some((id, m)) => {
+                        m.recipients_sent += 1;
+                        Expect::Rcpt(*id)
+                    }
+                    // No transaction: the receiver refuses it.
+                    None => Expect::Other,
                 }
-                Expect::Rcpt
             }
-            Verb::Rset => Expect::Rset,
+            Verb::Rset => {
+                // Whatever the receiver replies, its transaction is gone.
+                self.message = None;
+                Expect::Rset
+            }
             Verb::Data => Expect::Data,
             Verb::Auth => Expect::Auth,
             Verb::StartTls => Expect::StartTls,
@@ -528,10 +644,15 @@ where
 
     fn forward_line(&mut self, end: usize, expect: Expect) {
         self.to_upstream.extend_from_slice(&self.client_in[..end]);
-        self.pending.push_back(Pending::Upstream(expect));
+        self.expect(expect);
+    }
+
+    /// Queues the receiver's reply to what was just forwarded.
+    fn expect(&mut self, expect: Expect) {
         if matches!(expect, Expect::Data | Expect::Auth | Expect::StartTls) {
             self.awaiting_sync_reply = true;
         }
+        self.pending.push_back(Pending::Upstream(expect));
     }
 
     fn take_data(&mut self) -> bool {
@@ -543,28 +664,39 @@ where
             DataEvent::Continue => self.client_in.len(),
             DataEvent::End(n) => n,
             DataEvent::Smuggling(_) => {
-                // Close without the end marker: the receiver drops the
-                // unfinished message, so nothing is half-delivered.
-                self.protocol_error();
-                self.to_client
-                    .extend_from_slice(b"421 4.5.0 bare line ending near end of data, closing\r\n");
-                self.closing = Some(CloseReason::ProtocolError);
-                self.client_in = Vec::new();
+                // Receivers disagree on whether this ends the message: one
+                // more message may be hidden behind it.
+                self.refuse_data(b"421 4.5.0 bare line ending near end of data, closing\r\n");
+                return false;
+            }
+            DataEvent::Nul(_) => {
+                // A receiver may strip it and see an end of data the proxy
+                // did not. Resending the same message would not help: 554.
+                self.refuse_data(b"554 5.6.0 NUL byte in message content, closing\r\n");
                 return false;
             }
         };
-        if self.data_bytes + taken as u64 > self.config.limits.max_message_size + END_MARKER {
+        let max = self
+            .config
+            .limits
+            .max_message_size
+            .saturating_add(END_MARKER);
+        // Counted once, as the message crosses the limit (shadow mode lets
+        // the rest of it through).
+        if self.data_bytes <= max
+            && self.data_bytes.saturating_add(taken as u64) > max
+            && self.shaping.over(Limit::MessageSize) == Verdict::Refuse
+        {
             // Stop before the receiver has it all: without the end marker
             // it discards the message, so nothing over-size is delivered.
-            self.over_limit(
-                Limit::MessageSize,
+            self.refuse(
                 b"552 5.3.4 message size exceeds fixed maximum message size\r\n",
                 Some(CloseReason::Limit),
             );
             self.client_in = Vec::new();
             return false;
         }
-        if let Some(m) = self.message.as_mut() {
+        if let Some((_, m)) = self.message.as_mut() {
             m.content(&self.client_in[..taken]);
         }
         self.data_bytes += taken as u64;
@@ -576,13 +708,24 @@ where
             consume(&mut self.client_in, taken);
         }
         if matches!(event, DataEvent::End(_)) {
-            if let Some(m) = self.message.as_mut() {
+            let message = self.message.take().map(|(_, mut m)| {
                 m.ended();
-            }
+                Box::new(m)
+            });
             self.phase = Phase::Command;
-            self.pending.push_back(Pending::Upstream(Expect::DataEnd));
+            self.expect(Expect::DataEnd(message));
         }
         true
+    }
+
+    /// Refuses the message in DATA and closes without its end marker: the
+    /// receiver drops the unfinished message, so nothing is half-delivered.
+    /// Counted as a protocol error.
+    fn refuse_data(&mut self, reply: &[u8]) {
+        self.protocol_error();
+        self.to_client.extend_from_slice(reply);
+        self.closing = Some(CloseReason::ProtocolError);
+        self.client_in = Vec::new();
     }
 
     // ---- upstream → client -------------------------------------------------
@@ -637,21 +780,22 @@ where
                     .without_extensions(&HIDDEN_EXTENSIONS)
                     .with_size_limit(self.config.limits.max_message_size)
             }
-            Some(Expect::Mail) => {
+            Some(Expect::Mail(id)) => {
                 self.in_transaction = reply.is_positive();
-                if !self.in_transaction {
+                if !self.in_transaction && self.message.as_ref().is_some_and(|(n, _)| *n == id) {
                     self.message = None;
                 }
             }
-            Some(Expect::Rcpt) => {
-                if let Some(m) = self.message.as_mut().filter(|_| reply.is_positive()) {
+            Some(Expect::Rcpt(id)) => {
+                if let Some((_, m)) = self
+                    .message
+                    .as_mut()
+                    .filter(|(n, _)| *n == id && reply.is_positive())
+                {
                     m.recipients += 1;
                 }
             }
-            Some(Expect::Rset) => {
-                self.in_transaction = false;
-                self.message = None;
-            }
+            Some(Expect::Rset) => self.in_transaction = false,
             Some(Expect::Data) => {
                 self.awaiting_sync_reply = false;
                 if reply.code == 354 {
@@ -660,9 +804,8 @@ where
                     self.data_bytes = 0;
                 }
             }
-            Some(Expect::DataEnd) => {
+            Some(Expect::DataEnd(message)) => {
                 self.in_transaction = false;
-                let message = self.message.take();
                 if reply.is_positive() {
                     self.facts.messages += 1;
                     self.metrics.message("accepted");
@@ -677,7 +820,7 @@ where
                 self.awaiting_sync_reply = false;
                 match reply.code {
                     334 => self.phase = Phase::SaslResponse,
-                    535 => self.shaping.event(self.client_ip, BanEvent::AuthFailure),
+                    535 => self.shaping.event(BanEvent::AuthFailure),
                     _ => {}
                 }
             }
@@ -762,7 +905,20 @@ mod tests {
     where
         F: Future<Output = ()>,
     {
-        let config = Config::default();
+        let (reason, metrics) = relay_configured("", script).await;
+        (reason, metrics.protocol_errors.get())
+    }
+
+    /// Runs a relay with the config `toml` against `script`; returns why the
+    /// relay ended and its metrics.
+    async fn relay_configured<F>(
+        toml: &str,
+        script: impl FnOnce(Pipes) -> F,
+    ) -> (CloseReason, std::sync::Arc<Metrics>)
+    where
+        F: Future<Output = ()>,
+    {
+        let config = Config::from_toml(toml, std::path::Path::new("test.toml")).expect("config");
         let metrics = std::sync::Arc::new(Metrics::new());
         let shaping = detached_shaping(&config, &metrics);
         let (drain, stop) = (CancellationToken::new(), Stop::default());
@@ -773,6 +929,7 @@ mod tests {
             metrics: &metrics,
             shaping: &shaping,
             client_ip: "192.0.2.1".parse().unwrap(),
+            allowlisted: false,
             drain: &drain,
             stop: &stop,
             session_deadline: Instant::now() + config.timeouts.session,
@@ -790,7 +947,38 @@ mod tests {
         let (reason, ()) = tokio::time::timeout(Duration::from_secs(600), both)
             .await
             .expect("relay and script finish");
-        (reason, metrics.protocol_errors.get())
+        (reason, metrics)
+    }
+
+    /// The per-message log records written while `f` runs, as JSON.
+    async fn message_records(f: impl Future<Output = ()>) -> Vec<serde_json::Value> {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        {
+            // This test's thread only: the runtime is single-threaded.
+            let _guard = tracing::subscriber::set_default(subscriber);
+            f.await;
+        }
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("JSON log line"))
+            .filter(|record| record["target"] == "mailmoat::message")
+            .collect()
     }
 
     /// Reads exactly `expected.len()` bytes and checks them.
@@ -981,5 +1169,214 @@ mod tests {
         .await;
         assert_eq!(reason, CloseReason::ClientQuit);
         assert_eq!(errors, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pipelined_messages_are_each_logged_with_their_own_facts() {
+        let first = b"Subject: 1\r\n\r\none\r\n";
+        let second = b"Subject: 2\r\n\r\nthe second\r\n";
+        let records = message_records(async {
+            let (reason, _) = relay_configured("", |mut p| async move {
+                p.greet().await;
+                let batch = b"MAIL FROM:<alice@a.example>\r\nRCPT TO:<x@b.example>\r\n\
+                    RCPT TO:<y@b.example>\r\nDATA\r\n";
+                p.exchange(
+                    batch,
+                    b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n",
+                )
+                .await;
+                // The next transaction is pipelined behind the end of data:
+                // the receiver has not accepted alice's message yet when
+                // bob's MAIL is read.
+                let batch = [
+                    &first[..],
+                    b".\r\nMAIL FROM:<bob@a.example>\r\nRCPT TO:<z@b.example>\r\nDATA\r\n",
+                ]
+                .concat();
+                p.exchange(
+                    &batch,
+                    b"250 2.0.0 queued 1\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n",
+                )
+                .await;
+                let batch = [&second[..], b".\r\nQUIT\r\n"].concat();
+                p.exchange(&batch, b"250 2.0.0 queued 2\r\n221 2.0.0 Bye\r\n")
+                    .await;
+                assert_eq!(text(&rest(&mut p.client).await), "");
+            })
+            .await;
+            assert_eq!(reason, CloseReason::ClientQuit);
+        })
+        .await;
+        let facts: Vec<_> = records
+            .iter()
+            .map(|r| {
+                let f = &r["fields"];
+                (
+                    f["mail_from"].as_str().unwrap().to_owned(),
+                    f["recipients"].as_u64().unwrap(),
+                    f["size"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            facts,
+            [
+                ("alice@a.example".to_owned(), 2, first.len() as u64),
+                ("bob@a.example".to_owned(), 1, second.len() as u64),
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recipient_reply_after_rset_counts_for_its_own_transaction() {
+        let records = message_records(async {
+            relay_configured("", |mut p| async move {
+                p.greet().await;
+                // All pipelined: the replies to the first transaction come
+                // after the client has moved on to the second.
+                let batch = b"MAIL FROM:<old@a.example>\r\nRCPT TO:<x@b.example>\r\nRSET\r\n\
+                    MAIL FROM:<new@a.example>\r\nRCPT TO:<y@b.example>\r\nDATA\r\n";
+                let replies = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n\
+                    250 2.1.0 Ok\r\n550 5.1.1 no such user\r\n354 go\r\n";
+                p.exchange(batch, replies).await;
+                p.exchange(b"hi\r\n.\r\n", b"250 2.0.0 queued\r\n").await;
+            })
+            .await;
+        })
+        .await;
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0]["fields"]["mail_from"], "new@a.example");
+        assert_eq!(records[0]["fields"]["recipients"], 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn receiver_that_stops_reading_mid_data_gets_the_client_a_451() {
+        let toml = "[server]\nhostname = \"mx.proxy\"\n[timeouts]\nwrite = \"5s\"\n";
+        let (reason, _) = relay_configured(toml, |mut p| async move {
+            p.greet().await;
+            p.exchange(b"MAIL FROM:<a@b>\r\n", b"250 2.1.0 Ok\r\n")
+                .await;
+            p.exchange(b"RCPT TO:<c@d>\r\n", b"250 2.1.5 Ok\r\n").await;
+            p.exchange(b"DATA\r\n", b"354 go ahead\r\n").await;
+            // Far more than the pipes hold: the relay's writes to the
+            // receiver, which reads no more, run out of time.
+            let line = [b'x'; 998];
+            for _ in 0..1024 {
+                if p.client.write_all(&line).await.is_err() {
+                    break;
+                }
+                if p.client.write_all(b"\r\n").await.is_err() {
+                    break;
+                }
+            }
+            let _ = p.client.write_all(b".\r\n").await;
+            assert_eq!(
+                text(&rest(&mut p.client).await),
+                "451 4.4.2 mx.proxy receiver failed during the message, try again later\r\n"
+            );
+        })
+        .await;
+        assert_eq!(reason, CloseReason::UpstreamError);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nul_in_a_command_line_is_refused_and_never_forwarded() {
+        let (reason, errors) = relay_with(|mut p| async move {
+            p.greet().await;
+            p.client
+                .write_all(b"MAIL FROM:<a@b>\x00\r\nRCPT TO:<evil@x>\r\n")
+                .await
+                .unwrap();
+            expect_bytes(&mut p.client, b"500 5.5.2 NUL byte in command line\r\n").await;
+            expect_bytes(&mut p.upstream, b"RCPT TO:<evil@x>\r\n").await;
+            p.upstream
+                .write_all(b"503 5.5.1 need MAIL\r\n")
+                .await
+                .unwrap();
+            expect_bytes(&mut p.client, b"503 5.5.1 need MAIL\r\n").await;
+            p.exchange(b"QUIT\r\n", b"221 2.0.0 Bye\r\n").await;
+            assert_eq!(text(&rest(&mut p.upstream).await), "");
+        })
+        .await;
+        assert_eq!(reason, CloseReason::ClientQuit);
+        assert_eq!(errors, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nul_in_a_sasl_response_cancels_the_exchange() {
+        let (reason, errors) = relay_with(|mut p| async move {
+            p.greet().await;
+            p.exchange(b"AUTH LOGIN\r\n", b"334 VXNlcm5hbWU6\r\n").await;
+            p.client.write_all(b"dXNlcg\x00==\r\n").await.unwrap();
+            // The receiver gets SASL's cancel, and its answer is the client's.
+            expect_bytes(&mut p.upstream, b"*\r\n").await;
+            p.upstream
+                .write_all(b"501 5.7.0 cancelled\r\n")
+                .await
+                .unwrap();
+            expect_bytes(&mut p.client, b"501 5.7.0 cancelled\r\n").await;
+            p.exchange(b"QUIT\r\n", b"221 2.0.0 Bye\r\n").await;
+        })
+        .await;
+        assert_eq!(reason, CloseReason::ClientQuit);
+        assert_eq!(errors, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn smtpsmug_nul_endings_close_without_reaching_the_receiver() {
+        for ending in [&b"\r\n\x00.\r\n"[..], b"\r\n.\x00\r\n"] {
+            let (reason, errors) = relay_with(|mut p| async move {
+                p.greet().await;
+                p.exchange(b"MAIL FROM:<a@b>\r\n", b"250 2.1.0 Ok\r\n")
+                    .await;
+                p.exchange(b"RCPT TO:<c@d>\r\n", b"250 2.1.5 Ok\r\n").await;
+                p.exchange(b"DATA\r\n", b"354 go ahead\r\n").await;
+                let smuggled = [
+                    &b"Subject: s\r\n\r\nhi"[..],
+                    ending,
+                    b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nforged\r\n.\r\n",
+                ]
+                .concat();
+                p.client.write_all(&smuggled).await.unwrap();
+                assert_eq!(
+                    text(&rest(&mut p.client).await),
+                    "554 5.6.0 NUL byte in message content, closing\r\n"
+                );
+                let forwarded = rest(&mut p.upstream).await;
+                assert!(!forwarded.contains(&0), "{:?}", text(&forwarded));
+                assert!(!text(&forwarded).contains("evil"), "{:?}", text(&forwarded));
+            })
+            .await;
+            assert_eq!(reason, CloseReason::ProtocolError, "{ending:?}");
+            assert_eq!(errors, 1, "{ending:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shadow_mode_counts_a_message_over_the_rate_and_refuses_nothing() {
+        let toml =
+            "[server]\nshadow = true\n[limits]\nmessage_burst = 1\nrecipients_per_message = 1\n";
+        let (reason, metrics) = relay_configured(toml, |mut p| async move {
+            p.greet().await;
+            for _ in 0..2 {
+                p.exchange(b"MAIL FROM:<a@b>\r\n", b"250 2.1.0 Ok\r\n")
+                    .await;
+                p.exchange(b"RCPT TO:<c@d>\r\n", b"250 2.1.5 Ok\r\n").await;
+                p.exchange(b"RCPT TO:<e@f>\r\n", b"250 2.1.5 Ok\r\n").await;
+                p.exchange(b"RSET\r\n", b"250 2.0.0 Ok\r\n").await;
+            }
+            p.exchange(b"QUIT\r\n", b"221 2.0.0 Bye\r\n").await;
+        })
+        .await;
+        assert_eq!(reason, CloseReason::ClientQuit);
+        let text = metrics.render();
+        for (limit, hits) in [("message_rate", 1), ("recipients_per_message", 2)] {
+            let line = format!("mailmoat_rate_limit_hits_total{{limit=\"{limit}\"}} {hits}\n");
+            assert!(text.contains(&line), "no {line:?} in\n{text}");
+        }
+        let refused = text
+            .lines()
+            .find(|l| l.starts_with("mailmoat_messages_total{result=\"refused\"}"));
+        assert!(refused.is_none_or(|l| l.ends_with(" 0")), "{text}");
     }
 }

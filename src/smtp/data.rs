@@ -6,6 +6,10 @@
 //! receivers disagree on whether it ends the message, and that disagreement
 //! is how SMTP smuggling hides a second message (and commands the proxy would
 //! never see) inside the first.
+//!
+//! A NUL byte is refused anywhere in the content: RFC 5321 text never carries
+//! one, and a receiver that strips NULs would read `CRLF NUL . CRLF` or
+//! `CRLF . NUL CRLF` (from hannob/smtpsmug) as the end of data.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -28,6 +32,8 @@ pub enum DataEvent {
     End(usize),
     /// A dot line framed by bare CR/LF, at this byte offset.
     Smuggling(usize),
+    /// A NUL byte at this offset.
+    Nul(usize),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -49,8 +55,8 @@ impl DataScanner {
         let mut i = 0;
         while i < chunk.len() {
             if self.state == Mid {
-                // Inside a line only CR and LF matter: skip to the next one.
-                match memchr::memchr2(b'\r', b'\n', &chunk[i..]) {
+                // Inside a line only CR, LF and NUL matter: skip to the next one.
+                match memchr::memchr3(b'\r', b'\n', 0, &chunk[i..]) {
                     Some(skip) => i += skip,
                     None => return DataEvent::Continue,
                 }
@@ -58,6 +64,7 @@ impl DataScanner {
             let b = chunk[i];
             i += 1;
             self.state = match (self.state, b) {
+                (_, 0) => return DataEvent::Nul(i - 1),
                 (DotCr, b'\n') => {
                     *self = DataScanner::default();
                     return DataEvent::End(i);
@@ -117,5 +124,20 @@ mod tests {
         assert_eq!(scan_all(&[b"a\r.\r\n"]), [DataEvent::Smuggling(3)]);
         assert_eq!(scan_all(&[b"a\r.b\r\n"]), [DataEvent::Continue]);
         assert_eq!(scan_all(&[b"a\n.b\r\n"]), [DataEvent::Continue]);
+    }
+
+    #[test]
+    fn nul_anywhere_in_the_content_is_refused() {
+        // The two endings of hannob/smtpsmug that a NUL-stripping receiver
+        // would take for the end of data.
+        assert_eq!(scan_all(&[b"a\r\n\0.\r\n"]), [DataEvent::Nul(3)]);
+        assert_eq!(scan_all(&[b"a\r\n.\0\r\n"]), [DataEvent::Nul(4)]);
+        // Mid-line (the fast path), after a CR, at the very start.
+        assert_eq!(scan_all(&[b"abc\0def\r\n"]), [DataEvent::Nul(3)]);
+        assert_eq!(scan_all(&[b"a\r\0\n"]), [DataEvent::Nul(2)]);
+        assert_eq!(
+            scan_all(&[b"ab", b"\0"]),
+            [DataEvent::Continue, DataEvent::Nul(0)]
+        );
     }
 }

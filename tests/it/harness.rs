@@ -192,6 +192,14 @@ impl Raw {
         self.reader.get_mut().write_all(bytes).await.expect("send");
     }
 
+    /// Sends `bytes` within `WAIT`; an error (say, the server reset the
+    /// connection) is the caller's to judge.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        timeout(WAIT, self.reader.get_mut().write_all(bytes))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    }
+
     /// One whole reply (all lines of a multi-line one), or "" at EOF.
     pub async fn reply(&mut self) -> String {
         self.reply_within(WAIT).await.expect("reply in time")

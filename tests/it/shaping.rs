@@ -376,3 +376,54 @@ Message-ID: <abc123@sender.example>\r\nSubject: logged\r\n\r\nHello.\r\n";
     );
     let _ = timeout_at(deadline, child.wait()).await;
 }
+
+#[tokio::test]
+async fn allowlisted_client_skips_the_message_and_recipient_rates_and_is_never_banned() {
+    let sink = sink().await;
+    let dir = TempDir::new("allow-shaping");
+    let allow = dir.write("allow.txt", &format!("{CLIENT}\n"));
+    // Tight rates and a ban at the first violation or protocol error.
+    let toml = format!(
+        "[limits]\nmessage_burst = 2\nrecipient_burst = 3\nrecipients_per_message = 2\n\
+         [autoban]\nlimit_violations = 1\nprotocol_errors = 1\n\
+         [blocklist]\nfiles = []\nallowlist_files = [{:?}]\n",
+        allow.display().to_string()
+    );
+    let proxy = TestProxy::start(&toml, &[sink.addr()]).await;
+    let mut raw = session(CLIENT, proxy.addr).await;
+    for n in 0..4 {
+        deliver(&mut raw, &format!("Subject: {n}\r\n\r\nhello\r\n")).await;
+    }
+    assert_eq!(sink.delivered(), 4);
+    assert_eq!(
+        proxy.metric(r#"mailmoat_rate_limit_hits_total{limit="message_rate"}"#),
+        0.0
+    );
+    assert_eq!(
+        proxy.metric(r#"mailmoat_rate_limit_hits_total{limit="recipient_rate"}"#),
+        0.0
+    );
+
+    // The per-message cap is not a per-IP limit: it protects the receiver
+    // and holds for everyone. Hitting it, or breaking the protocol, bans
+    // no allowlisted client.
+    assert_eq!(
+        say(&mut raw, "MAIL FROM:<a@example.org>").await,
+        "250 2.1.0 Ok\r\n"
+    );
+    for rcpt in ["one", "two"] {
+        let reply = say(&mut raw, &format!("RCPT TO:<{rcpt}@example.net>")).await;
+        assert_eq!(reply, "250 2.1.5 Ok\r\n");
+    }
+    assert_eq!(
+        say(&mut raw, "RCPT TO:<three@example.net>").await,
+        TOO_MANY_RECIPIENTS
+    );
+    raw.send(b"NOOP \x00\r\n").await;
+    assert_eq!(raw.reply().await, "500 5.5.2 NUL byte in command line\r\n");
+    assert_eq!(say(&mut raw, "RSET").await, "250 2.0.0 Ok\r\n");
+
+    let (status, bans) = http_get(proxy.admin.unwrap(), "/admin/bans").await;
+    assert_eq!(status, 200, "{bans}");
+    assert!(!bans.contains(&CLIENT.to_string()), "{bans}");
+}
