@@ -1,8 +1,16 @@
 //! The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, and the
 //! operator's views: `/admin/lookup?ip=`, `/admin/top?n=`, `/admin/bans`
 //! (GET exports; POST and DELETE need the bearer token from
-//! `admin.token_file`, and are disabled without one).
+//! `admin.token_file`, and are disabled without one; the token is checked
+//! before any parameter is read).
+//!
+//! The listener is bounded like the SMTP side: at most [`MAX_CONNECTIONS`]
+//! sockets, the oldest idle one closed to make room once [`KEEP_OPEN`] are
+//! open (so a scrape gets in past slow or idle clients), request headers
+//! within [`HEADER_TIMEOUT`], every connection closed by
+//! [`CONNECTION_DEADLINE`], no request body.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,33 +18,59 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::bans::Bans;
+use crate::blocklist::Blocklist;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::session::Shared;
+use crate::session::registry::Registry;
+use crate::shaping::Shaping;
+use crate::supervisor::Supervisor;
 use crate::upstream;
 
-struct AdminState {
-    config: Arc<Config>,
-    metrics: Arc<Metrics>,
-    shared: Arc<Shared>,
+/// Most admin sockets open at once; one more is closed at accept. Counted
+/// in `descriptors::RESERVE`.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Past this many open connections, each new one makes the oldest close at
+/// its next idle point (at once if it has not sent a whole request header).
+pub const KEEP_OPEN: usize = 32;
+/// A request header must be complete this long after the connection opens
+/// or the previous response.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Every connection closes by then (after the request in progress, if it
+/// ends within [`CLOSE_GRACE`]), keep-alive or not.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// The endpoints read no body; a request announcing more is refused.
+pub const MAX_BODY: u64 = 1024;
+/// hyper's read buffer, which bounds a request head (8 KiB at least).
+const MAX_BUFFER: usize = 16 * 1024;
+
+/// What the admin endpoints read: handed over explicitly by the server.
+pub struct AdminState {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub blocklist: Arc<Blocklist>,
+    pub registry: Arc<Registry>,
+    pub shaping: Arc<Shaping>,
+    pub bans: Arc<Bans>,
+    /// Background tasks; one down makes `/readyz` unready.
+    pub tasks: Arc<Supervisor>,
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    config: Arc<Config>,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-) {
-    let metrics = shared.metrics.clone();
-    let app = Router::new()
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -46,17 +80,90 @@ pub async fn serve(
             "/admin/bans",
             get(export_bans).post(add_ban).delete(lift_ban),
         )
-        .with_state(Arc::new(AdminState {
-            config,
-            metrics,
-            shared,
-        }));
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %e, "admin listener failed");
+        .layer(middleware::from_fn(refuse_bodies))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `stop`; the connections end with it.
+pub async fn serve(listener: Arc<TcpListener>, app: Router, stop: CancellationToken) {
+    let mut connections = JoinSet::new();
+    // Open connections not yet told to close, oldest first.
+    let mut open: VecDeque<(tokio::task::Id, CancellationToken)> = VecDeque::new();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            Some(ended) = connections.join_next_with_id() => {
+                let id = match ended {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
+                open.retain(|(open_id, _)| *open_id != id);
+                continue;
+            }
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if connections.len() >= MAX_CONNECTIONS {
+            tracing::debug!("admin connection refused: {MAX_CONNECTIONS} open");
+            continue;
+        }
+        if open.len() >= KEEP_OPEN {
+            if let Some((_, oldest)) = open.pop_front() {
+                oldest.cancel();
+            }
+        }
+        let evict = CancellationToken::new();
+        let task = connections.spawn(connection(stream, app.clone(), evict.clone()));
+        open.push_back((task.id(), evict));
     }
+}
+
+/// One HTTP/1.1 connection, bounded in time.
+async fn connection(stream: TcpStream, app: Router, evict: CancellationToken) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_BUFFER);
+    let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    let mut conn = std::pin::pin!(conn);
+    let deadline = tokio::time::sleep(CONNECTION_DEADLINE);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = evict.cancelled() => {}
+        () = deadline => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+}
+
+/// No endpoint reads a body, so none may be sent: it would only sit in
+/// buffers.
+async fn refuse_bodies(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
+    let too_big = match declared {
+        Some(Some(length)) => length > MAX_BODY,
+        Some(None) => true,
+        None => request.headers().contains_key(header::TRANSFER_ENCODING),
+    };
+    if too_big {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "admin requests take no body\n",
+        )
+            .into_response();
+    }
+    next.run(request).await
 }
 
 async fn metrics_text(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
@@ -66,12 +173,24 @@ async fn metrics_text(State(state): State<Arc<AdminState>>) -> impl IntoResponse
     )
 }
 
-/// Ready when an upstream accepts a connection now.
+/// Ready when every background task runs and an upstream accepts a
+/// connection now.
 async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let down = state.tasks.down();
+    if !down.is_empty() {
+        let names: Vec<&str> = down.iter().map(|t| t.as_str()).collect();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("background task down: {}\n", names.join(", ")),
+        );
+    }
     if upstream::probe(&state.config.upstream, Duration::from_secs(1)).await {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no upstream reachable\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no upstream reachable\n".to_string(),
+        )
     }
 }
 
@@ -91,9 +210,8 @@ async fn lookup(
             "ip= must be an IPv4 or IPv6 address\n".to_string(),
         );
     };
-    let lists = state.shared.blocklist.load();
+    let lists = state.blocklist.load();
     let sessions = state
-        .shared
         .registry
         .by_ip()
         .get(&ip.to_canonical())
@@ -115,12 +233,12 @@ struct TopQuery {
 /// The IPs with the most open sessions and the most recent refusals.
 async fn top(State(state): State<Arc<AdminState>>, Query(q): Query<TopQuery>) -> impl IntoResponse {
     let n = q.n.unwrap_or(10).clamp(1, 1000);
-    let mut sessions: Vec<(IpAddr, usize)> = state.shared.registry.by_ip().into_iter().collect();
+    let mut sessions: Vec<(IpAddr, usize)> = state.registry.by_ip().into_iter().collect();
     sessions.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     sessions.truncate(n);
     let body = serde_json::json!({
         "sessions": sessions.iter().map(|(ip, count)| serde_json::json!({"ip": ip, "sessions": count})).collect::<Vec<_>>(),
-        "refusals": state.shared.shaping.top_refused(n).iter().map(|(ip, count)| serde_json::json!({"ip": ip, "refusals": count})).collect::<Vec<_>>(),
+        "refusals": state.shaping.top_refused(n).iter().map(|(ip, count)| serde_json::json!({"ip": ip, "refusals": count})).collect::<Vec<_>>(),
     });
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -129,7 +247,7 @@ async fn top(State(state): State<Arc<AdminState>>, Query(q): Query<TopQuery>) ->
 }
 
 async fn export_bans(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
-    state.shared.shaping.bans().export()
+    state.bans.export()
 }
 
 #[derive(serde::Deserialize)]
@@ -141,10 +259,10 @@ struct BanQuery {
 async fn add_ban(
     State(state): State<Arc<AdminState>>,
     headers: HeaderMap,
-    Query(q): Query<BanQuery>,
+    uri: Uri,
 ) -> (StatusCode, String) {
-    let net = match authorized_net(&state, &headers, &q) {
-        Ok(net) => net,
+    let (net, q) = match authorized_net(&state, &headers, &uri) {
+        Ok(found) => found,
         Err(refused) => return refused,
     };
     let ttl = match q.ttl.as_deref().map(crate::config::units::parse_duration) {
@@ -152,7 +270,7 @@ async fn add_ban(
         Some(Ok(ttl)) => ttl,
         Some(Err(e)) => return (StatusCode::BAD_REQUEST, format!("ttl=: {e}\n")),
     };
-    state.shared.shaping.bans().ban(net, ttl, "manual");
+    state.bans.ban(net, ttl, "manual");
     let ttl = humantime::format_duration(ttl);
     (StatusCode::OK, format!("banned {net} for {ttl}\n"))
 }
@@ -160,32 +278,36 @@ async fn add_ban(
 async fn lift_ban(
     State(state): State<Arc<AdminState>>,
     headers: HeaderMap,
-    Query(q): Query<BanQuery>,
+    uri: Uri,
 ) -> (StatusCode, String) {
-    let net = match authorized_net(&state, &headers, &q) {
-        Ok(net) => net,
+    let (net, _) = match authorized_net(&state, &headers, &uri) {
+        Ok(found) => found,
         Err(refused) => return refused,
     };
-    if state.shared.shaping.bans().lift(net) {
+    if state.bans.lift(net) {
         (StatusCode::OK, format!("lifted {net}\n"))
     } else {
         (StatusCode::NOT_FOUND, format!("no ban for {net}\n"))
     }
 }
 
-/// The network a ban mutation names, once the caller is authorized.
+/// The network a ban mutation names and its parameters, read only once
+/// the caller is authorized: a stranger learns nothing from a 400.
 fn authorized_net(
     state: &AdminState,
     headers: &HeaderMap,
-    q: &BanQuery,
-) -> Result<IpNet, (StatusCode, String)> {
+    uri: &Uri,
+) -> Result<(IpNet, BanQuery), (StatusCode, String)> {
     authorize(&state.config, headers)?;
-    crate::blocklist::parse_net(&q.ip).map_err(|_| {
+    let Query(q) = Query::<BanQuery>::try_from_uri(uri)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("{}\n", e.body_text())))?;
+    let net = crate::blocklist::parse_net(&q.ip).map_err(|_| {
         (
             StatusCode::BAD_REQUEST,
-            "ip= must be an IP or CIDR\n".into(),
+            "ip= must be an IP or CIDR\n".to_string(),
         )
-    })
+    })?;
+    Ok((net, q))
 }
 
 /// Checks `Authorization: Bearer <token>` against `admin.token_file`, read
