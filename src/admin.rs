@@ -11,6 +11,7 @@
 //! [`CONNECTION_DEADLINE`], no request body.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper::service::Service as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
@@ -45,6 +47,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// Past this many open connections, each new one makes the oldest close at
 /// its next idle point (at once if it has not sent a whole request header).
 pub const KEEP_OPEN: usize = 32;
+/// How long a connection past [`MAX_CONNECTIONS`] waits for one told to
+/// close to end.
+const MAKE_ROOM: Duration = Duration::from_millis(200);
 /// A request header must be complete this long after the connection opens
 /// or the previous response.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -94,10 +99,7 @@ pub async fn serve(listener: Arc<TcpListener>, app: Router, stop: CancellationTo
             biased;
             () = stop.cancelled() => return,
             Some(ended) = connections.join_next_with_id() => {
-                let id = match ended {
-                    Ok((id, ())) => id,
-                    Err(e) => e.id(),
-                };
+                let id = ended.map_or_else(|e| e.id(), |(id, ())| id);
                 open.retain(|(open_id, _)| *open_id != id);
                 continue;
             }
@@ -112,8 +114,19 @@ pub async fn serve(listener: Arc<TcpListener>, app: Router, stop: CancellationTo
             }
         };
         if connections.len() >= MAX_CONNECTIONS {
-            tracing::debug!("admin connection refused: {MAX_CONNECTIONS} open");
-            continue;
+            // Connections told to make room usually end at their next poll:
+            // give one that long before refusing.
+            let making_room = connections.len() > open.len();
+            let freed = match making_room {
+                true => tokio::time::timeout(MAKE_ROOM, connections.join_next_with_id()).await,
+                false => Ok(None),
+            };
+            let Ok(Some(ended)) = freed else {
+                tracing::debug!("admin connection refused: {MAX_CONNECTIONS} open");
+                continue;
+            };
+            let id = ended.map_or_else(|e| e.id(), |(id, ())| id);
+            open.retain(|(open_id, _)| *open_id != id);
         }
         if open.len() >= KEEP_OPEN {
             if let Some((_, oldest)) = open.pop_front() {
@@ -126,18 +139,33 @@ pub async fn serve(listener: Arc<TcpListener>, app: Router, stop: CancellationTo
     }
 }
 
-/// One HTTP/1.1 connection, bounded in time.
+/// One HTTP/1.1 connection, bounded in time. Told to make room, it closes
+/// at once if no request has reached a handler yet (hyper's graceful
+/// shutdown would wait for the first request head, however slow), else at
+/// its next idle point.
 async fn connection(stream: TcpStream, app: Router, evict: CancellationToken) {
+    let requested = Arc::new(AtomicBool::new(false));
+    let service = {
+        let (requested, app) = (requested.clone(), TowerToHyperService::new(app));
+        hyper::service::service_fn(move |request| {
+            requested.store(true, Ordering::Relaxed);
+            app.call(request)
+        })
+    };
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_BUFFER);
-    let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    let conn = http.serve_connection(TokioIo::new(stream), service);
     let mut conn = std::pin::pin!(conn);
     let deadline = tokio::time::sleep(CONNECTION_DEADLINE);
     tokio::select! {
         _ = conn.as_mut() => return,
-        () = evict.cancelled() => {}
+        () = evict.cancelled() => {
+            if !requested.load(Ordering::Relaxed) {
+                return;
+            }
+        }
         () = deadline => {}
     }
     conn.as_mut().graceful_shutdown();

@@ -1,16 +1,19 @@
 //! Integration tests: one binary, modules per capability.
 mod admin;
+mod admin_limits;
 mod admission;
 mod attack;
 mod bans;
 mod blocklist;
 mod cli;
 mod clients;
+mod descriptors;
 mod fuzz_corpus;
 mod harness;
 mod lists;
 mod relay;
 mod shaping;
 mod shutdown;
+mod supervision;
 mod timeouts;
 mod upstream;
