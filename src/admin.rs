@@ -94,6 +94,7 @@ pub async fn serve(listener: Arc<TcpListener>, app: Router, stop: CancellationTo
     let mut connections = JoinSet::new();
     // Open connections not yet told to close, oldest first.
     let mut open: VecDeque<(tokio::task::Id, CancellationToken)> = VecDeque::new();
+    let mut accept_failing = false;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -106,9 +107,17 @@ pub async fn serve(listener: Arc<TcpListener>, app: Router, stop: CancellationTo
             accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                if std::mem::take(&mut accept_failing) {
+                    tracing::info!("admin listener accepting again");
+                }
+                stream
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "admin accept failed");
+                // Said once per episode, like the SMTP accept loop.
+                if !std::mem::replace(&mut accept_failing, true) {
+                    tracing::warn!(error = %e, "admin accept failed; retrying every 50ms");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -116,10 +125,10 @@ pub async fn serve(listener: Arc<TcpListener>, app: Router, stop: CancellationTo
         if connections.len() >= MAX_CONNECTIONS {
             // Connections told to make room usually end at their next poll:
             // give one that long before refusing.
-            let making_room = connections.len() > open.len();
-            let freed = match making_room {
-                true => tokio::time::timeout(MAKE_ROOM, connections.join_next_with_id()).await,
-                false => Ok(None),
+            let freed = if connections.len() > open.len() {
+                tokio::time::timeout(MAKE_ROOM, connections.join_next_with_id()).await
+            } else {
+                Ok(None)
             };
             let Ok(Some(ended)) = freed else {
                 tracing::debug!("admin connection refused: {MAX_CONNECTIONS} open");
