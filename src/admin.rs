@@ -382,3 +382,50 @@ fn authorize(config: &Config, headers: &HeaderMap) -> Result<(), (StatusCode, St
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+
+    use super::*;
+    use crate::state::Core;
+    use crate::supervisor::Task;
+
+    #[tokio::test(start_paused = true)]
+    async fn readyz_names_a_background_task_that_is_down() {
+        let config = Arc::new(Config::default());
+        let metrics = Arc::new(Metrics::new());
+        let core = Core::build(&config, metrics.clone()).await;
+        let tasks = Arc::new(Supervisor::new(metrics.registry()));
+        let stop = CancellationToken::new();
+        tasks.spawn(Task::BanMaintenance, stop.clone(), || async {
+            panic!("test: the ban maintenance dies")
+        });
+        let app = TowerToHyperService::new(router(Arc::new(AdminState {
+            config,
+            metrics,
+            blocklist: core.blocklist.clone(),
+            registry: core.registry.clone(),
+            shaping: core.shaping.clone(),
+            bans: core.bans.clone(),
+            tasks: tasks.clone(),
+        })));
+        // Paused time: the task stays down through its first backoff.
+        for _ in 0..10_000 {
+            if !tasks.down().is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let request = Request::get("/readyz").body(Body::empty()).unwrap();
+        let response = app.call(request).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(&body[..], b"background task down: ban_maintenance\n");
+        stop.cancel();
+        tasks.wait().await;
+    }
+}
