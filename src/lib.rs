@@ -11,8 +11,11 @@
 //! - [`upstream`]: connecting to the receiver, with failover and PROXY.
 //!
 //! Around it: [`config`] (file → validated settings), [`server`]
-//! (wiring and graceful shutdown), [`admin`] (HTTP metrics and health),
-//! [`metrics`], and [`sink`], a built-in receiver for the demo and tests.
+//! (wiring and graceful shutdown) over [`state`] (the shared state, built
+//! once), [`supervisor`] (background tasks restarted when they die),
+//! [`descriptors`] (the SMTP side's open-file budget), [`admin`] (HTTP
+//! metrics and health), [`metrics`], and [`sink`], a built-in receiver for
+//! the demo and tests.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -21,6 +24,7 @@ pub mod bans;
 pub mod blocklist;
 pub mod config;
 pub mod demo;
+pub mod descriptors;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
@@ -32,6 +36,8 @@ pub mod shaping;
 pub mod shutdown;
 pub mod sink;
 pub mod smtp;
+pub mod state;
+pub mod supervisor;
 pub mod upstream;
 
 pub use config::Config;

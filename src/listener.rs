@@ -1,4 +1,5 @@
-//! Listening sockets and the accept loop.
+//! Listening sockets and the accept loop, which spends the SMTP side's
+//! descriptor budget ([`crate::descriptors`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::descriptors::Budget;
 use crate::proxy_protocol::canonical;
 use crate::session::{self, Shared};
 
@@ -30,28 +32,69 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Accepts until `stop`, each client in its own task on `tracker`.
+/// Accepts until `stop`, each client in its own task on `tracker`, while
+/// the descriptor budget has a slot for it: when it has none the loop
+/// waits (clients queue in the backlog) instead of failing on EMFILE.
+/// The listener is shared so a restarted loop accepts on the same socket.
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     config: Arc<Config>,
     shared: Arc<Shared>,
+    budget: Budget,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
+    // Both conditions last an episode; say so once at its start and once
+    // at its end, not once per client.
+    let mut budget_spent = false;
+    let mut accept_failing = false;
     loop {
+        let slot = match budget.try_session() {
+            Some(slot) => {
+                if std::mem::take(&mut budget_spent) {
+                    tracing::info!("descriptor budget has room again");
+                }
+                slot
+            }
+            None => {
+                if !budget_spent {
+                    budget_spent = true;
+                    tracing::warn!(
+                        budget = budget.size(),
+                        "descriptor budget spent: not accepting until sessions close"
+                    );
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    slot = budget.session() => slot,
+                }
+            }
+        };
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, addr)) => {
+                if std::mem::take(&mut accept_failing) {
+                    tracing::info!("accepting clients again");
+                }
                 shared.metrics.connections_accepted.inc();
-                tracker.spawn(handle(stream, addr, config.clone(), shared.clone()));
+                let (config, shared) = (config.clone(), shared.clone());
+                tracker.spawn(async move {
+                    handle(stream, addr, config, shared).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 // Out of descriptors or a reset before accept: back off
                 // briefly rather than spin on the same error.
-                tracing::warn!(error = %e, "accept failed");
+                if !accept_failing {
+                    accept_failing = true;
+                    tracing::warn!(error = %e, "accept failed; retrying every 50ms");
+                } else {
+                    tracing::debug!(error = %e, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -1,4 +1,10 @@
-//! The running proxy: listeners, admin endpoint, and graceful shutdown.
+//! The running proxy: listeners, admin endpoint, background tasks, and
+//! graceful shutdown.
+//!
+//! The shared state is built once ([`Core::build`]); every long-lived task
+//! (accept loops, admin listener, blocklist watcher and poller, ban
+//! maintenance, state sweep) runs under the [`Supervisor`], which restarts
+//! one that dies and holds `/readyz` unready meanwhile.
 //!
 //! Shutdown order (linkerd2-proxy's): stop accepting; tell sessions to
 //! drain (each closes at its next quiet point); wait up to
@@ -13,17 +19,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::Admission;
-use crate::bans::Bans;
-use crate::blocklist::sources::{SourceMetrics, Sources};
-use crate::blocklist::{self, Blocklist, Lists};
+use crate::admin::{self, AdminState};
+use crate::blocklist;
 use crate::config::Config;
+use crate::descriptors::{self, Budget};
+use crate::listener;
 use crate::metrics::Metrics;
-use crate::session::registry::Registry;
-use crate::session::CloseReason;
-use crate::session::Shared;
-use crate::shaping::Shaping;
-use crate::{admin, listener};
+use crate::state::Core;
+use crate::supervisor::{Supervisor, Task};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -40,6 +43,7 @@ pub struct Server {
     listeners: Vec<TcpListener>,
     admin: Option<TcpListener>,
     metrics: Arc<Metrics>,
+    budget: Budget,
 }
 
 impl Server {
@@ -65,6 +69,8 @@ impl Server {
             })?),
             None => None,
         };
+        let open_files = descriptors::soft_limit();
+        descriptors::warn_if_short(config.server.max_connections, open_files);
         let metrics = Arc::new(Metrics::new());
         for server in &config.upstream.servers {
             metrics.declare_upstream(&server.to_string());
@@ -74,6 +80,7 @@ impl Server {
             listeners,
             admin,
             metrics,
+            budget: Budget::under(open_files),
         })
     }
 
@@ -94,96 +101,81 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let live_lists = Arc::new(Blocklist::default());
-        let registry = Arc::new(Registry::default());
-        let sources = Arc::new(
-            Sources::new(
-                live_lists.clone(),
-                SourceMetrics::register(self.metrics.registry()),
-                kill_on_block(&self.config, registry.clone()),
-            )
-            .with_max_entries(self.config.blocklist.max_entries_per_source),
-        );
-        {
-            let (config, sources) = (self.config.clone(), sources.clone());
-            let _ =
-                tokio::task::spawn_blocking(move || blocklist::load_all(&config, &sources)).await;
-        }
-        let bans = Arc::new(Bans::new(
-            self.config.autoban.clone(),
-            self.config.server.shadow,
-            self.config.server.max_tracked_ips,
-            sources.clone(),
-            self.metrics.clone(),
-        ));
-        let shaping = Arc::new(Shaping::new(
-            &self.config,
-            bans.clone(),
-            self.metrics.clone(),
-        ));
-        let admission = Arc::new(Admission::new(
-            &self.config,
-            live_lists.clone(),
-            self.metrics.clone(),
-        ));
-        let shared = Arc::new(Shared {
-            metrics: self.metrics.clone(),
-            admission: admission.clone(),
-            shaping: shaping.clone(),
-            blocklist: live_lists,
-            registry: registry.clone(),
-            tarpit_slots: Arc::new(tokio::sync::Semaphore::new(
-                self.config.blocklist.tarpit_max,
-            )),
-            drain: CancellationToken::new(),
-            abort: CancellationToken::new(),
-        });
+        let config = self.config;
+        let core = Core::build(&config, self.metrics.clone()).await;
+        let shared = core.sessions.clone();
+        let tasks = Arc::new(Supervisor::new(self.metrics.registry()));
         let stop_accepting = CancellationToken::new();
+        // Ends every other background task, once the sessions are gone.
+        let stop_background = CancellationToken::new();
         let sessions = TaskTracker::new();
-        let mut background = tokio::task::JoinSet::new();
 
         for l in self.listeners {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "accepting SMTP clients");
             }
-            background.spawn(listener::accept_loop(
-                l,
-                self.config.clone(),
-                shared.clone(),
-                sessions.clone(),
-                stop_accepting.clone(),
-            ));
+            let l = Arc::new(l);
+            let (config, shared, budget) = (config.clone(), shared.clone(), self.budget.clone());
+            let (sessions, stop) = (sessions.clone(), stop_accepting.clone());
+            tasks.spawn(Task::SmtpAccept, stop_accepting.clone(), move || {
+                listener::accept_loop(
+                    l.clone(),
+                    config.clone(),
+                    shared.clone(),
+                    budget.clone(),
+                    sessions.clone(),
+                    stop.clone(),
+                )
+            });
         }
         if let Some(l) = self.admin {
             if let Ok(addr) = l.local_addr() {
                 tracing::info!(%addr, "admin listener (metrics, health)");
             }
-            let stop = shared.abort.clone();
-            background.spawn(admin::serve(l, self.config.clone(), shared.clone(), stop));
+            let l = Arc::new(l);
+            let app = admin::router(Arc::new(AdminState {
+                config: config.clone(),
+                metrics: self.metrics.clone(),
+                blocklist: core.blocklist.clone(),
+                registry: core.registry.clone(),
+                shaping: core.shaping.clone(),
+                bans: core.bans.clone(),
+                tasks: tasks.clone(),
+            }));
+            let stop = stop_background.clone();
+            tasks.spawn(Task::Admin, stop_background.clone(), move || {
+                admin::serve(l.clone(), app.clone(), stop.clone())
+            });
         }
 
-        background.spawn(blocklist::files::watch(
-            sources.clone(),
-            blocklist::file_sources(&self.config),
-        ));
-        if let Some(api) = self.config.blocklist.api.clone() {
-            background.spawn(blocklist::api::poll(sources.clone(), api));
+        {
+            let (sources, files) = (core.sources.clone(), blocklist::file_sources(&config));
+            tasks.spawn(Task::BlocklistFiles, stop_background.clone(), move || {
+                blocklist::files::watch(sources.clone(), files.clone())
+            });
         }
-        background.spawn(bans.clone().maintain(self.config.autoban.state.clone()));
-        let sweep_every = self.config.server.state_sweep;
-        background.spawn(async move {
-            let mut tick =
-                tokio::time::interval_at(tokio::time::Instant::now() + sweep_every, sweep_every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                admission.sweep(tokio::time::Instant::now());
-                shaping.sweep();
-            }
-        });
+        if let Some(api) = config.blocklist.api.clone() {
+            let sources = core.sources.clone();
+            tasks.spawn(Task::BlocklistApi, stop_background.clone(), move || {
+                blocklist::api::poll(sources.clone(), api.clone())
+            });
+        }
+        {
+            let (bans, state) = (core.bans.clone(), config.autoban.state.clone());
+            tasks.spawn(Task::BanMaintenance, stop_background.clone(), move || {
+                bans.clone().maintain(state.clone())
+            });
+        }
+        {
+            let (admission, shaping) = (core.admission.clone(), core.shaping.clone());
+            let every = config.server.state_sweep;
+            tasks.spawn(Task::StateSweep, stop_background.clone(), move || {
+                sweep(admission.clone(), shaping.clone(), every)
+            });
+        }
 
         shutdown.await;
-        let grace = self.config.server.shutdown_grace;
+        let grace = config.server.shutdown_grace;
         tracing::info!(sessions = sessions.len(), grace = ?grace, "shutting down: no new clients, draining sessions");
         stop_accepting.cancel();
         shared.drain.cancel();
@@ -197,39 +189,25 @@ impl Server {
             let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
         }
         shared.abort.cancel();
-        background.shutdown().await;
+        stop_background.cancel();
+        tasks.wait().await;
         // Bans made in the last moments are not lost with the process.
-        bans.save_now(self.config.autoban.state.as_deref());
+        core.bans.save_now(config.autoban.state.as_deref());
         tracing::info!("stopped");
     }
 }
 
-/// The hook run after each list swap: with `kill_on_block`, close the open
-/// sessions of clients the new lists block. Shadow mode only logs them.
-fn kill_on_block(config: &Config, registry: Arc<Registry>) -> Box<dyn Fn(&Lists) + Send + Sync> {
-    let (enabled, shadow) = (config.blocklist.kill_on_block, config.server.shadow);
-    Box::new(move |lists: &Lists| {
-        if !enabled {
-            return;
-        }
-        let newly_blocked = |ip| lists.is_blocked(ip) && !lists.is_allowed(ip);
-        if shadow {
-            let n = registry
-                .by_ip()
-                .into_keys()
-                .filter(|ip| newly_blocked(*ip))
-                .count();
-            if n > 0 {
-                tracing::info!(
-                    clients = n,
-                    "shadow: would close sessions of blocked clients"
-                );
-            }
-            return;
-        }
-        let n = registry.stop_matching(CloseReason::Blocked, newly_blocked);
-        if n > 0 {
-            tracing::info!(sessions = n, "closed sessions of newly blocked clients");
-        }
-    })
+/// Evicts idle per-IP state every `every`.
+async fn sweep(
+    admission: Arc<crate::admission::Admission>,
+    shaping: Arc<crate::shaping::Shaping>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        admission.sweep(tokio::time::Instant::now());
+        shaping.sweep();
+    }
 }

@@ -1,11 +1,13 @@
 //! Integration tests: one binary, modules per capability.
 mod admin;
+mod admin_limits;
 mod admission;
 mod attack;
 mod bans;
 mod blocklist;
 mod cli;
 mod clients;
+mod descriptors;
 mod door;
 mod fuzz_corpus;
 mod haproxy;
@@ -15,5 +17,6 @@ mod logs;
 mod relay;
 mod shaping;
 mod shutdown;
+mod supervision;
 mod timeouts;
 mod upstream;
