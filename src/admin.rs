@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bans::{Bans, Saved};
 use crate::blocklist::Blocklist;
 use crate::config::Config;
+use crate::lookup::Lookup;
 use crate::metrics::Metrics;
 use crate::session::registry::Registry;
 use crate::shaping::Shaping;
@@ -234,32 +235,42 @@ async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
 #[derive(serde::Deserialize)]
 struct LookupQuery {
     ip: String,
+    /// `json` for [`Lookup`] as JSON (what `mailmoat lookup` reads).
+    format: Option<String>,
 }
 
 /// What the live lists say about one address, and its open sessions.
 async fn lookup(
     State(state): State<Arc<AdminState>>,
     Query(q): Query<LookupQuery>,
-) -> impl IntoResponse {
+) -> axum::response::Response {
     let Ok(ip) = q.ip.trim().parse::<IpAddr>() else {
         return (
             StatusCode::BAD_REQUEST,
-            "ip= must be an IPv4 or IPv6 address\n".to_string(),
-        );
+            "ip= must be an IPv4 or IPv6 address\n",
+        )
+            .into_response();
     };
-    let lists = state.blocklist.load();
     let sessions = state
         .registry
         .by_ip()
         .get(&ip.to_canonical())
         .copied()
         .unwrap_or(0);
-    let mut text = format!("{ip}\n");
-    for line in lists.explain(ip) {
-        text.push_str(&format!("  {line}\n"));
+    let answer = Lookup::new(&state.blocklist.load(), ip, Some(sessions));
+    match q.format.as_deref() {
+        Some("json") => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&answer).unwrap_or_default(),
+        )
+            .into_response(),
+        None | Some("text") => answer.to_text().into_response(),
+        Some(_) => (
+            StatusCode::BAD_REQUEST,
+            "format= must be \"text\" or \"json\"\n",
+        )
+            .into_response(),
     }
-    text.push_str(&format!("  open sessions: {sessions}\n"));
-    (StatusCode::OK, text)
 }
 
 #[derive(serde::Deserialize)]

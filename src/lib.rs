@@ -16,18 +16,22 @@
 //! [`descriptors`] (the SMTP side's open-file budget), [`admin`] (HTTP
 //! metrics and health), [`metrics`], and [`sink`], a built-in receiver for
 //! the demo and tests.
+//! [`cli`] holds the operator's commands (`lookup`, `bans`), which talk to
+//! the admin API and share [`lookup`] with it.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod admission;
 pub mod bans;
 pub mod blocklist;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod descriptors;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
+pub mod lookup;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod server;

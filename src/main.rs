@@ -37,6 +37,25 @@ enum Cmd {
         #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
     },
+    /// Say whether an IP is blocked, and by which source and entry.
+    ///
+    /// Asks the running proxy (admin.listen in the config); when it does not
+    /// answer, reads the lists, the API cache and the ban state on disk. The
+    /// output says which answered.
+    #[command(after_help = EXIT_STATUS)]
+    Lookup {
+        ip: std::net::IpAddr,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Do not ask the running proxy; read the files on disk.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// List, add or remove bans in the running proxy.
+    Bans {
+        #[command(subcommand)]
+        command: BansCmd,
+    },
     /// Blocklist tools.
     Blocklist {
         #[command(subcommand)]
@@ -44,10 +63,48 @@ enum Cmd {
     },
 }
 
+const EXIT_STATUS: &str = "Exit status: 0 not blocked (or done), 1 blocked, 2 error (bad \
+arguments, a refused request, or neither the proxy nor the files could answer).";
+
+#[derive(Subcommand)]
+enum BansCmd {
+    /// Print the bans in force, in the blocklist text format (from the
+    /// running proxy, else from autoban.state).
+    #[command(after_help = EXIT_STATUS)]
+    List {
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Do not ask the running proxy; read autoban.state.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Ban an IP or CIDR (needs admin.token_file).
+    #[command(after_help = EXIT_STATUS)]
+    Add {
+        /// IP or CIDR.
+        net: String,
+        /// How long (default: autoban.ttl), e.g. "1h", "7d".
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Lift a ban (needs admin.token_file).
+    #[command(after_help = EXIT_STATUS)]
+    Remove {
+        /// IP or CIDR, as banned.
+        net: String,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
 #[derive(Subcommand)]
 enum BlocklistCmd {
-    /// Say which source and entry match an IP, offline (files and the API
-    /// cache, as the proxy would load them at start).
+    /// Say which source and entry match an IP, offline (files, the API
+    /// cache and the ban state, as the proxy would load them at start):
+    /// `mailmoat lookup --offline`.
+    #[command(after_help = EXIT_STATUS)]
     Check {
         /// The client address to look up.
         ip: std::net::IpAddr,
@@ -60,9 +117,10 @@ enum BlocklistCmd {
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
+        // 2, as for bad arguments: `lookup` keeps 1 for "blocked".
         Err(e) => {
             eprintln!("mailmoat: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }
@@ -87,12 +145,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_ansi(std::io::stderr().is_terminal())
                 .with_max_level(tracing::Level::WARN)
                 .init();
-            let lists = mailmoat::blocklist::load_offline(&config);
-            println!("{ip}");
-            for line in lists.explain(ip) {
-                println!("  {line}");
-            }
-            Ok(ExitCode::SUCCESS)
+            Ok(mailmoat::cli::lookup(&config, ip, true).into())
+        }
+        Cmd::Lookup {
+            ip,
+            config,
+            offline,
+        } => {
+            let config = load(config.as_deref())?;
+            init_tool_logging();
+            Ok(mailmoat::cli::lookup(&config, ip, offline).into())
+        }
+        Cmd::Bans { command } => {
+            let status = match command {
+                BansCmd::List { config, offline } => {
+                    let config = load(config.as_deref())?;
+                    init_tool_logging();
+                    mailmoat::cli::list_bans(&config, offline)
+                }
+                BansCmd::Add { net, ttl, config } => {
+                    mailmoat::cli::add_ban(&load(config.as_deref())?, &net, ttl)
+                }
+                BansCmd::Remove { net, config } => {
+                    mailmoat::cli::remove_ban(&load(config.as_deref())?, &net)
+                }
+            };
+            Ok(status.into())
         }
         Cmd::Demo { duration } => {
             let config = Config::from_toml("[log]\nlevel = \"error\"\n", Path::new("<demo>"))?;
@@ -127,10 +205,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn load(path: Option<&Path>) -> anyhow::Result<Config> {
-    Ok(match path {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    })
+    Ok(Config::load_or_defaults(path)?)
+}
+
+/// Warnings (an unreadable list, a bad line) on stderr, for the tools.
+fn init_tool_logging() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_max_level(tracing::Level::WARN)
+        .init();
 }
 
 fn init_logging(config: &Config) {

@@ -32,7 +32,7 @@ pub async fn connect(
 ) -> Result<TcpStream, UpstreamError> {
     let mut last = String::from("no servers configured");
     for server in &settings.servers {
-        match connect_one(settings, *server, client, local, write_timeout).await {
+        match connect_one(settings, server.addr, client, local, write_timeout).await {
             Ok(stream) => {
                 metrics.upstream_result(&server.to_string(), true);
                 return Ok(stream);
@@ -79,7 +79,7 @@ pub async fn probe(settings: &UpstreamSettings, limit: Duration) -> bool {
     let hello = proxy_protocol::health_check(settings.proxy_protocol);
     for server in &settings.servers {
         let wait = settings.connect_timeout.min(limit);
-        if let Ok(Ok(mut stream)) = timeout(wait, TcpStream::connect(server)).await {
+        if let Ok(Ok(mut stream)) = timeout(wait, TcpStream::connect(server.addr)).await {
             let _ = timeout(wait, stream.write_all(&hello)).await;
             return true;
         }

@@ -225,7 +225,7 @@ impl InProcessProxy {
             Config::from_toml(toml, Path::new("bench.toml")).expect("bench config is valid");
         config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
         config.admin.listen = None;
-        config.upstream.servers = vec![upstream];
+        config.upstream.servers = vec![upstream.into()];
         let server = runtime.block_on(Server::bind(config)).expect("proxy binds");
         let addr = server.listen_addrs()[0];
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

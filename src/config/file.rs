@@ -1,7 +1,14 @@
 //! The TOML file as written: every value optional, raw, with its span so a
 //! validation error can name the line. Unknown keys are refused here.
+//!
+//! [`parse`] reports every syntax error, unknown key and wrongly typed value
+//! at once: serde stops at the first, so each one found is recorded and its
+//! entry removed from the parsed document before deserializing again.
+
+use std::ops::Range;
 
 use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 pub type Raw<T> = Option<Spanned<T>>;
@@ -126,4 +133,91 @@ pub struct ApiFile {
     pub timeout: Raw<Scalar>,
     pub token_file: Raw<String>,
     pub cache: Raw<String>,
+}
+
+/// A problem found in the file: where, and what to say about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileProblem {
+    pub span: Option<Range<usize>>,
+    pub message: String,
+}
+
+/// Parses `text`, collecting every problem the structure of the file has;
+/// the entries at fault are left out, so the rest can still be validated.
+pub fn parse(text: &str) -> (FileConfig, Vec<FileProblem>) {
+    let (mut document, syntax) = DeTable::parse_recoverable(text);
+    let mut problems: Vec<FileProblem> = syntax
+        .iter()
+        .map(|e| FileProblem {
+            span: e.span(),
+            message: e.message().trim_end().to_string(),
+        })
+        .collect();
+    // Each pass removes one entry, so this ends; the bound is belt and braces.
+    let passes = count_entries(document.get_ref()) + 1;
+    for _ in 0..passes {
+        let de = toml::de::Deserializer::from(document.clone());
+        let error = match FileConfig::deserialize(de) {
+            Ok(raw) => return (raw, problems),
+            Err(e) => e,
+        };
+        let message = error
+            .message()
+            .trim_end()
+            .replacen("unknown field", "unknown key", 1);
+        let removed = error
+            .span()
+            .and_then(|span| remove_entry_at(document.get_mut(), &span, ""));
+        match removed {
+            Some((key, span)) => problems.push(FileProblem {
+                span: Some(span),
+                message: format!("{key}: {message}"),
+            }),
+            None => {
+                problems.push(FileProblem {
+                    span: error.span(),
+                    message,
+                });
+                break;
+            }
+        }
+    }
+    (FileConfig::default(), problems)
+}
+
+fn count_entries(table: &DeTable<'_>) -> usize {
+    table
+        .values()
+        .map(|v| match v.get_ref() {
+            DeValue::Table(t) => 1 + count_entries(t),
+            _ => 1,
+        })
+        .sum()
+}
+
+/// Removes the innermost `key = value` entry whose key or value holds
+/// `span`; returns its dotted path and the span of its key. Tables are
+/// searched whatever their own span (a `[header]` table spans its header).
+fn remove_entry_at(
+    table: &mut DeTable<'_>,
+    span: &Range<usize>,
+    prefix: &str,
+) -> Option<(String, Range<usize>)> {
+    let holds = |outer: Range<usize>| outer.start <= span.start && span.end <= outer.end;
+    let mut found = None;
+    for (key, value) in table.iter_mut() {
+        let path = format!("{prefix}{}", key.get_ref());
+        if let DeValue::Table(inner) = value.get_mut() {
+            if let Some(deeper) = remove_entry_at(inner, span, &format!("{path}.")) {
+                return Some(deeper);
+            }
+        }
+        if holds(key.span()) || holds(value.span()) {
+            found = Some((key.clone(), path, key.span()));
+            break;
+        }
+    }
+    let (key, path, key_span) = found?;
+    table.remove(&key);
+    Some((path, key_span))
 }

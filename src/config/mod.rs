@@ -5,18 +5,29 @@
 //! typed values (`Duration`, `SocketAddr`, byte counts) and collects *every*
 //! invalid value before failing, each error naming its file, line and key.
 //! Running code only ever sees a validated `Config`.
+//!
+//! Relative paths in a file are relative to the file's directory, so a
+//! config means the same whatever directory mailmoat is started from;
+//! without a file (the embedded defaults) they are relative to the current
+//! directory. [`Config::to_toml`] prints the effective config in a form
+//! that loads back into the same config.
 
+mod addr;
 mod file;
 pub mod units;
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Serialize;
 
+use addr::Resolve;
+pub use addr::UpstreamAddr;
 use file::{FileConfig, Raw, Scalar};
+use toml::Spanned;
 pub use units::Rate;
 
 /// The file shipped in `config/mailmoat.toml`, with every key documented.
@@ -40,9 +51,11 @@ pub struct ServerSettings {
     pub hostname: String,
     #[serde(serialize_with = "ser_duration")]
     pub shutdown_grace: Duration,
+    #[serde(serialize_with = "ser_big_int")]
     pub max_connections: usize,
     pub trusted_proxies: Vec<IpNet>,
     pub shadow: bool,
+    #[serde(serialize_with = "ser_big_int")]
     pub max_tracked_ips: usize,
     #[serde(serialize_with = "ser_duration")]
     pub state_sweep: Duration,
@@ -50,7 +63,9 @@ pub struct ServerSettings {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct UpstreamSettings {
-    pub servers: Vec<SocketAddr>,
+    /// Tried in order; a host name contributes each address it resolved to.
+    #[serde(serialize_with = "addr::serialize_names")]
+    pub servers: Vec<UpstreamAddr>,
     #[serde(serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
     pub proxy_protocol: ProxyProtocol,
@@ -80,7 +95,9 @@ pub struct Limits {
     pub recipient_rate: Rate,
     pub recipient_burst: u32,
     pub recipients_per_message: u32,
+    #[serde(serialize_with = "ser_size")]
     pub max_message_size: u64,
+    #[serde(serialize_with = "ser_big_int")]
     pub max_line_length: usize,
 }
 
@@ -112,6 +129,7 @@ pub struct BlocklistSettings {
     pub allowlist_files: Vec<PathBuf>,
     pub action: BlockAction,
     pub kill_on_block: bool,
+    #[serde(serialize_with = "ser_big_int")]
     pub tarpit_max: usize,
     #[serde(serialize_with = "ser_duration")]
     pub tarpit_time: Duration,
@@ -152,6 +170,7 @@ pub struct Timeouts {
     #[serde(serialize_with = "ser_duration")]
     pub command_line: Duration,
     /// Bytes per second a client must average during DATA.
+    #[serde(serialize_with = "ser_byte_rate")]
     pub data_min_rate: u64,
     #[serde(serialize_with = "ser_duration")]
     pub session: Duration,
@@ -161,6 +180,8 @@ pub struct Timeouts {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct AdminSettings {
+    /// None: no admin listener (`listen = ""`).
+    #[serde(serialize_with = "ser_optional_addr")]
     pub listen: Option<SocketAddr>,
     /// File holding the bearer token for mutating endpoints; none disables them.
     pub token_file: Option<PathBuf>,
@@ -187,21 +208,67 @@ fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
-/// Every problem found in a config file, one per line.
+/// TOML integers are i64; a larger count is written as a string, which
+/// loads back the same.
+fn ser_big_int<S: serde::Serializer>(n: &usize, s: S) -> Result<S::Ok, S::Error> {
+    match i64::try_from(*n) {
+        Ok(n) => s.serialize_i64(n),
+        Err(_) => s.serialize_str(&n.to_string()),
+    }
+}
+
+fn ser_size<S: serde::Serializer>(bytes: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_size(*bytes))
+}
+
+fn ser_byte_rate<S: serde::Serializer>(per_second: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}/s", format_size(*per_second)))
+}
+
+fn ser_optional_addr<S: serde::Serializer>(
+    addr: &Option<SocketAddr>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&addr.map_or(String::new(), |a| a.to_string()))
+}
+
+/// A byte count exactly, in the largest binary unit that divides it.
+fn format_size(bytes: u64) -> String {
+    for (unit, scale) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
+        if bytes >= scale && bytes % scale == 0 {
+            return format!("{}{unit}", bytes / scale);
+        }
+    }
+    bytes.to_string()
+}
+
+/// Why a config cannot be used. `Invalid` holds every problem in the file,
+/// one per line, each starting with `file:line:`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}; check the path given with -c")]
+    #[error("cannot read config file {}: {error}; check the path given with -c", .path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path}: {source}")]
-    Syntax {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
+    #[error("{}: {} in the config:\n{}", .origin.display(), plural(.problems.len(), "problem"), .problems.join("\n"))]
+    Invalid {
+        origin: PathBuf,
+        problems: Vec<String>,
     },
-    #[error("{}", .problems.join("\n"))]
-    Invalid { problems: Vec<String> },
+}
+
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("{n} {word}")
+    } else {
+        format!("{n} {word}s")
+    }
 }
 
 impl Default for Config {
@@ -212,31 +279,71 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Loads `path`; its relative paths are relative to its directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
-        Config::from_toml(&text, path)
+        let dir = std::path::absolute(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf));
+        Config::parse(&text, path, dir.as_deref(), &addr::system_resolve)
+    }
+
+    /// The config in `path`, or the embedded defaults with their relative
+    /// paths made absolute against the current directory, so the effective
+    /// config printed by `check-config` means the same from anywhere.
+    pub fn load_or_defaults(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(path) => Config::load(path),
+            None => {
+                let cwd = std::env::current_dir().ok();
+                Config::parse(
+                    "",
+                    Path::new("<defaults>"),
+                    cwd.as_deref(),
+                    &addr::system_resolve,
+                )
+            }
+        }
     }
 
     /// Parses and validates; `origin` names the file in error messages.
+    /// Relative paths stay relative to the current directory.
     pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
-        let raw: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Syntax {
-            path: origin.to_owned(),
-            source: Box::new(source),
-        })?;
+        Config::parse(text, origin, None, &addr::system_resolve)
+    }
+
+    /// Parses and validates, resolving relative paths against `base` and
+    /// upstream host names with `resolve`.
+    pub(crate) fn parse(
+        text: &str,
+        origin: &Path,
+        base: Option<&Path>,
+        resolve: Resolve<'_>,
+    ) -> Result<Config, ConfigError> {
+        let (raw, file_problems) = file::parse(text);
         let mut v = Validator {
             text,
             origin,
+            base,
+            resolve,
             problems: Vec::new(),
         };
+        for problem in file_problems {
+            v.problem_at(problem.span, problem.message);
+        }
         let config = v.config(raw);
         if v.problems.is_empty() {
             Ok(config)
         } else {
+            // In file order; problems without a line (a missing key) last.
+            v.problems
+                .sort_by_key(|(line, _)| line.unwrap_or(usize::MAX));
             Err(ConfigError::Invalid {
-                problems: v.problems,
+                origin: origin.to_owned(),
+                problems: v.problems.into_iter().map(|(_, p)| p).collect(),
             })
         }
     }
@@ -251,7 +358,11 @@ impl Config {
 struct Validator<'a> {
     text: &'a str,
     origin: &'a Path,
-    problems: Vec<String>,
+    /// Relative paths are joined to this, when set.
+    base: Option<&'a Path>,
+    resolve: Resolve<'a>,
+    /// Each problem with its line, when it has one.
+    problems: Vec<(Option<usize>, String)>,
 }
 
 impl Validator<'_> {
@@ -261,9 +372,14 @@ impl Validator<'_> {
         let u = raw.upstream;
         let l = raw.limits;
         let t = raw.timeouts;
+        let listen_span = s.listen.as_ref().map(Spanned::span);
+        let listen = self.addrs("server.listen", s.listen, &["127.0.0.1:2525"]);
+        let servers_span = u.servers.as_ref().map(Spanned::span);
+        let servers = self.upstreams(u.servers);
+        self.refuse_loops(&listen, listen_span, &servers, servers_span);
         let config = Config {
             server: ServerSettings {
-                listen: self.addrs("server.listen", s.listen, &["127.0.0.1:2525"]),
+                listen,
                 hostname: s
                     .hostname
                     .map_or_else(|| "localhost".into(), |h| h.into_inner()),
@@ -275,7 +391,7 @@ impl Validator<'_> {
                 state_sweep: self.duration("server.state_sweep", s.state_sweep, "10s"),
             },
             upstream: UpstreamSettings {
-                servers: self.addrs("upstream.servers", u.servers, &["127.0.0.1:25"]),
+                servers,
                 connect_timeout: self.duration("upstream.connect_timeout", u.connect_timeout, "5s"),
                 proxy_protocol: self.parse(
                     "upstream.proxy_protocol",
@@ -378,11 +494,7 @@ impl Validator<'_> {
             },
             autoban: AutobanSettings {
                 ttl: self.duration("autoban.ttl", raw.autoban.ttl, "1h"),
-                state: raw
-                    .autoban
-                    .state
-                    .map(|p| PathBuf::from(p.into_inner()))
-                    .filter(|p| !p.as_os_str().is_empty()),
+                state: self.optional_path(raw.autoban.state),
                 early_talker: self.parse(
                     "autoban.early_talker",
                     raw.autoban.early_talker,
@@ -429,11 +541,7 @@ impl Validator<'_> {
                 ),
             },
             admin: AdminSettings {
-                token_file: raw
-                    .admin
-                    .token_file
-                    .map(|p| PathBuf::from(p.into_inner()))
-                    .filter(|p| !p.as_os_str().is_empty()),
+                token_file: self.optional_path(raw.admin.token_file),
                 listen: match raw.admin.listen {
                     Some(text) if text.get_ref().as_str() == Some("") => None,
                     raw_listen => {
@@ -479,9 +587,12 @@ impl Validator<'_> {
         );
         match ttl_span {
             Some(span) => self.problem("autoban.ttl", span, &message),
-            None => self.problems.push(format!(
-                "{}: autoban.ttl (default) = {message}",
-                self.origin.display()
+            None => self.problems.push((
+                None,
+                format!(
+                    "{}: autoban.ttl (default) = {message}",
+                    self.origin.display()
+                ),
             )),
         }
     }
@@ -491,14 +602,10 @@ impl Validator<'_> {
     }
 
     fn size(&mut self, key: &str, raw: Raw<Scalar>, default: &str) -> u64 {
-        let value = self.parse(key, raw, default, units::parse_size);
-        if value == 0 {
-            self.problems.push(format!(
-                "{}: {key} must be greater than zero",
-                self.origin.display()
-            ));
-        }
-        value
+        self.parse(key, raw, default, |s| match units::parse_size(s)? {
+            0 => Err("must be greater than zero".into()),
+            n => Ok(n),
+        })
     }
 
     fn api(&mut self, api: file::ApiFile) -> ApiSettings {
@@ -518,10 +625,10 @@ impl Validator<'_> {
                 String::new()
             }
             None => {
-                self.problems.push(format!(
-                    "{}: [blocklist.api] needs url = \"https://…\" (or remove the section)",
-                    self.origin.display()
-                ));
+                self.problem_at(
+                    None,
+                    "[blocklist.api] needs url = \"https://…\" (or remove the section)".into(),
+                );
                 String::new()
             }
         };
@@ -529,11 +636,11 @@ impl Validator<'_> {
             url,
             interval: self.duration("blocklist.api.interval", api.interval, "10s"),
             timeout: self.duration("blocklist.api.timeout", api.timeout, "10s"),
-            token_file: api.token_file.map(|t| PathBuf::from(t.into_inner())),
-            cache: api.cache.map_or_else(
-                || PathBuf::from("/var/lib/mailmoat/api-cache.txt"),
-                |c| PathBuf::from(c.into_inner()),
-            ),
+            token_file: self.optional_path(api.token_file),
+            cache: self.path(api.cache.map_or_else(
+                || "/var/lib/mailmoat/api-cache.txt".into(),
+                Spanned::into_inner,
+            )),
         }
     }
 
@@ -552,8 +659,74 @@ impl Validator<'_> {
 
     fn paths(&mut self, raw: Raw<Vec<String>>, default: &[&str]) -> Vec<PathBuf> {
         match raw {
-            Some(raw) => raw.into_inner().into_iter().map(PathBuf::from).collect(),
-            None => default.iter().map(PathBuf::from).collect(),
+            Some(raw) => raw.into_inner().into_iter().map(|p| self.path(p)).collect(),
+            None => default.iter().map(|p| self.path((*p).into())).collect(),
+        }
+    }
+
+    /// A path; empty means none.
+    fn optional_path(&self, raw: Raw<String>) -> Option<PathBuf> {
+        raw.map(Spanned::into_inner)
+            .filter(|p| !p.is_empty())
+            .map(|p| self.path(p))
+    }
+
+    /// `path` as the running process must open it: relative to the
+    /// config file's directory when there is one.
+    fn path(&self, path: String) -> PathBuf {
+        let path = PathBuf::from(path);
+        match self.base {
+            Some(base) if path.is_relative() => base.join(path),
+            _ => path,
+        }
+    }
+
+    /// The upstream servers, host names resolved now.
+    fn upstreams(&mut self, raw: Raw<Vec<String>>) -> Vec<UpstreamAddr> {
+        const KEY: &str = "upstream.servers";
+        let Some(raw) = raw else {
+            return vec![UpstreamAddr::from(SocketAddr::from(([127, 0, 0, 1], 25)))];
+        };
+        let span = raw.span();
+        let written = raw.into_inner();
+        if written.is_empty() {
+            self.problem(KEY, span.clone(), "needs at least one address");
+        }
+        let mut servers = Vec::new();
+        for text in written {
+            match addr::upstream(&text, self.resolve) {
+                Ok(addrs) => servers.extend(addrs),
+                Err(e) => self.problem(KEY, span.clone(), &format!("{text:?}: {e}")),
+            }
+        }
+        servers
+    }
+
+    /// An upstream that is one of our own listeners would have mailmoat
+    /// relay every client to itself until the caps refuse them all.
+    fn refuse_loops(
+        &mut self,
+        listen: &[SocketAddr],
+        listen_span: Option<Range<usize>>,
+        servers: &[UpstreamAddr],
+        servers_span: Option<Range<usize>>,
+    ) {
+        for server in servers {
+            let Some(own) = listen.iter().find(|l| addr::reaches(**l, server.addr)) else {
+                continue;
+            };
+            let listener = match &listen_span {
+                Some(span) => format!("server.listen = \"{own}\" (line {})", self.line(span)),
+                None => format!("the default server.listen = \"{own}\""),
+            };
+            let message = format!(
+                "{:?} ({}) is mailmoat's own listener, {listener}: clients would be relayed to mailmoat itself in a loop; point upstream.servers at the receiver (Postfix, Exim)",
+                server.name, server.addr
+            );
+            match &servers_span {
+                Some(span) => self.problem("upstream.servers", span.clone(), &message),
+                None => self.problem_at(None, format!("the default upstream.servers = {message}")),
+            }
         }
     }
 
@@ -580,8 +753,11 @@ impl Validator<'_> {
                 .collect();
         };
         let span = raw.span();
-        let addrs: Vec<SocketAddr> = raw
-            .into_inner()
+        let written = raw.into_inner();
+        if written.is_empty() {
+            self.problem(key, span.clone(), "needs at least one address");
+        }
+        written
             .iter()
             .filter_map(|a| match a.parse() {
                 Ok(addr) => Some(addr),
@@ -596,11 +772,7 @@ impl Validator<'_> {
                     None
                 }
             })
-            .collect();
-        if addrs.is_empty() {
-            self.problem(key, span, "needs at least one address");
-        }
-        addrs
+            .collect()
     }
 
     /// Parses `raw` (or `default` when the key is absent) with `parse`,
@@ -626,15 +798,31 @@ impl Validator<'_> {
         parse(default).expect("valid default")
     }
 
-    fn problem(&mut self, key: &str, span: std::ops::Range<usize>, message: &str) {
-        let line = self.text[..span.start.min(self.text.len())]
-            .matches('\n')
+    fn problem(&mut self, key: &str, span: Range<usize>, message: &str) {
+        self.problem_at(Some(span), format!("{key} = {message}"));
+    }
+
+    /// Records `message`, prefixed with `file:line:` (or `file:` without a span).
+    fn problem_at(&mut self, span: Option<Range<usize>>, message: String) {
+        let origin = self.origin.display();
+        match span {
+            Some(span) => {
+                let line = self.line(&span);
+                self.problems
+                    .push((Some(line), format!("{origin}:{line}: {message}")));
+            }
+            None => self.problems.push((None, format!("{origin}: {message}"))),
+        }
+    }
+
+    /// The 1-based line where `span` starts.
+    fn line(&self, span: &Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
             .count()
-            + 1;
-        self.problems.push(format!(
-            "{}:{line}: {key} = {message}",
-            self.origin.display()
-        ));
+            + 1
     }
 }
 
@@ -662,10 +850,56 @@ fn nonzero_rate(rate: Rate) -> Result<Rate, String> {
 mod tests {
     use super::*;
 
+    /// Resolves `mx.test` offline; nothing else.
+    fn fake_resolve(text: &str) -> Result<Vec<SocketAddr>, String> {
+        match text.rsplit_once(':') {
+            Some(("mx.test", port)) => {
+                let port: u16 = port.parse().map_err(|_| "bad port".to_string())?;
+                Ok(vec![
+                    SocketAddr::from(([192, 0, 2, 25], port)),
+                    SocketAddr::from(([192, 0, 2, 26], port)),
+                ])
+            }
+            _ => Err("no such host".into()),
+        }
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("m.toml"), None, &fake_resolve)
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    /// `to_toml` of a config, parsed again, gives the same `to_toml`.
+    fn assert_round_trips(config: &Config) {
+        let printed = config.to_toml();
+        let again = parse(&printed).unwrap_or_else(|e| panic!("{e}\nin\n{printed}"));
+        assert_eq!(again.to_toml(), printed);
+    }
+
     #[test]
     fn shipped_config_is_valid_and_matches_embedded_defaults() {
-        let shipped = Config::from_toml(SHIPPED_CONFIG, Path::new("config/mailmoat.toml")).unwrap();
-        assert_eq!(shipped.to_toml(), Config::default().to_toml());
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let shipped = Config::parse(
+            SHIPPED_CONFIG,
+            Path::new("config/mailmoat.toml"),
+            Some(&root.join("config")),
+            &addr::system_resolve,
+        )
+        .unwrap();
+        let defaults = Config::parse(
+            "",
+            Path::new("<defaults>"),
+            Some(root),
+            &addr::system_resolve,
+        )
+        .unwrap();
+        assert_eq!(shipped.to_toml(), defaults.to_toml());
     }
 
     #[test]
@@ -715,7 +949,240 @@ mod tests {
         let err = Config::from_toml("[timeouts]\nidel = \"3s\"\n", Path::new("m.toml"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("idel"), "{err}");
-        assert!(err.contains("line 2"), "{err}");
+        assert!(
+            err.contains("m.toml:2: timeouts.idel: unknown key"),
+            "{err}"
+        );
+    }
+
+    /// Regression: serde stopped at the first unknown key or wrong type, so
+    /// an operator fixed a file one error per run.
+    #[test]
+    fn unknown_keys_wrong_types_and_bad_values_are_all_reported_once_in_file_order() {
+        let text = "[server]\nlisten = [\"127.0.0.1:2525\"]\nshadow = \"yes\"\nlisen = 1\n\
+                    [limits]\nmax_message_size = 0\n[nonsense]\nx = 1\n\
+                    [timeouts]\nidle = \"3x\"\nidel = \"1s\"\n";
+        assert_eq!(
+            problems(text),
+            [
+                "m.toml:3: server.shadow: invalid type: string \"yes\", expected a boolean",
+                "m.toml:4: server.lisen: unknown key `lisen`, expected one of `listen`, \
+                 `hostname`, `shutdown_grace`, `max_connections`, `trusted_proxies`, `shadow`, \
+                 `max_tracked_ips`, `state_sweep`",
+                "m.toml:6: limits.max_message_size = \"0\": must be greater than zero",
+                "m.toml:7: nonsense: unknown key `nonsense`, expected one of `server`, \
+                 `upstream`, `limits`, `timeouts`, `blocklist`, `autoban`, `admin`, `log`",
+                "m.toml:10: timeouts.idle = \"3x\": unknown time unit \"x\", supported units: \
+                 ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few \
+                 variations); write a duration such as \"500ms\", \"30s\" or \"10m\"",
+                "m.toml:11: timeouts.idel: unknown key `idel`, expected one of `greet_pause`, \
+                 `greet_pass_ttl`, `proxy_header`, `idle`, `command_line`, `data_min_rate`, \
+                 `session`, `write`",
+            ]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_reported_with_their_line_and_the_rest_still_checked() {
+        let text = "[timeouts]\nidle = \"3x\"\nsession = \n[server]\nshadow = maybe\n";
+        let found = problems(text);
+        assert!(
+            found[0].starts_with("m.toml:2: timeouts.idle = \"3x\""),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|p| p.starts_with("m.toml:3: ")),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|p| p.starts_with("m.toml:5: ")),
+            "{found:?}"
+        );
+    }
+
+    /// Regression: the header said "N problems" once; the message carried
+    /// its cause again (printed twice by `{e:#}`).
+    #[test]
+    fn a_config_error_is_said_once() {
+        let err = parse("[timeouts\n").unwrap_err();
+        assert!(std::error::Error::source(&err).is_none());
+        let text = err.to_string();
+        assert_eq!(text.matches("unclosed table").count(), 1, "{text}");
+        assert!(
+            text.starts_with("m.toml: 1 problem in the config:\nm.toml:1: "),
+            "{text}"
+        );
+    }
+
+    /// Regression: `data_min_rate = 1024` was printed, which does not load
+    /// ("missing '/'").
+    #[test]
+    fn effective_defaults_load_back_unchanged() {
+        let defaults = Config::default();
+        assert!(defaults.to_toml().contains("data_min_rate = \"1KiB/s\""));
+        assert_round_trips(&defaults);
+    }
+
+    #[test]
+    fn effective_config_with_every_key_set_loads_back_unchanged() {
+        let text = r#"
+            [server]
+            listen = ["0.0.0.0:25", "[::]:25"]
+            hostname = "mx.example.net"
+            shutdown_grace = "5s"
+            max_connections = 500
+            trusted_proxies = ["10.0.0.0/8", "2001:db8::1"]
+            shadow = true
+            max_tracked_ips = 5000
+            state_sweep = "1m"
+            [upstream]
+            servers = ["mx.test:10025", "192.0.2.9:25", "[2001:db8::25]:25"]
+            connect_timeout = "1500ms"
+            proxy_protocol = "v2"
+            [limits]
+            per_ip_connections = 3
+            per_prefix_connections = 7
+            ipv4_prefix = 16
+            ipv6_prefix = 48
+            connection_rate = "5/s"
+            connection_burst = 2
+            message_rate = "10/hour"
+            message_burst = 3
+            recipient_rate = "100/1h 30m"
+            recipient_burst = 9
+            recipients_per_message = 20
+            max_message_size = 1000000
+            max_line_length = "4KiB"
+            [timeouts]
+            greet_pause = "6s"
+            greet_pass_ttl = "2h"
+            proxy_header = "2s"
+            idle = "45s"
+            command_line = "20s"
+            data_min_rate = "1KiB/10s"
+            session = "20m"
+            write = "15s"
+            [blocklist]
+            files = ["/etc/mailmoat/block.txt", "/etc/mailmoat/more.txt"]
+            allowlist_files = ["/etc/mailmoat/allow.txt"]
+            action = "tarpit"
+            kill_on_block = false
+            tarpit_max = 7
+            tarpit_time = "3s"
+            [blocklist.api]
+            url = "https://blocklist.example.net/v1/list"
+            interval = "30s"
+            timeout = "4s"
+            token_file = "/etc/mailmoat/api-token"
+            cache = "/var/cache/mailmoat/api.txt"
+            [autoban]
+            ttl = "2h"
+            state = "/var/lib/mailmoat/bans.txt"
+            early_talker = 2
+            auth_failures = 0
+            limit_violations = 5
+            protocol_errors = 3
+            window = "5m"
+            [admin]
+            listen = ""
+            token_file = "/etc/mailmoat/admin-token"
+            [log]
+            format = "json"
+            level = "mailmoat=debug"
+        "#;
+        let config = parse(text).unwrap();
+        let printed = config.to_toml();
+        let defaults = Config::default().to_toml();
+        // Every key differs from its default, so each is printed and checked.
+        for line in printed.lines().filter(|l| l.contains(" = ")) {
+            assert!(!defaults.lines().any(|d| d == line), "{line} is a default");
+        }
+        let table: toml::Table = printed.parse().unwrap();
+        assert_eq!(
+            table["upstream"]["servers"],
+            toml::Value::from(vec!["mx.test:10025", "192.0.2.9:25", "[2001:db8::25]:25"])
+        );
+        assert_eq!(table["admin"]["listen"], toml::Value::from(""));
+        assert_round_trips(&config);
+    }
+
+    /// Regression: `servers = ["localhost:10025"]` was refused.
+    #[test]
+    fn upstream_host_names_resolve_at_load_and_print_as_written() {
+        let config = parse("[upstream]\nservers = [\"mx.test:10025\"]\n").unwrap();
+        let addrs: Vec<String> = config
+            .upstream
+            .servers
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(addrs, ["192.0.2.25:10025", "192.0.2.26:10025"]);
+        assert!(config.to_toml().contains("servers = [\"mx.test:10025\"]"));
+        assert_eq!(
+            problems("\n[upstream]\nservers = [\"nowhere.test:25\"]\n"),
+            ["m.toml:3: upstream.servers = \"nowhere.test:25\": cannot resolve \"nowhere.test\" \
+              (no such host); names are resolved when the config is loaded, so fix the name or \
+              write the IP"]
+        );
+    }
+
+    /// Regression: an upstream equal to a listener was accepted, and every
+    /// client was relayed back into mailmoat.
+    #[test]
+    fn an_upstream_that_is_a_listener_is_refused_naming_both_keys() {
+        let exact =
+            "[server]\nlisten = [\"127.0.0.1:2525\"]\n[upstream]\nservers = [\"127.0.0.1:2525\"]\n";
+        let found = problems(exact);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("m.toml:4: upstream.servers = \"127.0.0.1:2525\""),
+            "{found:?}"
+        );
+        assert!(
+            found[0].contains("server.listen = \"127.0.0.1:2525\" (line 2)"),
+            "{found:?}"
+        );
+
+        let wildcard =
+            "[server]\nlisten = [\"0.0.0.0:2600\"]\n[upstream]\nservers = [\"127.0.0.1:2600\"]\n";
+        assert_eq!(problems(wildcard).len(), 1);
+        // The default listener is 127.0.0.1:2525.
+        let default_listener = "[upstream]\nservers = [\"127.0.0.1:2525\"]\n";
+        assert!(problems(default_listener)[0].contains("the default server.listen"));
+        let elsewhere =
+            "[server]\nlisten = [\"0.0.0.0:25\"]\n[upstream]\nservers = [\"192.0.2.9:25\"]\n";
+        assert!(parse(elsewhere).is_ok());
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config_directory() {
+        let text = "[blocklist]\nfiles = [\"lists/block.txt\", \"/abs/block.txt\"]\n\
+                    allowlist_files = [\"allow.txt\"]\n[blocklist.api]\nurl = \"https://x.test/\"\n\
+                    token_file = \"api-token\"\ncache = \"cache.txt\"\n\
+                    [autoban]\nstate = \"bans.txt\"\n[admin]\ntoken_file = \"admin-token\"\n";
+        let base = Path::new("/etc/mailmoat");
+        let config = Config::parse(text, Path::new("m.toml"), Some(base), &fake_resolve).unwrap();
+        assert_eq!(
+            config.blocklist.files,
+            [
+                base.join("lists/block.txt"),
+                PathBuf::from("/abs/block.txt")
+            ]
+        );
+        assert_eq!(config.blocklist.allowlist_files, [base.join("allow.txt")]);
+        let api = config.blocklist.api.as_ref().unwrap();
+        assert_eq!(api.token_file.as_deref(), Some(&*base.join("api-token")));
+        assert_eq!(api.cache, base.join("cache.txt"));
+        assert_eq!(
+            config.autoban.state.as_deref(),
+            Some(&*base.join("bans.txt"))
+        );
+        assert_eq!(
+            config.admin.token_file.as_deref(),
+            Some(&*base.join("admin-token"))
+        );
+        // Without a file, relative to the current directory, as written.
+        let plain = parse(text).unwrap();
+        assert_eq!(plain.blocklist.files[0], PathBuf::from("lists/block.txt"));
     }
 }

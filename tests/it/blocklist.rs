@@ -514,25 +514,18 @@ fn ipv6_64_entries_match_addresses_inside_them_only() {
     }
 }
 
-/// Runs `mailmoat blocklist check IP -c CONFIG`; returns its stdout.
-async fn blocklist_check(ip: &str, config: &Path) -> String {
-    let output = tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_mailmoat"))
-            .args(["blocklist", "check", ip, "-c"])
-            .arg(config)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("mailmoat exits in time")
-    .expect("mailmoat runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+/// Runs `mailmoat blocklist check IP -c CONFIG`; returns its exit status
+/// and stdout.
+async fn blocklist_check(ip: &str, config: &Path) -> (Option<i32>, String) {
+    let run = mailmoat_run(&[
+        "blocklist".as_ref(),
+        "check".as_ref(),
+        ip.as_ref(),
+        "-c".as_ref(),
+        config.as_os_str(),
+    ])
+    .await;
+    (run.code, run.stdout)
 }
 
 #[tokio::test]
@@ -542,14 +535,21 @@ async fn blocklist_check_prints_the_matching_source_and_entry() {
     let config = dir.write("mailmoat.toml", &lists_toml(&[&list], &[], "", ""));
     assert_eq!(
         blocklist_check("2001:db8:1:2::99", &config).await,
-        format!(
-            "2001:db8:1:2::99\n  blocked by {} entry 2001:db8:1:2::/64\n",
-            list.display()
+        (
+            Some(1),
+            format!(
+                "2001:db8:1:2::99\n  blocked by {} entry 2001:db8:1:2::/64\n  \
+                 (offline: the lists and bans on disk)\n",
+                list.display()
+            )
         )
     );
     assert_eq!(
         blocklist_check("2001:db8:1:3::1", &config).await,
-        "2001:db8:1:3::1\n  not listed\n"
+        (
+            Some(0),
+            "2001:db8:1:3::1\n  not listed\n  (offline: the lists and bans on disk)\n".into()
+        )
     );
 }
 

@@ -37,7 +37,7 @@ pub fn config(toml: &str, upstreams: &[SocketAddr]) -> Config {
     let mut config = Config::from_toml(toml, Path::new("test.toml")).expect("test config is valid");
     config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
     config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
-    config.upstream.servers = upstreams.to_vec();
+    config.upstream.servers = upstreams.iter().map(|&a| a.into()).collect();
     config
 }
 
@@ -400,4 +400,24 @@ pub async fn mailmoat_output(args: &[&str]) -> (bool, String) {
         output.status.success(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// What a run of the binary left: exit status, stdout, stderr.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the binary to completion with `args`.
+pub async fn mailmoat_run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
+    let output = timeout(WAIT, mailmoat().args(args).output())
+        .await
+        .expect("mailmoat exits in time")
+        .expect("mailmoat runs");
+    Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
 }
