@@ -115,10 +115,10 @@ pub async fn watch(sources: Arc<Sources>, files: Vec<FileSource>) {
 fn start_watcher(changes: Arc<Changes>) -> Option<notify::RecommendedWatcher> {
     let callback = {
         let changes = changes.clone();
-        move |event: notify::Result<notify::Event>| match event {
-            Ok(event) => changes.note(&event),
-            // The watcher lost events: any target may have changed.
-            Err(_) => changes.note_all(),
+        move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                changes.note(&event);
+            }
         }
     };
     let mut watcher = match notify::recommended_watcher(callback) {
@@ -218,6 +218,7 @@ impl Changes {
 
     /// Marks the targets `event` changed; wakes the loop only if there is one.
     fn note(&self, event: &notify::Event) {
+        // The watcher lost events: any target may have changed.
         if event.need_rescan() {
             return self.note_all();
         }
