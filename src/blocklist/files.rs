@@ -115,10 +115,10 @@ pub async fn watch(sources: Arc<Sources>, files: Vec<FileSource>) {
 fn start_watcher(changes: Arc<Changes>) -> Option<notify::RecommendedWatcher> {
     let callback = {
         let changes = changes.clone();
-        move |event: notify::Result<notify::Event>| match event {
-            Ok(event) => changes.note(&event),
-            // The watcher lost events: any target may have changed.
-            Err(_) => changes.note_all(),
+        move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                changes.note(&event);
+            }
         }
     };
     let mut watcher = match notify::recommended_watcher(callback) {
@@ -218,6 +218,7 @@ impl Changes {
 
     /// Marks the targets `event` changed; wakes the loop only if there is one.
     fn note(&self, event: &notify::Event) {
+        // The watcher lost events: any target may have changed.
         if event.need_rescan() {
             return self.note_all();
         }
@@ -329,5 +330,82 @@ mod tests {
         file.load(&sources);
         assert!(!blocked());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn event(kind: EventKind, path: &Path) -> notify::Event {
+        notify::Event::new(kind).add_path(path.to_path_buf())
+    }
+
+    /// Issue 9 #16: inotify reports opens, so each reload's own read woke
+    /// the next one, about seven times a second.
+    #[test]
+    fn only_content_changes_of_the_listed_files_wake_a_reload() {
+        use notify::event::{CreateKind, ModifyKind, RemoveKind, RenameMode};
+        let (list, log) = (Path::new("/lists/block.txt"), Path::new("/lists/log"));
+        let changes = Changes::new(vec![None, Some(list.to_path_buf())]);
+        let dirty = || changes.dirty.lock().unwrap().clone();
+        for kind in [
+            AccessKind::Open(AccessMode::Read),
+            AccessKind::Read,
+            AccessKind::Close(AccessMode::Read),
+        ] {
+            changes.note(&event(EventKind::Access(kind), list));
+        }
+        changes.note(&event(EventKind::Modify(ModifyKind::Any), log));
+        changes.note(&event(EventKind::Create(CreateKind::File), log));
+        assert!(dirty().is_empty());
+
+        for kind in [
+            EventKind::Modify(ModifyKind::Any),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+        ] {
+            changes.note(&event(kind, list));
+            assert_eq!(dirty(), BTreeSet::from([1]), "{kind:?}");
+            changes.dirty.lock().unwrap().clear();
+        }
+    }
+
+    /// Issue 9 #16: a change to another file kept the settle wait going.
+    #[tokio::test(start_paused = true)]
+    async fn changes_settle_for_at_most_max_settle() {
+        let changes = Arc::new(Changes::new(vec![Some(PathBuf::from("/l/a"))]));
+        let writer = {
+            let changes = changes.clone();
+            tokio::spawn(async move {
+                for _ in 0..1000 {
+                    changes.note(&event(EventKind::Any, Path::new("/l/a")));
+                    tokio::time::sleep(SETTLE / 2).await;
+                }
+            })
+        };
+        let start = Instant::now();
+        assert_eq!(changes.next().await, BTreeSet::from([0]));
+        assert!(
+            start.elapsed() <= MAX_SETTLE + SETTLE,
+            "{:?}",
+            start.elapsed()
+        );
+        writer.abort();
+    }
+
+    /// Issue 9 #16: `select!` with every branch disabled panics.
+    #[tokio::test]
+    async fn without_a_watcher_or_sighup_the_reload_loop_ends_without_panicking() {
+        let live = Arc::new(Blocklist::default());
+        let sources = Arc::new(Sources::new(
+            live,
+            SourceMetrics::register(&prometheus::Registry::new()),
+            Box::new(|_| {}),
+        ));
+        let files = vec![FileSource {
+            path: PathBuf::from("/nonexistent/block.txt"),
+            allow: false,
+        }];
+        let ended =
+            tokio::time::timeout(Duration::from_secs(10), react(sources, files, None, None)).await;
+        assert!(ended.is_ok());
     }
 }

@@ -129,12 +129,8 @@ pub fn parse_reader(mut reader: impl BufRead, limits: Limits) -> std::io::Result
     let (mut number, mut read) = (0usize, 0u64);
     loop {
         line.clear();
-        let (taken, whole) = read_line(&mut reader, &mut line, &mut hash)?;
-        if taken == 0 {
-            break;
-        }
-        read = read.saturating_add(taken);
-        if read > limits.max_bytes {
+        let budget = limits.max_bytes.saturating_sub(read);
+        let Some((taken, whole)) = read_line(&mut reader, &mut line, &mut hash, budget)? else {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
@@ -144,7 +140,11 @@ pub fn parse_reader(mut reader: impl BufRead, limits: Limits) -> std::io::Result
                     limits.max_bytes
                 ),
             ));
+        };
+        if taken == 0 {
+            break;
         }
+        read += taken;
         number += 1;
         let text = String::from_utf8_lossy(&line);
         if !text.trim().is_empty() {
@@ -175,12 +175,13 @@ pub fn parse_reader(mut reader: impl BufRead, limits: Limits) -> std::io::Result
 
 /// Reads one line into `line` (without its newline), at most `MAX_LINE`
 /// bytes of it kept; hashes every byte read. Returns the bytes consumed and
-/// whether the line fit.
+/// whether the line fit, or `None` past `budget` bytes (an endless line).
 fn read_line(
     reader: &mut impl BufRead,
     line: &mut Vec<u8>,
     hash: &mut impl Hasher,
-) -> std::io::Result<(u64, bool)> {
+    budget: u64,
+) -> std::io::Result<Option<(u64, bool)>> {
     let mut taken = 0u64;
     let mut whole = true;
     loop {
@@ -190,7 +191,7 @@ fn read_line(
             Err(e) => return Err(e),
         };
         if chunk.is_empty() {
-            return Ok((taken, whole));
+            return Ok(Some((taken, whole)));
         }
         let (part, done) = match memchr::memchr(b'\n', chunk) {
             Some(i) => (&chunk[..=i], true),
@@ -206,8 +207,11 @@ fn read_line(
         let used = part.len();
         reader.consume(used);
         taken += used as u64;
+        if taken > budget {
+            return Ok(None);
+        }
         if done {
-            return Ok((taken, whole));
+            return Ok(Some((taken, whole)));
         }
     }
 }
@@ -297,5 +301,78 @@ mod tests {
         // Wider than the mapped range, or not mapped: stays IPv6.
         assert_eq!(net("::ffff:0:0/95"), "::fffe:0:0/95");
         assert_eq!(net("::192.0.2.7"), "::c000:207/128");
+    }
+
+    /// An endless input, `pattern` over and over.
+    struct Endless(&'static [u8], usize);
+
+    impl std::io::Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            for b in buf.iter_mut() {
+                *b = self.0[self.1 % self.0.len()];
+                self.1 += 1;
+            }
+            Ok(buf.len())
+        }
+    }
+
+    fn endless(pattern: &'static [u8]) -> std::io::BufReader<Endless> {
+        std::io::BufReader::new(Endless(pattern, 0))
+    }
+
+    #[test]
+    fn streaming_reads_what_parse_list_reads() {
+        let text = "# list\n192.0.2.7\r\n\n198.51.100.9/24 # net\nnonsense\n2001:db8::/64";
+        let parsed = parse_reader(text.as_bytes(), Limits::for_entries(10)).unwrap();
+        let (nets, bad) = parse_list(text);
+        assert_eq!(parsed.nets, nets);
+        assert_eq!(parsed.bad, BadLines::from_slice(&bad));
+        assert!(!parsed.blank);
+        let blank = parse_reader(&b" \n\n\t"[..], Limits::for_entries(10)).unwrap();
+        assert!(blank.blank && blank.nets.is_empty() && blank.bad.count == 0);
+        let again = parse_reader(text.as_bytes(), Limits::for_entries(10)).unwrap();
+        assert_eq!(again.fingerprint, parsed.fingerprint);
+    }
+
+    #[test]
+    fn reading_stops_one_entry_past_the_entry_limit() {
+        let parsed = parse_reader(endless(b"192.0.2.1\n"), Limits::for_entries(1000)).unwrap();
+        assert_eq!(parsed.nets.len(), 1001);
+    }
+
+    #[test]
+    fn an_endless_line_or_comment_stops_at_the_byte_limit() {
+        let limits = Limits {
+            max_entries: 10,
+            max_bytes: 1 << 20,
+        };
+        for pattern in [&b"#"[..], b"x", b"# comment\n"] {
+            let e = parse_reader(endless(pattern), limits).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+            assert!(e.to_string().contains("blocklist.max_entries_per_source"));
+        }
+    }
+
+    #[test]
+    fn a_long_line_is_one_bad_line_and_the_next_line_counts() {
+        let text = format!("{}\n192.0.2.1\n", "1".repeat(5000));
+        let parsed = parse_reader(text.as_bytes(), Limits::for_entries(10)).unwrap();
+        assert_eq!(parsed.nets, ["192.0.2.1/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(parsed.bad.count, 1);
+        assert_eq!(parsed.bad.first[0].line, 1);
+        assert_eq!(parsed.bad.first[0].text.len(), 80);
+    }
+
+    #[test]
+    fn the_bad_line_summary_counts_all_and_quotes_five() {
+        let text: String = (0..7).map(|i| format!("bad{i}\n")).collect();
+        let parsed = parse_reader(text.as_bytes(), Limits::for_entries(10)).unwrap();
+        let summary = parsed.bad.summary();
+        assert!(
+            summary.starts_with("7 bad lines: line 1 \"bad0\" (not an IP"),
+            "{summary}"
+        );
+        assert!(summary.contains(", line 5 \"bad4\", …"), "{summary}");
+        assert_eq!(summary.matches("not an IP").count(), 1, "{summary}");
     }
 }

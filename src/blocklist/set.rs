@@ -10,7 +10,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use rustc_hash::FxHashMap;
 
-/// A set of networks, each tagged with a small value (its source).
+/// A set of networks, each tagged with a value. The lists keep one set per
+/// source, tagged `()`: the set says which source it is.
 #[derive(Debug, Clone)]
 pub struct IpSet<V> {
     v4: Vec<(u8, FxHashMap<u32, V>)>,
