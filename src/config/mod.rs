@@ -1069,6 +1069,7 @@ mod tests {
             kill_on_block = false
             tarpit_max = 7
             tarpit_time = "3s"
+            max_entries_per_source = 500000
             [blocklist.api]
             url = "https://blocklist.example.net/v1/list"
             interval = "30s"
@@ -1083,6 +1084,10 @@ mod tests {
             limit_violations = 5
             protocol_errors = 3
             window = "5m"
+            max_ttl = "30days"
+            max_bans = 5000
+            min_prefix_v4 = 20
+            min_prefix_v6 = 40
             [admin]
             listen = ""
             token_file = "/etc/mailmoat/admin-token"

@@ -316,7 +316,10 @@ async fn bans_add_list_and_remove_through_the_running_proxy() {
         .run(&["bans", "add", "192.0.2.0/28", "--ttl", "2h"])
         .await;
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    assert_eq!(run.stdout, "banned 192.0.2.0/28 for 2h\n");
+    assert_eq!(
+        run.stdout,
+        "banned 192.0.2.0/28 for 2h; saved to autoban.state\n"
+    );
     live.wait_blocked("192.0.2.9", true).await;
 
     let run = live.run(&["bans", "list"]).await;
