@@ -391,9 +391,10 @@ fn record_refusal(shaping: &Shaping, ip: std::net::IpAddr, refusal: Refusal) {
             shaping.event(ip, BanEvent::ProtocolError)
         }
         Refusal::ConnectionRate => shaping.violation(ip, Limit::ConnectionRate),
-        Refusal::GlobalCap | Refusal::IpCap | Refusal::PrefixCap => {
-            shaping.event(ip, BanEvent::LimitViolation)
-        }
+        Refusal::IpCap | Refusal::PrefixCap => shaping.event(ip, BanEvent::LimitViolation),
+        // A full server is nobody's fault: counting it would ban ordinary
+        // senders for retrying while mailmoat is busy.
+        Refusal::GlobalCap => {}
     }
 }
 

@@ -155,6 +155,44 @@ async fn global_cap_refuses_with_421_and_frees_its_slot_on_close() {
     let _in_again = admitted(Ipv4Addr::new(127, 0, 11, 1), proxy.addr).await;
 }
 
+/// Issue 9 follow-up: refusals at the global cap counted as limit
+/// violations against each refused client, so a busy server banned the
+/// ordinary senders that retried.
+#[tokio::test]
+async fn global_cap_refusals_never_ban_the_refused_client() {
+    let sink = sink().await;
+    let proxy = TestProxy::start(
+        "[server]\nmax_connections = 2\n\
+         [limits]\nconnection_rate = \"1/hour\"\nconnection_burst = 1\n\
+         [autoban]\nlimit_violations = 3\n",
+        &[sink.addr()],
+    )
+    .await;
+    let (busy, sender, control) = (
+        Ipv4Addr::new(127, 0, 12, 1),
+        Ipv4Addr::new(127, 0, 12, 2),
+        Ipv4Addr::new(127, 0, 12, 3),
+    );
+    let first = admitted(busy, proxy.addr).await;
+    let second = admitted(control, proxy.addr).await;
+    for _ in 0..5 {
+        let reply = refusal(sender, proxy.addr).await;
+        assert!(reply.starts_with("421 4.7.0 "), "{reply:?}");
+    }
+    // A control client over its connection rate three times is banned,
+    // so the counting works and its ban has been applied when this waits.
+    drop(second);
+    wait_exactly(&proxy, "mailmoat_active_sessions", 1.0).await;
+    for _ in 0..3 {
+        let reply = refusal(control, proxy.addr).await;
+        assert!(reply.starts_with("421 4.7.0 "), "{reply:?}");
+    }
+    proxy.wait_metric("mailmoat_active_bans", 1.0).await;
+    assert_eq!(proxy.metric("mailmoat_active_bans"), 1.0);
+    drop(first);
+    let _in = admitted(sender, proxy.addr).await;
+}
+
 #[tokio::test]
 async fn allowlisted_ip_passes_the_per_ip_cap() {
     let sink = sink().await;
