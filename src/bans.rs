@@ -303,7 +303,7 @@ fn read_state(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
 
 /// What loading a state file found.
 #[derive(Default)]
-struct Loaded {
+pub(crate) struct Loaded {
     bans: usize,
     bad: usize,
     clamped: usize,
@@ -394,7 +394,7 @@ impl Bans {
     /// Parses a state file line by line: a bad line is reported and
     /// skipped, never the whole file. A line without `until=` gets a full
     /// TTL (an operator's hand-written list).
-    fn load(&self, bytes: &[u8], path: &Path) -> Loaded {
+    pub(crate) fn load(&self, bytes: &[u8], path: &Path) -> Loaded {
         let now = unix_now();
         let latest = unix_after(self.settings.max_ttl);
         let default_until = unix_after(self.settings.ttl);

@@ -15,13 +15,14 @@ use crate::smtp::{Command, DataEvent, DataScanner, Reply, ReplyAssembler, Verb};
 pub type Check = fn(data: &[u8]);
 
 /// Every fuzz target, by name: the corpus folder and the check it runs.
-pub const TARGETS: [(&str, Check); 6] = [
+pub const TARGETS: [(&str, Check); 7] = [
     ("smtp_command", smtp_command),
     ("smtp_reply", smtp_reply),
     ("data_scanner", data_scanner),
     ("blocklist_line", blocklist_line),
     ("proxy_header", proxy_header),
     ("config_loader", config_loader),
+    ("ban_state", ban_state),
 ];
 
 /// `Command::parse` on each line: the verb matches the first word, the
@@ -239,6 +240,25 @@ pub fn blocklist_line(data: &[u8]) {
             assert_eq!(parse_net(&net.to_string()), Ok(net));
         }
     }
+    // The streaming reader (files, the API cache) stops one entry past its
+    // limit, quotes at most a few bad lines, and otherwise reads what
+    // `parse_list` reads.
+    for max_entries in [2, 1 << 20] {
+        let limits = crate::blocklist::Limits {
+            max_entries,
+            max_bytes: 1 << 20,
+        };
+        let Ok(parsed) = crate::blocklist::parse_reader(data, limits) else {
+            continue;
+        };
+        assert!(parsed.nets.len() <= max_entries + 1);
+        assert!(parsed.bad.first.len() as u64 <= parsed.bad.count);
+        assert!(parsed.bad.first.len() <= 5);
+        if std::str::from_utf8(data).is_ok() && parsed.nets.len() <= max_entries {
+            assert_eq!(parsed.nets, nets, "the streaming reader disagrees");
+            assert_eq!(parsed.bad.count, bad.len() as u64);
+        }
+    }
 }
 
 /// `parse_inbound`: a parsed header is no longer than the input, begins like
@@ -260,6 +280,62 @@ pub fn proxy_header(data: &[u8]) {
         }
         Inbound::Incomplete => assert!(data.len() < MAX_INBOUND_HEADER),
         Inbound::Malformed(_) => {}
+    }
+    // The door refuses what `sniff` flags: it must flag every header a
+    // trusted proxy's would be parsed as.
+    if matches!(result, Inbound::Proxied { .. } | Inbound::Local { .. }) {
+        assert_eq!(proxy_protocol::sniff(data), proxy_protocol::Sniff::Header);
+    }
+}
+
+/// `autoban.state` as loaded at start: any bytes load without a panic, at
+/// most `max_bans` bans, none beyond `max_ttl`, and the export loads back
+/// to itself (but for bans expiring meanwhile).
+pub fn ban_state(data: &[u8]) {
+    const MAX_BANS: usize = 16;
+    let bans = |text: &[u8]| {
+        let mut settings = Config::default().autoban;
+        settings.state = None;
+        settings.max_bans = MAX_BANS;
+        let live = std::sync::Arc::new(crate::blocklist::Blocklist::default());
+        let metrics =
+            crate::blocklist::sources::SourceMetrics::register(&prometheus::Registry::new());
+        let sources = crate::blocklist::sources::Sources::new(live, metrics, Box::new(|_| {}));
+        let bans = crate::bans::Bans::new(
+            settings,
+            false,
+            1000,
+            std::sync::Arc::new(sources),
+            std::sync::Arc::new(crate::metrics::Metrics::new()),
+        );
+        bans.load(text, Path::new("fuzz.state"));
+        bans
+    };
+    let first = bans(data);
+    let max_ttl = Config::default().autoban.max_ttl.as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let exported = first.export();
+    let lines: Vec<&str> = exported.lines().filter(|l| !l.starts_with('#')).collect();
+    assert!(lines.len() <= MAX_BANS, "{} bans kept", lines.len());
+    let until = |line: &str| -> u64 {
+        let field = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("until="));
+        field
+            .and_then(|u| u.parse().ok())
+            .expect("every export line has until=")
+    };
+    for line in &lines {
+        assert!(until(line) <= now + max_ttl + 2, "beyond max_ttl: {line}");
+    }
+    let again = bans(exported.as_bytes()).export();
+    for line in again.lines().filter(|l| !l.starts_with('#')) {
+        assert!(lines.contains(&line), "{line:?} appeared on reload");
+    }
+    for line in lines.iter().filter(|l| until(l) > now + 5) {
+        assert!(again.lines().any(|l| l == *line), "{line:?} lost on reload");
     }
 }
 

@@ -89,3 +89,8 @@ fn every_target_is_wired_up() {
         );
     }
 }
+
+#[test]
+fn ban_state_corpus() {
+    replay("ban_state");
+}
