@@ -83,7 +83,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         "mailmoat demo: proxy on {proxy} in front of a sink with 100 slots; {}s of traffic",
         options.duration.as_secs()
     );
-    println!("  legit sender {LEGIT}; {} trickling sockets from {TRICKLE_IPS} IPs (each reconnects when cut); a flood from 4 IPs; AUTH brute force from {BRUTE}", TRICKLE_IPS as usize * TRICKLE_SOCKETS_PER_IP);
+    println!("  legit sender {LEGIT}; {} trickling sockets from {TRICKLE_IPS} IPs (each reconnects when refused or cut); a flood from 4 IPs; AUTH brute force from {BRUTE}", TRICKLE_IPS as usize * TRICKLE_SOCKETS_PER_IP);
 
     let tally = Arc::new(Tally::default());
     let started = Instant::now();
@@ -472,7 +472,7 @@ fn report(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
         tally.flood_attempts.load(Ordering::Relaxed)
     );
     println!(
-        "  trickling sockets: {} held open at once, each reconnecting when cut: {} connections in all; {} cut by the line timeout, {} by idle",
+        "  trickling sockets: {} of them, each reconnecting when refused or cut: {} connections in all; {} cut by the line timeout, {} by idle",
         TRICKLE_IPS as usize * TRICKLE_SOCKETS_PER_IP,
         tally.trickle_opened.load(Ordering::Relaxed),
         closed(metrics, "line_timeout"),
