@@ -585,18 +585,24 @@ impl Bans {
         export_text(&bans)
     }
 
-    /// Writes the bans to `autoban.state` now, off the runtime, and returns
-    /// once they are on disk: what the admin API waits for before it
-    /// acknowledges a change.
+    /// Pushes the bans to the lists and writes them to `autoban.state`
+    /// now, off the runtime, and returns once both are done: what the admin
+    /// API waits for before it acknowledges a change, so a lookup right
+    /// after the answer sees it (the maintenance task would apply it only
+    /// on its next turn).
     pub async fn save(self: &Arc<Self>) -> std::io::Result<Saved> {
-        let Some(path) = self.settings.state.clone() else {
-            return Ok(Saved::NotConfigured);
-        };
+        let path = self.settings.state.clone();
         let bans = self.clone();
-        tokio::task::spawn_blocking(move || bans.write_state(&path))
-            .await
-            .map_err(std::io::Error::other)??;
-        Ok(Saved::OnDisk)
+        let written = tokio::task::spawn_blocking(move || {
+            bans.push_to_lists();
+            path.map(|path| bans.write_state(&path)).transpose()
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(match written {
+            Some(()) => Saved::OnDisk,
+            None => Saved::NotConfigured,
+        })
     }
 
     /// Applies bans to the lists and persists them whenever they change,
@@ -631,7 +637,20 @@ impl Bans {
     /// changed, writes the state file when anything changed. Returns the
     /// earliest expiry left. Blocking work: rebuild and fsync.
     fn apply(&self, state: Option<&Path>) -> Option<u64> {
-        let next = {
+        let next = self.push_to_lists();
+        if let Some(path) = state {
+            if let Err(e) = self.write_state(path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot persist bans (autoban.state)");
+            }
+        }
+        next
+    }
+
+    /// Drops expired bans and pushes the rest to the lists when the
+    /// networks changed. Returns the earliest expiry left. Blocking work:
+    /// the lists are rebuilt.
+    fn push_to_lists(&self) -> Option<u64> {
+        {
             let mut applied = lock(&self.applied);
             let (nets, count, next) = {
                 let mut table = lock(&self.table);
@@ -648,13 +667,7 @@ impl Bans {
                 *applied = Some(version);
             }
             next
-        };
-        if let Some(path) = state {
-            if let Err(e) = self.write_state(path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot persist bans (autoban.state)");
-            }
         }
-        next
     }
 
     /// Writes the bans to `path` unless it already holds this version.

@@ -47,6 +47,8 @@ struct Tally {
     brute_banned_after: AtomicU64,
     push_refused_ms: AtomicU64,
     push_killed_ms: AtomicU64,
+    /// The held session ended before the push (it then measures nothing).
+    push_held_lost: std::sync::atomic::AtomicBool,
 }
 
 pub struct DemoOptions {
@@ -81,7 +83,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         "mailmoat demo: proxy on {proxy} in front of a sink with 100 slots; {}s of traffic",
         options.duration.as_secs()
     );
-    println!("  legit sender {LEGIT}; {} trickling sockets from {TRICKLE_IPS} IPs; a flood from 4 IPs; AUTH brute force from {BRUTE}", TRICKLE_IPS as usize * TRICKLE_SOCKETS_PER_IP);
+    println!("  legit sender {LEGIT}; {} trickling sockets from {TRICKLE_IPS} IPs (each reconnects when refused or cut); a flood from 4 IPs; AUTH brute force from {BRUTE}", TRICKLE_IPS as usize * TRICKLE_SOCKETS_PER_IP);
 
     let tally = Arc::new(Tally::default());
     let started = Instant::now();
@@ -331,7 +333,19 @@ async fn push_block(proxy: SocketAddr, blocklist: PathBuf, tally: Arc<Tally>, af
     let _ = read_reply(&mut held).await;
     let _ = held.write_all(b"EHLO pushed.example\r\n").await;
     let _ = read_reply(&mut held).await;
-    sleep(after).await;
+    // A NOOP now and then keeps the held session under the idle timeout,
+    // so what ends it is the block.
+    let push_at = Instant::now() + after;
+    while Instant::now() < push_at {
+        sleep(Duration::from_secs(3).min(push_at - Instant::now())).await;
+        if held.write_all(b"NOOP\r\n").await.is_err()
+            || !read_reply(&mut held).await.starts_with("250")
+        {
+            tally.push_held_lost.store(true, Ordering::Relaxed);
+            break;
+        }
+    }
+    sleep(push_at.saturating_duration_since(Instant::now())).await;
 
     let mut list = String::from("# pushed by the operators during the demo\n");
     for ip in FLOOD_IPS.iter().chain([&PUSHED]) {
@@ -353,17 +367,19 @@ async fn push_block(proxy: SocketAddr, blocklist: PathBuf, tally: Arc<Tally>, af
                 break;
             }
         }
-        tally
-            .push_killed_ms
-            .store(pushed.elapsed().as_millis() as u64, Ordering::Relaxed);
+        tally.push_killed_ms.store(
+            pushed.elapsed().as_millis().max(1) as u64,
+            Ordering::Relaxed,
+        );
     };
     let refused = async {
         while pushed.elapsed() < Duration::from_secs(10) {
             if let Ok(mut s) = connect_from(PUSHED, proxy).await {
                 if read_reply(&mut s).await.starts_with("554") {
-                    tally
-                        .push_refused_ms
-                        .store(pushed.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    tally.push_refused_ms.store(
+                        pushed.elapsed().as_millis().max(1) as u64,
+                        Ordering::Relaxed,
+                    );
                     return;
                 }
             }
@@ -401,14 +417,21 @@ fn closed(metrics: &Metrics, reason: &str) -> u64 {
     )
 }
 
+/// Refusals at the per-IP, per-prefix and global connection caps.
+fn connection_caps(metrics: &Metrics) -> u64 {
+    CAPS.iter().map(|cap| refused(metrics, cap)).sum()
+}
+
+const CAPS: [&str; 3] = ["ip_cap", "prefix_cap", "global_cap"];
+
 fn progress(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
     println!(
-        "  t={:>2}s  legit {}/{} delivered | refused: rate {} caps {} blocked {} | cut by line timeout {} | bans {} | receiver slots in use {}",
+        "  t={:>2}s  legit {}/{} delivered | refused: connection_rate {} connection caps {} blocked {} | cut by line timeout {} | bans {} | receiver slots in use {}",
         started.elapsed().as_secs(),
         tally.legit_delivered.load(Ordering::Relaxed),
         tally.legit_sent.load(Ordering::Relaxed),
         refused(metrics, "connection_rate"),
-        refused(metrics, "ip_cap") + refused(metrics, "prefix_cap") + refused(metrics, "global_cap"),
+        connection_caps(metrics),
         refused(metrics, "blocked"),
         closed(metrics, "line_timeout"),
         value(metrics, "mailmoat_active_bans"),
@@ -417,6 +440,7 @@ fn progress(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
 }
 
 fn report(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
+    // 0: not measured in the demo's time (a real 0 ms rounds up to 1).
     let ms = |a: &AtomicU64| match a.load(Ordering::Relaxed) {
         0 => "not measured".to_string(),
         v => format!("{v} ms"),
@@ -429,18 +453,18 @@ fn report(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
         sink.delivered()
     );
     println!("  attackers refused, by reason:");
-    for reason in [
-        "connection_rate",
-        "ip_cap",
-        "prefix_cap",
-        "global_cap",
-        "blocked",
-        "early_talker",
-    ] {
-        match refused(metrics, reason) {
-            0 => {}
-            n => println!("    {reason:<16} {n}"),
-        }
+    let caps = CAPS
+        .iter()
+        .map(|cap| format!("{cap} {}", refused(metrics, cap)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!(
+        "    connection_rate  {}",
+        refused(metrics, "connection_rate")
+    );
+    println!("    connection caps  {} ({caps})", connection_caps(metrics));
+    for reason in ["blocked", "early_talker"] {
+        println!("    {reason:<16} {}", refused(metrics, reason));
     }
     println!(
         "  flood (4 IPs):     {} of {} connection attempts refused",
@@ -448,14 +472,15 @@ fn report(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
         tally.flood_attempts.load(Ordering::Relaxed)
     );
     println!(
-        "  trickling sockets: {} opened; {} cut by the line timeout, {} by idle",
+        "  trickling sockets: {} of them, each reconnecting when refused or cut: {} connections in all; {} cut by the line timeout, {} by idle",
+        TRICKLE_IPS as usize * TRICKLE_SOCKETS_PER_IP,
         tally.trickle_opened.load(Ordering::Relaxed),
         closed(metrics, "line_timeout"),
         closed(metrics, "idle_timeout"),
     );
     println!(
         "  open sessions of clients blocked while connected, closed: {}",
-        closed(metrics, "blocked").saturating_sub(refused(metrics, "blocked"))
+        closed(metrics, "blocked")
     );
     let banned_after = tally.brute_banned_after.load(Ordering::Relaxed);
     println!(
@@ -467,10 +492,14 @@ fn report(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
             "not banned (raise the duration?)".into()
         }
     );
+    let killed = if tally.push_held_lost.load(Ordering::Relaxed) {
+        "the held session had ended before the push: its close not measured".to_string()
+    } else {
+        format!("open session closed after {}", ms(&tally.push_killed_ms))
+    };
     println!(
-        "  pushed block:      new connections refused after {}, open session closed after {}",
+        "  pushed block:      new connections refused after {}, {killed}",
         ms(&tally.push_refused_ms),
-        ms(&tally.push_killed_ms)
     );
     println!(
         "  receiver:          at most {} of its 100 slots used at once; {} busy refusals",

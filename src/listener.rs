@@ -79,7 +79,7 @@ pub async fn accept_loop(
                 if std::mem::take(&mut accept_failing) {
                     tracing::info!("accepting clients again");
                 }
-                shared.metrics.connections_accepted.inc();
+                shared.metrics.connections.inc();
                 let (config, shared) = (config.clone(), shared.clone());
                 tracker.spawn(async move {
                     handle(stream, addr, config, shared).await;

@@ -1,7 +1,14 @@
-//! Prometheus metrics, `mailmoat_` prefix. Label values come from closed sets
-//! (`CloseReason`, `Verb`, configured upstreams): never a client address, so
-//! cardinality stays flat under any attack. Hot-path children are resolved
-//! once here, so counting costs one atomic add.
+//! Prometheus metrics, `mailmoat_` prefix (README "Metrics" lists each one).
+//! Label values come from closed sets (`CloseReason`, `Verb`, `Limit`,
+//! configured upstreams): never a client address, so cardinality stays flat
+//! under any attack. Hot-path children are resolved once here, so counting
+//! costs one atomic add.
+//!
+//! Every accepted connection is counted once at the socket
+//! (`connections_total`) and ends once: refused at the door
+//! (`connections_refused_total{reason}`) or, admitted, as a session
+//! (`sessions_closed_total{reason}`). So accepted = refused + closed + the
+//! ones still open, and a dashboard can add them up.
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -10,12 +17,12 @@ use prometheus::{
 
 use crate::admission::Refusal;
 use crate::session::CloseReason;
-use crate::shaping::Limit;
+use crate::shaping::{Limit, LimitKind};
 use crate::smtp::Verb;
 
 pub struct Metrics {
     registry: Registry,
-    pub connections_accepted: IntCounter,
+    pub connections: IntCounter,
     pub active_sessions: IntGauge,
     closed: Vec<IntCounter>,
     commands: Vec<IntCounter>,
@@ -33,7 +40,9 @@ pub struct Metrics {
     pub tracked_evictions: IntCounter,
     pub rate_untracked: IntCounter,
     limit_hits: Vec<IntCounter>,
-    messages: IntCounterVec,
+    limit_refusals: Vec<Option<IntCounter>>,
+    messages_accepted: IntCounter,
+    messages_rejected: IntCounter,
     pub auth_failures: IntCounter,
     pub active_bans: IntGauge,
     pub bans_evicted: IntCounter,
@@ -57,9 +66,9 @@ impl Metrics {
             c
         };
 
-        let connections_accepted = counter(
-            "mailmoat_connections_accepted_total",
-            "Client connections accepted by the listeners.",
+        let connections = counter(
+            "mailmoat_connections_total",
+            "Client connections accepted from the listening sockets, before admission.",
         );
         let active_sessions =
             IntGauge::new("mailmoat_active_sessions", "Client sessions open now.").expect("valid");
@@ -68,7 +77,7 @@ impl Metrics {
             .expect("unique metric");
         let closed_vec = counter_vec(
             "mailmoat_sessions_closed_total",
-            "Sessions ended, by the one reason recorded for each.",
+            "Admitted sessions ended, by the one reason recorded for each (refused connections are not sessions).",
             "reason",
         );
         let closed = CloseReason::ALL
@@ -112,7 +121,7 @@ impl Metrics {
         let session_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "mailmoat_session_duration_seconds",
-                "Duration of client sessions.",
+                "Duration of admitted client sessions.",
             )
             .buckets(vec![
                 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 600.0, 1800.0,
@@ -125,7 +134,7 @@ impl Metrics {
 
         let refused_vec = counter_vec(
             "mailmoat_connections_refused_total",
-            "Connections refused at admission or greeting, by reason.",
+            "Connections refused at the door (admission, PROXY header, greet pause), by reason; each once.",
             "reason",
         );
         let shadow_vec = counter_vec(
@@ -158,22 +167,55 @@ impl Metrics {
         );
         let rate_untracked = counter(
             "mailmoat_rate_untracked_total",
-            "Connections admitted without a rate check because the IP table was full.",
+            "Connections or commands let through without a rate check because the IP table was full.",
         );
 
-        let limit_vec = counter_vec(
+        let rate_vec = counter_vec(
             "mailmoat_rate_limit_hits_total",
-            "Commands or connections over a limit, by limit.",
+            "Times a client went over a rate (token bucket), by limit; shadow mode included.",
+            "limit",
+        );
+        let cap_vec = counter_vec(
+            "mailmoat_message_cap_hits_total",
+            "Times a message went over a per-message cap, by cap; shadow mode included.",
+            "cap",
+        );
+        let messages_refused = counter_vec(
+            "mailmoat_messages_refused_total",
+            "MAIL commands or messages in DATA refused by mailmoat over a limit, by limit.",
+            "limit",
+        );
+        let recipients_refused = counter_vec(
+            "mailmoat_recipients_refused_total",
+            "RCPT commands refused by mailmoat over a limit, by limit.",
             "limit",
         );
         let messages = counter_vec(
             "mailmoat_messages_total",
-            "Messages by result: accepted or rejected by the receiver, refused by mailmoat.",
+            "Messages the receiver answered at the end of DATA, by result: accepted (2xx) or rejected.",
             "result",
         );
-        for result in ["accepted", "rejected", "refused"] {
-            messages.with_label_values(&[result]);
-        }
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "mailmoat_build_info",
+                "Always 1; the labels say which mailmoat is running.",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry
+            .register(Box::new(build_info))
+            .expect("unique metric");
+        // Descriptors, CPU, memory: the process_* names every exporter uses.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
         let auth_failures = counter(
             "mailmoat_auth_failures_total",
             "AUTH attempts the receiver answered with 535.",
@@ -190,9 +232,25 @@ impl Metrics {
         Metrics {
             limit_hits: Limit::ALL
                 .iter()
-                .map(|l| limit_vec.with_label_values(&[l.as_str()]))
+                .map(|l| match l.kind() {
+                    LimitKind::Rate => rate_vec.with_label_values(&[l.as_str()]),
+                    LimitKind::MessageCap => cap_vec.with_label_values(&[l.as_str()]),
+                })
                 .collect(),
-            messages,
+            limit_refusals: Limit::ALL
+                .iter()
+                .map(|l| match l {
+                    Limit::ConnectionRate => None,
+                    Limit::MessageRate | Limit::MessageSize => {
+                        Some(messages_refused.with_label_values(&[l.as_str()]))
+                    }
+                    Limit::RecipientRate | Limit::RecipientsPerMessage => {
+                        Some(recipients_refused.with_label_values(&[l.as_str()]))
+                    }
+                })
+                .collect(),
+            messages_accepted: messages.with_label_values(&["accepted"]),
+            messages_rejected: messages.with_label_values(&["rejected"]),
             auth_failures,
             active_bans,
             bans_evicted,
@@ -209,7 +267,7 @@ impl Metrics {
             greet_passed_ips,
             tracked_evictions,
             rate_untracked,
-            connections_accepted,
+            connections,
             active_sessions,
             closed,
             commands,
@@ -239,9 +297,22 @@ impl Metrics {
         self.limit_hits[limit as usize].inc();
     }
 
-    /// `result`: "accepted", "rejected" or "refused".
-    pub fn message(&self, result: &str) {
-        self.messages.with_label_values(&[result]).inc();
+    /// The receiver's answer at the end of DATA.
+    pub fn message(&self, accepted: bool) {
+        if accepted {
+            self.messages_accepted.inc();
+        } else {
+            self.messages_rejected.inc();
+        }
+    }
+
+    /// mailmoat refused a command over `limit`: a MAIL or a message in
+    /// DATA (message limits), or an RCPT (recipient limits). A refused
+    /// connection is counted by `refused` instead.
+    pub fn refused_over(&self, limit: Limit) {
+        if let Some(counter) = &self.limit_refusals[limit as usize] {
+            counter.inc();
+        }
     }
 
     pub fn command(&self, verb: Verb) {

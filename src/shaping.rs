@@ -21,8 +21,9 @@ use crate::bans::{BanEvent, Bans};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-/// The limits a client can hit, as the `limit` label of
-/// `mailmoat_rate_limit_hits_total`.
+/// The limits a client can hit: the `limit` label of
+/// `mailmoat_rate_limit_hits_total` (rates) or the `cap` label of
+/// `mailmoat_message_cap_hits_total` (per-message caps).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limit {
     ConnectionRate,
@@ -50,6 +51,21 @@ impl Limit {
             Limit::MessageSize => "message_size",
         }
     }
+
+    pub fn kind(self) -> LimitKind {
+        match self {
+            Limit::ConnectionRate | Limit::MessageRate | Limit::RecipientRate => LimitKind::Rate,
+            Limit::RecipientsPerMessage | Limit::MessageSize => LimitKind::MessageCap,
+        }
+    }
+}
+
+/// A rate refuses a client that asks too often, and is over only for a
+/// while; a per-message cap refuses one message whatever the pace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitKind {
+    Rate,
+    MessageCap,
 }
 
 pub struct Shaping {

@@ -85,7 +85,9 @@ where
         local,
         proxy_check: false,
     };
-    let (reason, facts) = match admit(&mut client, &mut peer, &mut early, &config, shared).await {
+    let admitted = admit(&mut client, &mut peer, &mut early, &config, shared).await;
+    let refused = admitted.is_err();
+    let (reason, facts) = match admitted {
         // Logged at debug: under a flood, a line per refusal would be the
         // flood's own echo in the logs; the metrics and /admin/top say it.
         Err(refusal) => {
@@ -109,9 +111,13 @@ where
     };
 
     let duration = started.elapsed();
-    let metrics = &shared.metrics;
-    metrics.session_closed(reason);
-    metrics.session_duration.observe(duration.as_secs_f64());
+    // A refused connection was counted as such at the door; only admitted
+    // ones are sessions, so each connection is counted as one or the other.
+    if !refused {
+        let metrics = &shared.metrics;
+        metrics.session_closed(reason);
+        metrics.session_duration.observe(duration.as_secs_f64());
+    }
     if facts.commands == 0 && facts.bytes_from_client == 0 {
         tracing::debug!(client = %peer.client.ip(), reason = reason.as_str(), "session closed before it began");
         return reason;

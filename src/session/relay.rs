@@ -537,9 +537,9 @@ where
         self.release_local_replies();
     }
 
-    /// Refuses a message or recipient over a limit with `reply`.
-    fn refuse(&mut self, reply: &[u8], close: Option<CloseReason>) {
-        self.metrics.message("refused");
+    /// Refuses a message or recipient over `limit` with `reply`.
+    fn refuse(&mut self, limit: Limit, reply: &[u8], close: Option<CloseReason>) {
+        self.metrics.refused_over(limit);
         self.answer(reply, close);
     }
 
@@ -557,9 +557,9 @@ where
     fn command(&mut self, end: usize) {
         if self.facts.commands == 0 && proxy_protocol::looks_like_header(&self.client_in) {
             // Only trusted proxies may say who the client is; anyone else
-            // could spoof its way past every per-IP rule.
+            // could spoof its way past every per-IP rule. Past the door this
+            // is the session's protocol error, not a refused connection.
             let refusal = Refusal::ProxyUntrusted;
-            self.metrics.refused(refusal);
             self.protocol_error();
             let reply = refusal.reply(&self.config.server.hostname);
             self.answer(reply.as_bytes(), Some(CloseReason::ProtocolError));
@@ -585,11 +585,11 @@ where
                     && self.shaping.over(Limit::MessageSize) == Verdict::Refuse
                 {
                     let reply = b"552 5.3.4 message size exceeds fixed maximum message size\r\n";
-                    return self.refuse(reply, None);
+                    return self.refuse(Limit::MessageSize, reply, None);
                 }
                 if self.shaping.message() == Verdict::Refuse {
                     let reply = b"450 4.7.1 message rate limit exceeded, try again later\r\n";
-                    return self.refuse(reply, None);
+                    return self.refuse(Limit::MessageRate, reply, None);
                 }
                 self.mails += 1;
                 self.message = Some((self.mails, Message::new(command.args)));
@@ -600,11 +600,12 @@ where
                 if sent >= limits.recipients_per_message
                     && self.shaping.over(Limit::RecipientsPerMessage) == Verdict::Refuse
                 {
-                    return self.refuse(b"452 4.5.3 too many recipients\r\n", None);
+                    let reply = b"452 4.5.3 too many recipients\r\n";
+                    return self.refuse(Limit::RecipientsPerMessage, reply, None);
                 }
                 if self.shaping.recipient() == Verdict::Refuse {
                     let reply = b"450 4.7.1 recipient rate limit exceeded, try again later\r\n";
-                    return self.refuse(reply, None);
+                    return self.refuse(Limit::RecipientRate, reply, None);
                 }
                 match self.message.as_mut() {
                     Some((id, m)) => {
@@ -690,6 +691,7 @@ where
             // Stop before the receiver has it all: without the end marker
             // it discards the message, so nothing over-size is delivered.
             self.refuse(
+                Limit::MessageSize,
                 b"552 5.3.4 message size exceeds fixed maximum message size\r\n",
                 Some(CloseReason::Limit),
             );
@@ -808,12 +810,12 @@ where
                 self.in_transaction = false;
                 if reply.is_positive() {
                     self.facts.messages += 1;
-                    self.metrics.message("accepted");
+                    self.metrics.message(true);
                     if let Some(m) = message {
                         m.log_accepted(self.client_ip, &self.helo);
                     }
                 } else {
-                    self.metrics.message("rejected");
+                    self.metrics.message(false);
                 }
             }
             Some(Expect::Auth) => {
@@ -1370,13 +1372,13 @@ mod tests {
         .await;
         assert_eq!(reason, CloseReason::ClientQuit);
         let text = metrics.render();
-        for (limit, hits) in [("message_rate", 1), ("recipients_per_message", 2)] {
-            let line = format!("mailmoat_rate_limit_hits_total{{limit=\"{limit}\"}} {hits}\n");
-            assert!(text.contains(&line), "no {line:?} in\n{text}");
+        for line in [
+            r#"mailmoat_rate_limit_hits_total{limit="message_rate"} 1"#,
+            r#"mailmoat_message_cap_hits_total{cap="recipients_per_message"} 2"#,
+            r#"mailmoat_messages_refused_total{limit="message_rate"} 0"#,
+            r#"mailmoat_recipients_refused_total{limit="recipients_per_message"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
-        let refused = text
-            .lines()
-            .find(|l| l.starts_with("mailmoat_messages_total{result=\"refused\"}"));
-        assert!(refused.is_none_or(|l| l.ends_with(" 0")), "{text}");
     }
 }

@@ -18,7 +18,7 @@ async fn metrics_are_exposed_and_move_after_one_message() {
     let ehlo = r#"mailmoat_smtp_commands_total{verb="ehlo"}"#;
     let errors = format!(r#"mailmoat_upstream_connect_errors_total{{server="{dead}"}}"#);
     let always = [
-        "mailmoat_connections_accepted_total",
+        "mailmoat_connections_total",
         "mailmoat_active_sessions",
         closed,
         from_client,
@@ -49,7 +49,7 @@ async fn metrics_are_exposed_and_move_after_one_message() {
     proxy.wait_metric(closed, 1.0).await;
     let (_, after) = http_get(admin, "/metrics").await;
     for (series, value) in [
-        ("mailmoat_connections_accepted_total", 1.0),
+        ("mailmoat_connections_total", 1.0),
         ("mailmoat_active_sessions", 0.0),
         (closed, 1.0),
         (ehlo, 1.0),

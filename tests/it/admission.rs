@@ -262,9 +262,6 @@ async fn blocklisted_ip_gets_554_and_never_reaches_the_receiver() {
         ),
         1.0
     );
-    proxy
-        .wait_metric(r#"mailmoat_sessions_closed_total{reason="blocked"}"#, 1.0)
-        .await;
     assert_eq!(sink.connections(), 0);
 
     // Someone unlisted still gets through, and is the sink's only client.
@@ -292,12 +289,6 @@ async fn greet_pause_refuses_early_talkers_and_lets_patient_clients_deliver() {
         ),
         1.0
     );
-    proxy
-        .wait_metric(
-            r#"mailmoat_sessions_closed_total{reason="protocol_error"}"#,
-            1.0,
-        )
-        .await;
     assert_eq!(sink.connections(), 0, "the early talker reached the sink");
 
     // A patient client: our "220-" line, then the sink's "220 " completes

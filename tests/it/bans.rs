@@ -276,6 +276,35 @@ async fn admin_ban_needs_the_token_blocks_exports_and_lifts() {
     assert_eq!(http(admin, "DELETE", ban, Some("s3cret")).await.0, 404);
 }
 
+/// The admin API's answer means the change is in force: a lookup right
+/// after it sees the ban, and right after its lift, no ban.
+#[tokio::test]
+async fn admin_ban_and_lift_are_in_the_lists_when_the_api_answers() {
+    let sink = sink().await;
+    let dir = TempDir::new("admin-lift-now");
+    let token_file = dir.write("token", "s3cret\n");
+    let toml = format!(
+        "{}[admin]\ntoken_file = {}\n",
+        autoban_toml(&[], ""),
+        quoted(&token_file)
+    );
+    let proxy = TestProxy::start(&toml, &[sink.addr()]).await;
+    let admin = proxy.admin.unwrap();
+    let ban = "/admin/bans?ip=127.0.44.9";
+    let lookup = "/admin/lookup?ip=127.0.44.9";
+    for _ in 0..3 {
+        let (status, body) = http(admin, "POST", ban, Some("s3cret")).await;
+        assert_eq!(status, 200, "{body}");
+        let (_, body) = http_get(admin, lookup).await;
+        assert!(body.contains("blocked by autoban"), "{body}");
+
+        let (status, body) = http(admin, "DELETE", ban, Some("s3cret")).await;
+        assert_eq!(status, 200, "{body}");
+        let (_, body) = http_get(admin, lookup).await;
+        assert!(body.contains("not listed"), "{body}");
+    }
+}
+
 #[tokio::test]
 async fn admin_ban_mutations_are_forbidden_without_a_token_file() {
     let sink = sink().await;

@@ -22,7 +22,10 @@ const HOARDER: Ipv4Addr = Ipv4Addr::new(127, 0, 7, 1);
 const BYSTANDER: Ipv4Addr = Ipv4Addr::new(127, 0, 7, 2);
 
 const REFUSED: &str = "554 5.7.1 localhost access denied\r\n";
+/// An admitted session closed because its client became blocked.
 const CLOSED_BLOCKED: &str = r#"mailmoat_sessions_closed_total{reason="blocked"}"#;
+/// A connection refused at the door as blocked (never a session).
+const REFUSED_BLOCKED: &str = r#"mailmoat_connections_refused_total{reason="blocked"}"#;
 
 /// SPEC: a change is applied within about a second; issue 4 allows 2 s.
 const RELOAD: Duration = Duration::from_secs(2);
@@ -72,6 +75,8 @@ async fn edit_blocks_within_2s_and_closes_the_open_session(name: &str, edit: fn(
     wait_door(&proxy, HOARDER, REFUSED, deadline).await;
     assert_eq!(door(&proxy, HOARDER).await, REFUSED);
     assert!(door(&proxy, BYSTANDER).await.starts_with("220 "));
+    // Refusals at the door are not sessions: still the one that was open.
+    assert_eq!(proxy.metric(CLOSED_BLOCKED), 1.0);
     assert_eq!(
         proxy.metric(&per_source("mailmoat_blocklist_entries", &list)),
         2.0
@@ -118,9 +123,10 @@ async fn kill_on_block_off_blocks_new_connections_but_spares_open_sessions() {
     wait_door(&proxy, HOARDER, REFUSED, Instant::now() + WAIT).await;
     session.send(b"NOOP\r\n").await;
     session.expect("250").await;
-    // Only the one refusal at the door was closed as blocked.
-    proxy.wait_metric(CLOSED_BLOCKED, 1.0).await;
-    assert_eq!(proxy.metric(CLOSED_BLOCKED), 1.0);
+    // The refusal at the door is counted as one, and closed no session.
+    proxy.wait_metric(REFUSED_BLOCKED, 1.0).await;
+    assert_eq!(proxy.metric(REFUSED_BLOCKED), 1.0);
+    assert_eq!(proxy.metric(CLOSED_BLOCKED), 0.0);
 }
 
 const WITH_BAD_LINES: &str = "# mixed\n\
@@ -558,7 +564,7 @@ async fn action_drop_closes_without_a_reply() {
     let list = dir.write("block.txt", "127.0.7.1\n");
     let (proxy, sink) = proxy(&lists_toml(&[&list], &[], "action = \"drop\"", "")).await;
     assert_eq!(door(&proxy, HOARDER).await, "");
-    proxy.wait_metric(CLOSED_BLOCKED, 1.0).await;
+    proxy.wait_metric(REFUSED_BLOCKED, 1.0).await;
     assert!(door(&proxy, BYSTANDER).await.starts_with("220 "));
     assert_eq!(
         sink.connections(),
@@ -582,7 +588,7 @@ async fn action_tarpit_sends_the_554_slowly() {
         "the 554 took only {took:?}"
     );
     assert_eq!(client.reply().await, "", "closed after the reply");
-    proxy.wait_metric(CLOSED_BLOCKED, 1.0).await;
+    proxy.wait_metric(REFUSED_BLOCKED, 1.0).await;
     assert_eq!(sink.connections(), 0);
 }
 

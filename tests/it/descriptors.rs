@@ -72,7 +72,7 @@ async fn metrics_answer_while_smtp_clients_fill_the_open_file_limit() {
         clients.push(Raw::connect(client, smtp).await);
     }
 
-    let accepted = "mailmoat_connections_accepted_total";
+    let accepted = "mailmoat_connections_total";
     let last = scrape_until(admin, |m| metric_value(m, accepted) >= SESSIONS_IN_BUDGET).await;
     let logs = std::fs::read_to_string(&log_path).unwrap_or_default();
     let Some((status, metrics)) = last else {

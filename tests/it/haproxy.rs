@@ -174,7 +174,7 @@ async fn haproxy_keeps_mailmoat_up_after_header_less_connections_from_its_addres
     let malformed = r#"mailmoat_connections_refused_total{reason="proxy_malformed"}"#;
     proxy.wait_metric(malformed, 100.0).await;
     // Several checks more, each a new connection, well past `fall 2`.
-    let accepted = "mailmoat_connections_accepted_total";
+    let accepted = "mailmoat_connections_total";
     proxy
         .wait_metric(accepted, proxy.metric(accepted) + 10.0)
         .await;

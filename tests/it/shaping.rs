@@ -85,8 +85,13 @@ async fn third_message_of_a_burst_of_two_gets_450_and_passes_after_the_refill() 
         1.0
     );
     assert_eq!(
-        proxy.metric(r#"mailmoat_messages_total{result="refused"}"#),
+        proxy.metric(r#"mailmoat_messages_refused_total{limit="message_rate"}"#),
         1.0
+    );
+    // The receiver decided nothing: no message result, accepted or not.
+    assert_eq!(
+        proxy.metric(r#"mailmoat_messages_total{result="rejected"}"#),
+        0.0
     );
 
     // Within about a second a token is back and the next MAIL passes.
@@ -137,10 +142,29 @@ async fn rcpt_over_the_per_message_cap_gets_452_and_the_message_goes_to_the_firs
     let messages = sink.messages();
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].rcpt_to, ["one@example.net", "two@example.net"]);
-    assert_eq!(
-        proxy.metric(r#"mailmoat_rate_limit_hits_total{limit="recipients_per_message"}"#),
-        1.0
-    );
+    // A cap, not a rate; a refused recipient, not a refused message.
+    let text = proxy.metrics.render();
+    for (series, value) in [
+        (
+            r#"mailmoat_message_cap_hits_total{cap="recipients_per_message"}"#,
+            Some(1.0),
+        ),
+        (
+            r#"mailmoat_recipients_refused_total{limit="recipients_per_message"}"#,
+            Some(1.0),
+        ),
+        (
+            r#"mailmoat_rate_limit_hits_total{limit="recipients_per_message"}"#,
+            None,
+        ),
+        (
+            r#"mailmoat_messages_refused_total{limit="message_size"}"#,
+            Some(0.0),
+        ),
+        (r#"mailmoat_messages_total{result="accepted"}"#, Some(1.0)),
+    ] {
+        assert_eq!(series_value(&text, series), value, "{series} in\n{text}");
+    }
 
     // The cap is per message: the next one may have two recipients again.
     assert_eq!(
@@ -170,10 +194,23 @@ async fn mail_declaring_a_size_over_the_maximum_gets_552_before_the_receiver_see
     // The receiver has no transaction: the MAIL never reached it.
     let rcpt = say(&mut raw, "RCPT TO:<c@d>").await;
     assert!(rcpt.starts_with("503 5.5.1 need MAIL"), "{rcpt:?}");
-    assert_eq!(
-        proxy.metric(r#"mailmoat_rate_limit_hits_total{limit="message_size"}"#),
-        1.0
-    );
+    let text = proxy.metrics.render();
+    for (series, value) in [
+        (
+            r#"mailmoat_message_cap_hits_total{cap="message_size"}"#,
+            Some(1.0),
+        ),
+        (
+            r#"mailmoat_messages_refused_total{limit="message_size"}"#,
+            Some(1.0),
+        ),
+        (
+            r#"mailmoat_rate_limit_hits_total{limit="message_size"}"#,
+            None,
+        ),
+    ] {
+        assert_eq!(series_value(&text, series), value, "{series} in\n{text}");
+    }
     // The session goes on; a size within the limit is fine.
     assert_eq!(
         say(&mut raw, "MAIL FROM:<a@b> SIZE=10240").await,
@@ -206,10 +243,23 @@ async fn data_over_the_maximum_gets_552_and_never_reaches_the_mailbox() {
     );
     assert_eq!(sink.delivered(), 0, "an over-size message was delivered");
     assert!(sink.messages().is_empty());
-    assert_eq!(
-        proxy.metric(r#"mailmoat_rate_limit_hits_total{limit="message_size"}"#),
-        1.0
-    );
+    let text = proxy.metrics.render();
+    for (series, value) in [
+        (
+            r#"mailmoat_message_cap_hits_total{cap="message_size"}"#,
+            Some(1.0),
+        ),
+        (
+            r#"mailmoat_messages_refused_total{limit="message_size"}"#,
+            Some(1.0),
+        ),
+        (
+            r#"mailmoat_rate_limit_hits_total{limit="message_size"}"#,
+            None,
+        ),
+    ] {
+        assert_eq!(series_value(&text, series), value, "{series} in\n{text}");
+    }
 }
 
 #[tokio::test]
