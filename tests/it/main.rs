@@ -14,6 +14,7 @@ mod haproxy;
 mod harness;
 mod lists;
 mod logs;
+mod receiver_check;
 mod relay;
 mod shaping;
 mod shutdown;
