@@ -150,6 +150,8 @@ fn run_case(rt: &Runtime, dir: &std::path::Path, case: Case, server: Server, n: 
     let sink = (case == Case::Relayed).then(|| {
         let options = SinkOptions {
             slots: n + 1_000,
+            // The bare relay sends no PROXY header; mailmoat sends none either.
+            proxy_protocol: false,
             ..SinkOptions::default()
         };
         rt.block_on(Sink::start("127.0.0.1:0".parse().unwrap(), options))
@@ -231,6 +233,7 @@ max_connections = 20000
 shutdown_grace = "1s"
 [upstream]
 servers = ["{upstream}"]
+proxy_protocol = "off"
 [limits]
 per_prefix_connections = 100000
 connection_burst = 100

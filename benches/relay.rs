@@ -78,6 +78,8 @@ impl Paths {
     fn start(sink_rt: &Runtime, proxy_rt: &Runtime, tcp_rt: &Runtime) -> Paths {
         let options = SinkOptions {
             slots: 10_000,
+            // Reached directly and through a bare TCP proxy too: no header.
+            proxy_protocol: false,
             ..SinkOptions::default()
         };
         let sink = sink_rt

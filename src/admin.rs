@@ -73,6 +73,8 @@ pub struct AdminState {
     pub bans: Arc<Bans>,
     /// Background tasks; one down makes `/readyz` unready.
     pub tasks: Arc<Supervisor>,
+    /// The receiver check's latest verdict, for `/readyz`.
+    pub upstream: Arc<upstream::Health>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -211,8 +213,10 @@ async fn metrics_text(State(state): State<Arc<AdminState>>) -> impl IntoResponse
     )
 }
 
-/// Ready when every background task runs and an upstream accepts a
-/// connection now.
+/// Ready when every background task runs and the latest receiver check
+/// (every `upstream::CHECK_INTERVAL`) found an upstream that greets and
+/// agrees on the PROXY header. Answered from that check: a probe of
+/// `/readyz` costs the receiver nothing.
 async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     let down = state.tasks.down();
     if !down.is_empty() {
@@ -222,15 +226,26 @@ async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
             format!("background task down: {}\n", names.join(", ")),
         );
     }
-    if upstream::probe(&state.config.upstream, Duration::from_secs(1)).await {
-        (StatusCode::OK, "ready\n".to_string())
-    } else {
-        (
+    // Only right after start is there no verdict yet; one check is bounded
+    // by connect_timeout plus two reply timeouts per server.
+    match state.upstream.verdict(FIRST_CHECK_WAIT).await {
+        Some(v) if v.ready => (StatusCode::OK, "ready\n".to_string()),
+        Some(v) => {
+            let mut body = String::from("no upstream ready\n");
+            for (server, problem) in &v.problems {
+                body.push_str(&format!("{server}: {problem}\n"));
+            }
+            (StatusCode::SERVICE_UNAVAILABLE, body)
+        }
+        None => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "no upstream reachable\n".to_string(),
-        )
+            "receiver check not done yet\n".to_string(),
+        ),
     }
 }
+
+/// How long `/readyz` waits for the first receiver check after start.
+const FIRST_CHECK_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(serde::Deserialize)]
 struct LookupQuery {
@@ -453,6 +468,7 @@ mod tests {
             shaping: core.shaping.clone(),
             bans: core.bans.clone(),
             tasks: tasks.clone(),
+            upstream: Default::default(),
         })));
         // Paused time: the task stays down through its first backoff.
         for _ in 0..10_000 {

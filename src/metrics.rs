@@ -110,7 +110,7 @@ impl Metrics {
         let upstream_up = IntGaugeVec::new(
             Opts::new(
                 "mailmoat_upstream_up",
-                "1 if the last connection to this upstream succeeded, else 0.",
+                "1 if the last receiver check or connection to this upstream succeeded (it greets and agrees on the PROXY header), else 0.",
             ),
             &["server"],
         )

@@ -27,6 +27,7 @@ use crate::listener;
 use crate::metrics::Metrics;
 use crate::state::Core;
 use crate::supervisor::{Supervisor, Task};
+use crate::upstream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -105,6 +106,8 @@ impl Server {
         let core = Core::build(&config, self.metrics.clone()).await;
         let shared = core.sessions.clone();
         let tasks = Arc::new(Supervisor::new(self.metrics.registry()));
+        let health = Arc::new(upstream::Health::default());
+        upstream::warn_if_clients_look_local(&config.upstream);
         let stop_accepting = CancellationToken::new();
         // Ends every other background task, once the sessions are gone.
         let stop_background = CancellationToken::new();
@@ -141,6 +144,7 @@ impl Server {
                 shaping: core.shaping.clone(),
                 bans: core.bans.clone(),
                 tasks: tasks.clone(),
+                upstream: health.clone(),
             }));
             let stop = stop_background.clone();
             tasks.spawn(Task::Admin, stop_background.clone(), move || {
@@ -171,6 +175,14 @@ impl Server {
             let every = config.server.state_sweep;
             tasks.spawn(Task::StateSweep, stop_background.clone(), move || {
                 sweep(admission.clone(), shaping.clone(), every)
+            });
+        }
+
+        {
+            let (settings, metrics) = (config.upstream.clone(), self.metrics.clone());
+            let health = health.clone();
+            tasks.spawn(Task::UpstreamCheck, stop_background.clone(), move || {
+                upstream::check_loop(settings.clone(), metrics.clone(), health.clone())
             });
         }
 

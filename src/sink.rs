@@ -1,8 +1,10 @@
 //! A small SMTP receiver that accepts everything: the demo's and the tests'
 //! stand-in for Postfix. It advertises what a real receiver does (PIPELINING,
-//! CHUNKING, AUTH, optionally STARTTLS), reads an inbound PROXY header when
-//! told to, has a fixed number of slots like a busy MTA, and remembers what
-//! it received.
+//! CHUNKING, AUTH, optionally STARTTLS), expects an inbound PROXY header
+//! unless told not to (as Postfix with `smtpd_upstream_proxy_protocol =
+//! haproxy`, matching mailmoat's default), has a fixed number of slots like a
+//! busy MTA, and remembers what it received. A health check (PROXY `LOCAL`
+//! or `UNKNOWN`) is served but neither counted nor given a slot.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -24,7 +26,8 @@ const SINK_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct SinkOptions {
     /// Connections served at once; more are answered `421` like a full MTA.
     pub slots: usize,
-    /// Expect a PROXY v1/v2 header first and take the client from it.
+    /// Expect a PROXY v1/v2 header first and take the client from it; a
+    /// client that sends none waits for the greeting forever (like Postfix).
     pub proxy_protocol: bool,
     /// `user:password` accepted by AUTH PLAIN; any other is `535`.
     pub auth: Option<(String, String)>,
@@ -36,7 +39,7 @@ impl Default for SinkOptions {
     fn default() -> Self {
         SinkOptions {
             slots: 1000,
-            proxy_protocol: false,
+            proxy_protocol: true,
             auth: None,
             starttls_echo: false,
         }
@@ -134,35 +137,48 @@ async fn accept(listener: TcpListener, options: Arc<SinkOptions>, stats: Arc<Sta
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        stats.connections.fetch_add(1, Ordering::Relaxed);
-        let active = stats.active.fetch_add(1, Ordering::SeqCst) + 1;
-        stats.peak.fetch_max(active, Ordering::SeqCst);
         let (options, stats) = (options.clone(), stats.clone());
         tokio::spawn(async move {
-            let busy = active > options.slots;
             let _ = tokio::time::timeout(
                 SINK_TIMEOUT * 10,
-                session(stream, peer, busy, &options, &stats),
+                connection(stream, peer, &options, &stats),
             )
             .await;
-            stats.active.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
 
-async fn session(
+async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
-    busy: bool,
     options: &SinkOptions,
     stats: &Stats,
 ) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let client = if options.proxy_protocol {
-        read_proxy_header(&mut stream).await?
+        match read_proxy_header(&mut stream).await? {
+            Some(client) => client,
+            None => return session(stream, peer, false, options, stats).await,
+        }
     } else {
         peer
     };
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    let active = stats.active.fetch_add(1, Ordering::SeqCst) + 1;
+    stats.peak.fetch_max(active, Ordering::SeqCst);
+    let busy = active > options.slots;
+    let result = session(stream, client, busy, options, stats).await;
+    stats.active.fetch_sub(1, Ordering::SeqCst);
+    result
+}
+
+async fn session(
+    mut stream: TcpStream,
+    client: SocketAddr,
+    busy: bool,
+    options: &SinkOptions,
+    stats: &Stats,
+) -> std::io::Result<()> {
     if busy {
         stats.busy_refusals.fetch_add(1, Ordering::Relaxed);
         stream
@@ -323,48 +339,25 @@ async fn read_message<R: tokio::io::AsyncBufRead + Unpin>(
     }
 }
 
-async fn read_proxy_header(stream: &mut TcpStream) -> std::io::Result<SocketAddr> {
-    let mut buf = Vec::with_capacity(232);
+/// The client a PROXY header names, or `None` for a health check (v2
+/// `LOCAL`, v1 `UNKNOWN`).
+async fn read_proxy_header(stream: &mut TcpStream) -> std::io::Result<Option<SocketAddr>> {
+    use crate::proxy_protocol::{parse_inbound, Inbound, MAX_INBOUND_HEADER};
+    let mut buf = Vec::with_capacity(MAX_INBOUND_HEADER);
     let mut byte = [0u8; 1];
     loop {
-        let result = ppp::HeaderResult::parse(&buf);
-        // A v1 header is judged only once its line is complete: ppp calls
-        // some prefixes of a valid one invalid (`… 4000 ` has an empty port).
-        let v1_line_open = matches!(result, ppp::HeaderResult::V1(_)) && !buf.ends_with(b"\n");
-        match result {
-            ppp::HeaderResult::V2(Ok(h)) => {
-                return match h.addresses {
-                    ppp::v2::Addresses::IPv4(a) => {
-                        Ok(SocketAddr::new(a.source_address.into(), a.source_port))
-                    }
-                    ppp::v2::Addresses::IPv6(a) => {
-                        Ok(SocketAddr::new(a.source_address.into(), a.source_port))
-                    }
-                    _ => Err(std::io::Error::other("PROXY v2 header without an address")),
-                };
+        if !buf.is_empty() {
+            match parse_inbound(&buf) {
+                Inbound::Proxied { client, .. } => return Ok(Some(client)),
+                Inbound::Local { .. } => return Ok(None),
+                Inbound::Malformed(e) => {
+                    return Err(std::io::Error::other(format!("bad PROXY header: {e}")))
+                }
+                Inbound::Incomplete => {}
             }
-            ppp::HeaderResult::V1(Ok(h)) => {
-                return match h.addresses {
-                    ppp::v1::Addresses::Tcp4(a) => {
-                        Ok(SocketAddr::new(a.source_address.into(), a.source_port))
-                    }
-                    ppp::v1::Addresses::Tcp6(a) => {
-                        Ok(SocketAddr::new(a.source_address.into(), a.source_port))
-                    }
-                    ppp::v1::Addresses::Unknown => Err(std::io::Error::other("PROXY UNKNOWN")),
-                };
-            }
-            result
-                if buf.len() >= 232
-                    || (!buf.is_empty()
-                        && !v1_line_open
-                        && !ppp::PartialResult::is_incomplete(&result)) =>
-            {
-                return Err(std::io::Error::other(format!(
-                    "bad PROXY header: {result:?}"
-                )));
-            }
-            _ => {}
+        }
+        if buf.len() >= MAX_INBOUND_HEADER {
+            return Err(std::io::Error::other("PROXY header too long"));
         }
         // Byte at a time: the header is tiny and must not over-read the SMTP.
         tokio::time::timeout(SINK_TIMEOUT, stream.read_exact(&mut byte)).await??;

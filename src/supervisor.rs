@@ -35,16 +35,18 @@ pub enum Task {
     BlocklistApi,
     BanMaintenance,
     StateSweep,
+    UpstreamCheck,
 }
 
 impl Task {
-    pub const ALL: [Task; 6] = [
+    pub const ALL: [Task; 7] = [
         Task::SmtpAccept,
         Task::Admin,
         Task::BlocklistFiles,
         Task::BlocklistApi,
         Task::BanMaintenance,
         Task::StateSweep,
+        Task::UpstreamCheck,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +57,7 @@ impl Task {
             Task::BlocklistApi => "blocklist_api",
             Task::BanMaintenance => "ban_maintenance",
             Task::StateSweep => "state_sweep",
+            Task::UpstreamCheck => "upstream_check",
         }
     }
 }

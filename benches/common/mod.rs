@@ -226,6 +226,9 @@ impl InProcessProxy {
         config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
         config.admin.listen = None;
         config.upstream.servers = vec![upstream.into()];
+        // Compared with a bare TCP proxy in front of the same receiver,
+        // which sends no PROXY header.
+        config.upstream.proxy_protocol = mailmoat::config::ProxyProtocol::Off;
         let server = runtime.block_on(Server::bind(config)).expect("proxy binds");
         let addr = server.listen_addrs()[0];
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -267,6 +267,12 @@ scrape() {
         printf "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" >&3 && cat <&3' _ "$admin_port"
 }
 metric() { scrape 2>/dev/null | grep -E "^$1\$" || true; }
+# The receiver check agrees with this Postfix: /readyz is 200.
+readyz() {
+    timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" &&
+        printf "GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" >&3 && cat <&3' _ "$admin_port" 2>/dev/null | head -1
+}
+wait_for "/readyz 200 (mailmoat and Postfix agree on the PROXY header)" eval '[[ $(readyz) == *" 200 "* ]]'
 up_line="mailmoat_upstream_up\{server=\"127.0.0.1:$pf_port\"\} 1"
 wait_for "mailmoat_upstream_up 1 for the Postfix upstream" eval '[[ -n $(metric "$up_line") ]]'
 wait_for "mailmoat to count the accepted message" eval '[[ -n $(metric "mailmoat_messages_total\{result=\"accepted\"\} 1") ]]'

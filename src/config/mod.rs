@@ -396,7 +396,7 @@ impl Validator<'_> {
                 proxy_protocol: self.parse(
                     "upstream.proxy_protocol",
                     u.proxy_protocol,
-                    "off",
+                    "v2",
                     |s| match s {
                         "off" => Ok(ProxyProtocol::Off),
                         "v1" => Ok(ProxyProtocol::V1),
@@ -1038,7 +1038,7 @@ mod tests {
             [upstream]
             servers = ["mx.test:10025", "192.0.2.9:25", "[2001:db8::25]:25"]
             connect_timeout = "1500ms"
-            proxy_protocol = "v2"
+            proxy_protocol = "v1"
             [limits]
             per_ip_connections = 3
             per_prefix_connections = 7

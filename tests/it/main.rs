@@ -15,6 +15,7 @@ mod harness;
 mod lists;
 mod logs;
 mod metrics;
+mod receiver_check;
 mod relay;
 mod shaping;
 mod shutdown;

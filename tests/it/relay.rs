@@ -117,7 +117,8 @@ async fn chunking_is_not_advertised_through_the_proxy() {
 
 /// A receiver that answers until DATA's 354, then reads nothing more (its
 /// receive buffer as small as the kernel allows), holding the connection
-/// until `release` is cancelled.
+/// until `release` is cancelled. It expects no PROXY header, and answers
+/// mailmoat's receiver check (`QUIT`) on its own connections.
 async fn stalling_receiver(release: CancellationToken) -> std::net::SocketAddr {
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -125,32 +126,43 @@ async fn stalling_receiver(release: CancellationToken) -> std::net::SocketAddr {
     let listener = socket.listen(8).unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut stream = BufReader::new(stream);
-        stream
-            .get_mut()
-            .write_all(b"220 stalled.test ESMTP\r\n")
-            .await
-            .unwrap();
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
-                return;
-            }
-            let reply: &[u8] = match &line.to_ascii_uppercase()[..4] {
-                "EHLO" => b"250-stalled.test\r\n250 PIPELINING\r\n",
-                "DATA" => b"354 go ahead\r\n",
-                _ => b"250 2.0.0 Ok\r\n",
-            };
-            stream.get_mut().write_all(reply).await.unwrap();
-            if reply.starts_with(b"354") {
-                break;
-            }
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(stall(BufReader::new(stream), release.clone()));
         }
-        release.cancelled().await;
     });
     addr
+}
+
+async fn stall(mut stream: BufReader<tokio::net::TcpStream>, release: CancellationToken) {
+    if stream
+        .get_mut()
+        .write_all(b"220 stalled.test ESMTP\r\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+        let reply: &[u8] = match verb.as_str() {
+            "EHLO" => b"250-stalled.test\r\n250 PIPELINING\r\n",
+            "DATA" => b"354 go ahead\r\n",
+            "QUIT" => b"221 2.0.0 Bye\r\n",
+            _ => b"250 2.0.0 Ok\r\n",
+        };
+        if stream.get_mut().write_all(reply).await.is_err() || reply.starts_with(b"221") {
+            return;
+        }
+        if reply.starts_with(b"354") {
+            break;
+        }
+    }
+    release.cancelled().await;
 }
 
 #[tokio::test]
@@ -158,7 +170,7 @@ async fn receiver_that_stops_reading_during_data_gets_the_client_a_451_not_a_res
     let release = CancellationToken::new();
     let receiver = stalling_receiver(release.clone()).await;
     let toml = "[server]\nhostname = \"mx.proxy\"\n[timeouts]\nwrite = \"1s\"\n\
-                [limits]\nmax_message_size = \"64MiB\"\n";
+                [limits]\nmax_message_size = \"64MiB\"\n[upstream]\nproxy_protocol = \"off\"\n";
     let proxy = TestProxy::start(toml, &[receiver]).await;
     let mut raw = session(CLIENT, proxy.addr).await;
     raw.send(b"MAIL FROM:<a@b>\r\n").await;

@@ -16,6 +16,7 @@ async fn every_background_task_is_supervised_and_readyz_is_ok_while_all_run() {
         "blocklist_files",
         "ban_maintenance",
         "state_sweep",
+        "upstream_check",
     ] {
         let up = format!(r#"mailmoat_task_up{{task="{task}"}}"#);
         let restarts = format!(r#"mailmoat_task_restarts_total{{task="{task}"}}"#);

@@ -77,6 +77,7 @@ async fn second_upstream_is_used_when_the_first_is_down() {
     .await
     .unwrap();
     assert_eq!(sink.delivered(), 1);
+    // The receiver check counts its own failures there too.
     let errors = format!(r#"mailmoat_upstream_connect_errors_total{{server="{dead}"}}"#);
-    assert_eq!(proxy.metric(&errors), 1.0);
+    assert!(proxy.metric(&errors) >= 1.0);
 }
