@@ -35,16 +35,19 @@ pub enum Task {
     BlocklistApi,
     BanMaintenance,
     StateSweep,
+    /// Waits for SIGHUP and reloads the config.
+    ConfigReload,
 }
 
 impl Task {
-    pub const ALL: [Task; 6] = [
+    pub const ALL: [Task; 7] = [
         Task::SmtpAccept,
         Task::Admin,
         Task::BlocklistFiles,
         Task::BlocklistApi,
         Task::BanMaintenance,
         Task::StateSweep,
+        Task::ConfigReload,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +58,7 @@ impl Task {
             Task::BlocklistApi => "blocklist_api",
             Task::BanMaintenance => "ban_maintenance",
             Task::StateSweep => "state_sweep",
+            Task::ConfigReload => "config_reload",
         }
     }
 }
