@@ -15,6 +15,7 @@ mod harness;
 mod lists;
 mod logs;
 mod relay;
+mod reload;
 mod shaping;
 mod shutdown;
 mod supervision;
