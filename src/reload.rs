@@ -344,3 +344,30 @@ impl ReloadMetrics {
         self.last_ok.set(i64::from(result == "ok"));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(toml: &str) -> Config {
+        Config::from_toml(toml, Path::new("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn reload_keeps_restart_only_keys_at_their_running_value_and_names_them() {
+        let running = config("[server]\nshadow = false\n");
+        let loaded = config(
+            "[server]\nshadow = true\nhostname = \"mx.example\"\n[log]\nlevel = \"debug\"\n\
+             [limits]\nmessage_rate = \"1/hour\"\n",
+        );
+        let (effective, restart) = effective(&running, loaded);
+        assert_eq!(restart, ["server.shadow", "log"]);
+        assert!(!effective.server.shadow);
+        assert_eq!(effective.log.level, running.log.level);
+        assert_eq!(effective.server.hostname, "mx.example");
+        assert_eq!(effective.limits.message_rate.amount, 1);
+        assert_ne!(hash(&effective), hash(&running));
+    }
+}
