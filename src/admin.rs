@@ -37,6 +37,7 @@ use crate::blocklist::Blocklist;
 use crate::config::Config;
 use crate::lookup::Lookup;
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::session::registry::Registry;
 use crate::shaping::Shaping;
 use crate::supervisor::Supervisor;
@@ -75,6 +76,8 @@ pub struct AdminState {
     pub tasks: Arc<Supervisor>,
     /// The receiver check's latest verdict, for `/readyz`.
     pub upstream: Arc<upstream::Health>,
+    /// `POST /admin/reload`; `None` where nothing can be reloaded.
+    pub reloader: Option<Arc<Reloader>>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -84,6 +87,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/readyz", get(ready))
         .route("/admin/lookup", get(lookup))
         .route("/admin/top", get(top))
+        .route("/admin/reload", axum::routing::post(reload))
         .route(
             "/admin/bans",
             get(export_bans).post(add_ban).delete(lift_ban),
@@ -309,6 +313,44 @@ async fn top(State(state): State<Arc<AdminState>>, Query(q): Query<TopQuery>) ->
     )
 }
 
+/// Reloads the config file (as SIGHUP does) and says whether it took: 200
+/// with the new config's hash and any change that waits for a restart, or
+/// 422 with every error (the running config stays).
+async fn reload(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> (StatusCode, String) {
+    if let Err(refused) = authorize(&state.config, &headers) {
+        return refused;
+    }
+    let Some(reloader) = &state.reloader else {
+        return (
+            StatusCode::CONFLICT,
+            "this process cannot reload its config\n".into(),
+        );
+    };
+    let outcome = reloader.reload().await;
+    let mut body = if outcome.ok {
+        format!("config reloaded: {}\n", outcome.hash)
+    } else {
+        format!(
+            "config reload refused; the running config {} stays:\n",
+            outcome.hash
+        )
+    };
+    for e in &outcome.errors {
+        body.push_str(&format!("  {e}\n"));
+    }
+    for key in &outcome.restart_needed {
+        body.push_str(&format!(
+            "  {key}: changed; takes effect at the next restart\n"
+        ));
+    }
+    let status = if outcome.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    (status, body)
+}
+
 async fn export_bans(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     state.bans.export()
 }
@@ -469,6 +511,7 @@ mod tests {
             bans: core.bans.clone(),
             tasks: tasks.clone(),
             upstream: Default::default(),
+            reloader: None,
         })));
         // Paused time: the task stays down through its first backoff.
         for _ in 0..10_000 {

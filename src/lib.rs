@@ -34,6 +34,7 @@ pub mod listener;
 pub mod lookup;
 pub mod metrics;
 pub mod proxy_protocol;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shaping;

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::descriptors::Budget;
 use crate::proxy_protocol::canonical;
+use crate::reload::Live;
 use crate::session::{self, Shared};
 
 /// Deep enough to absorb a connection flood while admission refuses it.
@@ -36,10 +38,12 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// the descriptor budget has a slot for it: when it has none the loop
 /// waits (clients queue in the backlog) instead of failing on EMFILE.
 /// The listener is shared so a restarted loop accepts on the same socket.
+///
+/// Each client gets the [`Live`] generation current at its accept, and
+/// keeps it: a reload changes what later clients get, not open sessions.
 pub async fn accept_loop(
     listener: Arc<TcpListener>,
-    config: Arc<Config>,
-    shared: Arc<Shared>,
+    live: Arc<ArcSwap<Live>>,
     budget: Budget,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -79,8 +83,9 @@ pub async fn accept_loop(
                 if std::mem::take(&mut accept_failing) {
                     tracing::info!("accepting clients again");
                 }
-                shared.metrics.connections.inc();
-                let (config, shared) = (config.clone(), shared.clone());
+                let live = live.load();
+                live.shared.metrics.connections.inc();
+                let (config, shared) = (live.config.clone(), live.shared.clone());
                 tracker.spawn(async move {
                     handle(stream, addr, config, shared).await;
                     drop(slot);

@@ -56,6 +56,17 @@ enum Cmd {
         #[command(subcommand)]
         command: BansCmd,
     },
+    /// Have the running proxy re-read its config, and say whether it took.
+    ///
+    /// Validates FILE first (as check-config), then asks the proxy through
+    /// its admin API (admin.listen, admin.token_file). New sessions use the
+    /// new config; open sessions finish under the old one. Keys that need a
+    /// restart are named. SIGHUP reloads the same way, without the answer.
+    #[command(after_help = "Exit status: 0 reloaded, 2 refused or no answer.")]
+    Reload {
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Blocklist tools.
     Blocklist {
         #[command(subcommand)]
@@ -172,6 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             Ok(status.into())
         }
+        Cmd::Reload { config } => Ok(mailmoat::cli::reload(&load(config.as_deref())?).into()),
         Cmd::Demo { duration } => {
             let config = Config::from_toml("[log]\nlevel = \"error\"\n", Path::new("<demo>"))?;
             init_logging(&config);
@@ -186,17 +198,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Run { config: path } => {
             let config = load(path.as_deref())?;
             init_logging(&config);
-            let path = path.map_or_else(|| "<defaults>".into(), |p| p.display().to_string());
+            let shown = path
+                .as_ref()
+                .map_or_else(|| "<defaults>".into(), |p| p.display().to_string());
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),
-                config = path.as_str(),
+                config = shown.as_str(),
                 "mailmoat starting"
             );
             raise_open_file_limit();
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             runtime.block_on(async {
-                let server = Server::bind(config).await?;
+                let server = Server::bind(config).await?.reload_from(path);
                 server.run(mailmoat::shutdown::signal()).await;
                 Ok(ExitCode::SUCCESS)
             })

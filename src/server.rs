@@ -12,10 +12,13 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,6 +28,7 @@ use crate::config::Config;
 use crate::descriptors::{self, Budget};
 use crate::listener;
 use crate::metrics::Metrics;
+use crate::reload::{Live, Reloader, StartListener};
 use crate::state::Core;
 use crate::supervisor::{Supervisor, Task};
 use crate::upstream;
@@ -45,6 +49,8 @@ pub struct Server {
     admin: Option<TcpListener>,
     metrics: Arc<Metrics>,
     budget: Budget,
+    /// The file a reload re-reads (`run -c FILE`).
+    reload_from: Option<PathBuf>,
 }
 
 impl Server {
@@ -82,7 +88,15 @@ impl Server {
             admin,
             metrics,
             budget: Budget::under(open_files),
+            reload_from: None,
         })
+    }
+
+    /// The config file a reload (SIGHUP, `POST /admin/reload`) re-reads;
+    /// without one a reload is refused and says so.
+    pub fn reload_from(mut self, path: Option<PathBuf>) -> Server {
+        self.reload_from = path;
+        self
     }
 
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
@@ -113,22 +127,50 @@ impl Server {
         let stop_background = CancellationToken::new();
         let sessions = TaskTracker::new();
 
-        for l in self.listeners {
-            if let Ok(addr) = l.local_addr() {
-                tracing::info!(%addr, "accepting SMTP clients");
+        let live = Arc::new(ArcSwap::from_pointee(Live {
+            config: config.clone(),
+            shared: shared.clone(),
+        }));
+        let start_listener: StartListener = {
+            let (tasks, live, budget) = (tasks.clone(), live.clone(), self.budget.clone());
+            let (sessions, stop_accepting) = (sessions.clone(), stop_accepting.clone());
+            Box::new(move |l: TcpListener| {
+                let l = Arc::new(l);
+                // Its own token: a reload that drops the address stops
+                // this loop alone; shutdown stops them all.
+                let stop = stop_accepting.child_token();
+                let (live, budget, sessions, token) =
+                    (live.clone(), budget.clone(), sessions.clone(), stop.clone());
+                tasks.spawn(Task::SmtpAccept, stop.clone(), move || {
+                    listener::accept_loop(
+                        l.clone(),
+                        live.clone(),
+                        budget.clone(),
+                        sessions.clone(),
+                        token.clone(),
+                    )
+                });
+                stop
+            })
+        };
+        let mut accepting = Vec::new();
+        for (&addr, l) in config.server.listen.iter().zip(self.listeners) {
+            if let Ok(local) = l.local_addr() {
+                tracing::info!(addr = %local, "accepting SMTP clients");
             }
-            let l = Arc::new(l);
-            let (config, shared, budget) = (config.clone(), shared.clone(), self.budget.clone());
-            let (sessions, stop) = (sessions.clone(), stop_accepting.clone());
-            tasks.spawn(Task::SmtpAccept, stop_accepting.clone(), move || {
-                listener::accept_loop(
-                    l.clone(),
-                    config.clone(),
-                    shared.clone(),
-                    budget.clone(),
-                    sessions.clone(),
-                    stop.clone(),
-                )
+            accepting.push((addr, start_listener(l)));
+        }
+        let reloader = Arc::new(Reloader::new(
+            self.reload_from.clone(),
+            live.clone(),
+            accepting,
+            start_listener,
+            self.metrics.registry(),
+        ));
+        {
+            let reloader = reloader.clone();
+            tasks.spawn(Task::ConfigReload, stop_background.clone(), move || {
+                reload_on_hangup(reloader.clone())
             });
         }
         if let Some(l) = self.admin {
@@ -145,6 +187,7 @@ impl Server {
                 bans: core.bans.clone(),
                 tasks: tasks.clone(),
                 upstream: health.clone(),
+                reloader: Some(reloader.clone()),
             }));
             let stop = stop_background.clone();
             tasks.spawn(Task::Admin, stop_background.clone(), move || {
@@ -171,23 +214,28 @@ impl Server {
             });
         }
         {
-            let (admission, shaping) = (core.admission.clone(), core.shaping.clone());
+            let live = live.clone();
             let every = config.server.state_sweep;
             tasks.spawn(Task::StateSweep, stop_background.clone(), move || {
-                sweep(admission.clone(), shaping.clone(), every)
+                sweep(live.clone(), every)
             });
         }
 
         {
-            let (settings, metrics) = (config.upstream.clone(), self.metrics.clone());
+            let (live, metrics) = (live.clone(), self.metrics.clone());
             let health = health.clone();
             tasks.spawn(Task::UpstreamCheck, stop_background.clone(), move || {
-                upstream::check_loop(settings.clone(), metrics.clone(), health.clone())
+                let live = live.clone();
+                upstream::check_loop(
+                    move || live.load().config.upstream.clone(),
+                    metrics.clone(),
+                    health.clone(),
+                )
             });
         }
 
         shutdown.await;
-        let grace = config.server.shutdown_grace;
+        let grace = live.load().config.server.shutdown_grace;
         tracing::info!(sessions = sessions.len(), grace = ?grace, "shutting down: no new clients, draining sessions");
         stop_accepting.cancel();
         shared.drain.cancel();
@@ -209,17 +257,31 @@ impl Server {
     }
 }
 
-/// Evicts idle per-IP state every `every`.
-async fn sweep(
-    admission: Arc<crate::admission::Admission>,
-    shaping: Arc<crate::shaping::Shaping>,
-    every: Duration,
-) {
+/// Reloads the config at each SIGHUP (the unit's `ExecReload`).
+async fn reload_on_hangup(reloader: Arc<Reloader>) {
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /admin/reload");
+            // Ending would only be restarted into the same failure.
+            return std::future::pending().await;
+        }
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the config");
+        reloader.reload().await;
+    }
+}
+
+/// Evicts idle per-IP state every `every`, in the generation in force (a
+/// replaced generation's tables go with its last session).
+async fn sweep(live: Arc<ArcSwap<Live>>, every: Duration) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        admission.sweep(tokio::time::Instant::now());
-        shaping.sweep();
+        let live = live.load();
+        live.shared.admission.sweep(tokio::time::Instant::now());
+        live.shared.shaping.sweep();
     }
 }

@@ -15,6 +15,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use governor::Quota;
 
 use crate::admission::{quota, RateCheck, RateTable};
 use crate::bans::{BanEvent, Bans};
@@ -70,12 +71,14 @@ pub enum LimitKind {
 
 pub struct Shaping {
     shadow: bool,
-    messages: RateTable,
-    recipients: RateTable,
+    /// Each table with the quota it was built with (fixed in a governor
+    /// bucket): a reload keeps a table whose quota did not change.
+    messages: (Quota, Arc<RateTable>),
+    recipients: (Quota, Arc<RateTable>),
     bans: Arc<Bans>,
     metrics: Arc<Metrics>,
     /// Refusals per IP, halved at each sweep: "who is hitting us now".
-    recent_refusals: DashMap<IpAddr, u32>,
+    recent_refusals: Arc<DashMap<IpAddr, u32>>,
     max_tracked: usize,
     /// `server.trusted_proxies`: a load balancer's own address is never
     /// rate-limited or counted toward a ban here, whatever its connections
@@ -89,14 +92,42 @@ impl Shaping {
     pub fn new(config: &Config, bans: Arc<Bans>, metrics: Arc<Metrics>) -> Shaping {
         let l = &config.limits;
         let max = config.server.max_tracked_ips;
+        let table = |q: Quota| (q, Arc::new(RateTable::new(q, max)));
         Shaping {
             shadow: config.server.shadow,
-            messages: RateTable::new(quota(l.message_rate, l.message_burst), max),
-            recipients: RateTable::new(quota(l.recipient_rate, l.recipient_burst), max),
+            messages: table(quota(l.message_rate, l.message_burst)),
+            recipients: table(quota(l.recipient_rate, l.recipient_burst)),
             bans,
             metrics,
-            recent_refusals: DashMap::new(),
+            recent_refusals: Arc::new(DashMap::new()),
             max_tracked: max,
+            trusted_proxies: config.server.trusted_proxies.clone(),
+        }
+    }
+
+    /// The shaping of a reloaded `config`. Sessions opened before keep the
+    /// `Shaping` they started with, so they finish under the old limits; a
+    /// bucket whose quota did not change is shared, so a client's spent
+    /// tokens are not refilled by a reload. The bans and the recent
+    /// refusals are shared; `server.shadow` and `server.max_tracked_ips`
+    /// need a restart and are kept.
+    pub fn reconfigured(&self, config: &Config) -> Shaping {
+        let l = &config.limits;
+        let table = |q: Quota, old: &(Quota, Arc<RateTable>)| {
+            if q == old.0 {
+                old.clone()
+            } else {
+                (q, Arc::new(RateTable::new(q, self.max_tracked)))
+            }
+        };
+        Shaping {
+            shadow: self.shadow,
+            messages: table(quota(l.message_rate, l.message_burst), &self.messages),
+            recipients: table(quota(l.recipient_rate, l.recipient_burst), &self.recipients),
+            bans: self.bans.clone(),
+            metrics: self.metrics.clone(),
+            recent_refusals: self.recent_refusals.clone(),
+            max_tracked: self.max_tracked,
             trusted_proxies: config.server.trusted_proxies.clone(),
         }
     }
@@ -161,8 +192,8 @@ impl Shaping {
     }
 
     pub fn sweep(&self) {
-        self.messages.sweep();
-        self.recipients.sweep();
+        self.messages.1.sweep();
+        self.recipients.1.sweep();
         self.bans.sweep();
         self.recent_refusals.retain(|_, n| {
             *n /= 2;
@@ -190,12 +221,12 @@ pub struct ClientShaping<'a> {
 impl ClientShaping<'_> {
     /// Takes a message token (at MAIL).
     pub fn message(&self) -> Verdict {
-        self.take(&self.shaping.messages, Limit::MessageRate)
+        self.take(&self.shaping.messages.1, Limit::MessageRate)
     }
 
     /// Takes a recipient token (at RCPT).
     pub fn recipient(&self) -> Verdict {
-        self.take(&self.shaping.recipients, Limit::RecipientRate)
+        self.take(&self.shaping.recipients.1, Limit::RecipientRate)
     }
 
     fn take(&self, table: &RateTable, limit: Limit) -> Verdict {

@@ -36,10 +36,12 @@ pub enum Task {
     BanMaintenance,
     StateSweep,
     UpstreamCheck,
+    /// Waits for SIGHUP and reloads the config.
+    ConfigReload,
 }
 
 impl Task {
-    pub const ALL: [Task; 7] = [
+    pub const ALL: [Task; 8] = [
         Task::SmtpAccept,
         Task::Admin,
         Task::BlocklistFiles,
@@ -47,6 +49,7 @@ impl Task {
         Task::BanMaintenance,
         Task::StateSweep,
         Task::UpstreamCheck,
+        Task::ConfigReload,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +61,7 @@ impl Task {
             Task::BanMaintenance => "ban_maintenance",
             Task::StateSweep => "state_sweep",
             Task::UpstreamCheck => "upstream_check",
+            Task::ConfigReload => "config_reload",
         }
     }
 }

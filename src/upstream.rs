@@ -164,12 +164,20 @@ impl Health {
 /// Checks every server now and then every [`CHECK_INTERVAL`], publishing
 /// the verdict in `health` and `mailmoat_upstream_up`, and logging each
 /// server's problem once when it appears and once when it is gone.
-pub async fn check_loop(settings: UpstreamSettings, metrics: Arc<Metrics>, health: Arc<Health>) {
+/// `current` gives the upstream settings in force now, so a reload that
+/// changes `[upstream]` is checked from the next tick on.
+pub async fn check_loop(
+    current: impl Fn() -> UpstreamSettings,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) {
     let mut known: HashMap<String, Option<Problem>> = HashMap::new();
     let mut tick = tokio::time::interval(CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let settings = current();
+        known.retain(|name, _| settings.servers.iter().any(|s| s.to_string() == *name));
         let mut problems = Vec::new();
         let mut ready = false;
         for server in &settings.servers {

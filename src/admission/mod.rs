@@ -37,11 +37,15 @@ pub struct Admission<C: Clock = DefaultClock> {
     greet_pass_ttl: std::time::Duration,
     max_tracked: usize,
     counts: Arc<ConnectionCounts>,
-    rate: RateTable<C>,
+    /// The quota `rate` was built with: a governor bucket's quota is fixed,
+    /// so a reload that changes it needs a new table.
+    rate_quota: governor::Quota,
+    rate: Arc<RateTable<C>>,
     /// IPs that passed the greet pause recently, and until when.
-    greet_passed: DashMap<IpAddr, Instant>,
+    greet_passed: Arc<DashMap<IpAddr, Instant>>,
     blocklist: Arc<Blocklist>,
     metrics: Arc<Metrics>,
+    clock: C,
 }
 
 impl Admission<DefaultClock> {
@@ -50,7 +54,7 @@ impl Admission<DefaultClock> {
     }
 }
 
-impl<C: Clock> Admission<C> {
+impl<C: Clock + Clone> Admission<C> {
     pub fn with_clock(
         config: &Config,
         blocklist: Arc<Blocklist>,
@@ -58,6 +62,7 @@ impl<C: Clock> Admission<C> {
         clock: C,
     ) -> Self {
         let l = &config.limits;
+        let rate_quota = quota(l.connection_rate, l.connection_burst);
         Admission {
             shadow: config.server.shadow,
             max_connections: config.server.max_connections,
@@ -69,14 +74,55 @@ impl<C: Clock> Admission<C> {
             greet_pass_ttl: config.timeouts.greet_pass_ttl,
             max_tracked: config.server.max_tracked_ips,
             counts: ConnectionCounts::new(metrics.active_sessions.clone()),
-            rate: RateTable::with_clock(
-                quota(l.connection_rate, l.connection_burst),
+            rate_quota,
+            rate: Arc::new(RateTable::with_clock(
+                rate_quota,
                 config.server.max_tracked_ips,
-                clock,
-            ),
-            greet_passed: DashMap::new(),
+                clock.clone(),
+            )),
+            greet_passed: Arc::new(DashMap::new()),
             blocklist,
             metrics,
+            clock,
+        }
+    }
+
+    /// The admission of a reloaded `config`, keeping the state whose key
+    /// still means the same thing: the connection counts always (a permit
+    /// releases the very keys it took, so sessions admitted before the
+    /// reload are released correctly whatever the new prefix lengths), the
+    /// greet passes, and the connection-rate buckets while their quota is
+    /// unchanged. `server.shadow` and `server.max_tracked_ips` need a
+    /// restart and are kept.
+    pub fn reconfigured(&self, config: &Config) -> Self {
+        let l = &config.limits;
+        let rate_quota = quota(l.connection_rate, l.connection_burst);
+        let rate = if rate_quota == self.rate_quota {
+            self.rate.clone()
+        } else {
+            Arc::new(RateTable::with_clock(
+                rate_quota,
+                self.max_tracked,
+                self.clock.clone(),
+            ))
+        };
+        Admission {
+            shadow: self.shadow,
+            max_connections: config.server.max_connections,
+            per_ip: l.per_ip_connections,
+            per_prefix: l.per_prefix_connections,
+            ipv4_prefix: l.ipv4_prefix,
+            ipv6_prefix: l.ipv6_prefix,
+            greet_pause_on: !config.timeouts.greet_pause.is_zero(),
+            greet_pass_ttl: config.timeouts.greet_pass_ttl,
+            max_tracked: self.max_tracked,
+            counts: self.counts.clone(),
+            rate_quota,
+            rate,
+            greet_passed: self.greet_passed.clone(),
+            blocklist: self.blocklist.clone(),
+            metrics: self.metrics.clone(),
+            clock: self.clock.clone(),
         }
     }
 

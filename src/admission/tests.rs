@@ -194,3 +194,41 @@ fn counts_never_exceed_caps_under_random_churn() {
 fn v4(bits: u32) -> IpAddr {
     IpAddr::V4(bits.into())
 }
+
+#[test]
+fn reload_keeps_the_counts_so_permits_taken_before_still_count_and_release() {
+    let (old, _, _) = admission(
+        "[limits]\nper_ip_connections = 2\nconnection_burst = 100\n",
+        &[],
+        &[],
+    );
+    let before = old.admit(ip("192.0.2.1")).unwrap();
+    let config = Config::from_toml(
+        "[limits]\nper_ip_connections = 2\nconnection_burst = 100\nipv4_prefix = 16\n",
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let new = old.reconfigured(&config);
+    let after = new.admit(ip("192.0.2.1")).unwrap();
+    // The session admitted before the reload still holds its slot.
+    assert_eq!(new.admit(ip("192.0.2.1")).unwrap_err(), Refusal::IpCap);
+    drop((before, after));
+    assert_eq!(new.counts().global(), 0);
+    assert_eq!(new.counts().ips(), 0);
+    assert_eq!(new.counts().prefixes(), 0);
+}
+
+#[test]
+fn reload_keeps_connection_rate_buckets_while_the_rate_is_unchanged() {
+    let toml = "[limits]\nconnection_rate = \"1/hour\"\nconnection_burst = 1\n";
+    let (old, _, _) = admission(toml, &[], &[]);
+    drop(old.admit(ip("192.0.2.1")).unwrap());
+    let same = old.reconfigured(&Config::from_toml(toml, Path::new("t.toml")).unwrap());
+    assert_eq!(
+        same.admit(ip("192.0.2.1")).unwrap_err(),
+        Refusal::ConnectionRate
+    );
+    let faster = "[limits]\nconnection_rate = \"2/hour\"\nconnection_burst = 2\n";
+    let changed = old.reconfigured(&Config::from_toml(faster, Path::new("t.toml")).unwrap());
+    assert!(changed.admit(ip("192.0.2.1")).is_ok());
+}

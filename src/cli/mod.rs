@@ -220,3 +220,47 @@ fn change_ban(config: &Config, method: Method, net: &str, query: &[(&str, &str)]
         }
     }
 }
+
+/// `mailmoat reload`: has the running proxy re-read its config (already
+/// validated by the caller, as `check-config` does) through the admin API,
+/// and prints whether it took.
+pub fn reload(config: &Config) -> Status {
+    let Some(client) = AdminClient::new(config) else {
+        eprintln!(
+            "mailmoat: admin.listen is disabled, so the result cannot be asked for: \
+             send SIGHUP instead (systemctl reload mailmoat) and read the log or \
+             mailmoat_config_reloads_total"
+        );
+        return Status::Error;
+    };
+    let token = match admin_client::token(config) {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("mailmoat: {e}; or send SIGHUP (systemctl reload mailmoat)");
+            return Status::Error;
+        }
+    };
+    match client.call(Method::Post, "/admin/reload", &[], Some(&token)) {
+        Ok(reply) if reply.status == 200 => {
+            print!("{}", reply.body);
+            Status::Clear
+        }
+        Ok(reply) => {
+            eprintln!(
+                "mailmoat: admin API at {}: HTTP {}: {}",
+                client.addr(),
+                reply.status,
+                reply.body.trim_end()
+            );
+            Status::Error
+        }
+        Err(CallError::Unreachable(why)) => {
+            eprintln!("mailmoat: {why}; is mailmoat running with this config?");
+            Status::Error
+        }
+        Err(CallError::Failed(e)) => {
+            eprintln!("mailmoat: {e}");
+            Status::Error
+        }
+    }
+}

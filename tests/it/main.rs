@@ -17,6 +17,7 @@ mod logs;
 mod metrics;
 mod receiver_check;
 mod relay;
+mod reload;
 mod shaping;
 mod shutdown;
 mod supervision;

@@ -1,0 +1,373 @@
+//! Reloading the config while running (SIGHUP, the unit's `ExecReload`,
+//! `POST /admin/reload`, `mailmoat reload`).
+//!
+//! A reload re-reads and validates the whole file. On any error the running
+//! config stays, and every error is logged and answered. On success the new
+//! [`Live`] generation is swapped in whole: each accept loads the current
+//! one, so new sessions use the new config while open sessions keep the
+//! generation they started with (their config and their limit tables) to
+//! the end. State whose key still means the same thing is carried over
+//! (`Admission::reconfigured`, `Shaping::reconfigured`); `server.listen`
+//! changes are bound before anything is swapped.
+//!
+//! What needs a restart ([`RESTART_ONLY`]) is kept at its running value and
+//! the log says which changed key waits for one.
+
+use std::hash::Hasher;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use prometheus::{Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::listener;
+use crate::session::Shared;
+
+/// The config and the state built from it that a session is handed at
+/// accept, and keeps.
+pub struct Live {
+    pub config: Arc<Config>,
+    pub shared: Arc<Shared>,
+}
+
+/// Keys a reload does not change: they are wired into long-lived state
+/// (the ban table, the list sources and their watchers, the admin
+/// listener, the logger). A change is logged and waits for a restart.
+pub const RESTART_ONLY: &[&str] = &[
+    "server.shadow",
+    "server.max_tracked_ips",
+    "server.state_sweep",
+    "blocklist",
+    "autoban",
+    "admin",
+    "log",
+];
+
+/// Starts an accept loop on a listener; the token stops it.
+pub type StartListener = Box<dyn Fn(TcpListener) -> CancellationToken + Send + Sync>;
+
+/// What a reload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// The new config is in force.
+    pub ok: bool,
+    /// The hash of the config in force after this reload.
+    pub hash: String,
+    /// Why the reload was refused (the running config stays).
+    pub errors: Vec<String>,
+    /// Changed keys that wait for a restart.
+    pub restart_needed: Vec<String>,
+}
+
+pub struct Reloader {
+    path: Option<PathBuf>,
+    live: Arc<ArcSwap<Live>>,
+    /// The accept loops by configured address (as written: `:0` stays `:0`).
+    listeners: Mutex<Vec<(SocketAddr, CancellationToken)>>,
+    start: StartListener,
+    metrics: ReloadMetrics,
+    /// One reload at a time: two would race on the listeners.
+    running: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(
+        path: Option<PathBuf>,
+        live: Arc<ArcSwap<Live>>,
+        listeners: Vec<(SocketAddr, CancellationToken)>,
+        start: StartListener,
+        registry: &Registry,
+    ) -> Reloader {
+        let metrics = ReloadMetrics::register(registry);
+        metrics.loaded(&hash(&live.load().config));
+        Reloader {
+            path,
+            live,
+            listeners: Mutex::new(listeners),
+            start,
+            metrics,
+            running: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Re-reads the config file and, if it is valid and its listeners
+    /// bind, puts it in force for new sessions.
+    pub async fn reload(&self) -> Outcome {
+        let _one = self.running.lock().await;
+        let running = self.live.load_full();
+        let outcome = match self.try_reload(&running).await {
+            Ok(restart_needed) => {
+                let hash = hash(&self.live.load().config);
+                self.metrics.loaded(&hash);
+                self.metrics.result("ok");
+                tracing::info!(
+                    hash = hash.as_str(),
+                    "config reloaded: new sessions use it, open sessions finish under the old one"
+                );
+                for key in &restart_needed {
+                    tracing::warn!(
+                        key = key.as_str(),
+                        "config reload: this change takes effect at the next restart; the running value is kept"
+                    );
+                }
+                Outcome {
+                    ok: true,
+                    hash,
+                    errors: Vec::new(),
+                    restart_needed,
+                }
+            }
+            Err(errors) => {
+                self.metrics.result("error");
+                for error in &errors {
+                    tracing::error!(
+                        error = error.as_str(),
+                        "config reload refused; the running config stays"
+                    );
+                }
+                Outcome {
+                    ok: false,
+                    hash: hash(&running.config),
+                    errors,
+                    restart_needed: Vec::new(),
+                }
+            }
+        };
+        outcome
+    }
+
+    async fn try_reload(&self, running: &Live) -> Result<Vec<String>, Vec<String>> {
+        let Some(path) = self.path.clone() else {
+            return Err(vec![
+                "started without -c FILE: there is no config file to re-read; restart with -c"
+                    .to_string(),
+            ]);
+        };
+        // Loading resolves upstream host names: blocking.
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| vec![format!("config load failed: {e}")])?;
+        let loaded = loaded.map_err(|e| {
+            e.to_string()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })?;
+        let (config, restart_needed) = effective(&running.config, loaded);
+
+        // Bind what is new before anything changes: a port in use refuses
+        // the whole reload.
+        let open: Vec<SocketAddr> = lock(&self.listeners).iter().map(|(a, _)| *a).collect();
+        let mut bound = Vec::new();
+        let mut errors = Vec::new();
+        for &addr in config.server.listen.iter().filter(|a| !open.contains(a)) {
+            match listener::bind(addr) {
+                Ok(l) => bound.push((addr, l)),
+                Err(e) => errors.push(format!(
+                    "cannot listen on {addr} (server.listen): {e}; is another process using it?"
+                )),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+
+        let shared = &running.shared;
+        let next = Shared {
+            metrics: shared.metrics.clone(),
+            admission: Arc::new(shared.admission.reconfigured(&config)),
+            shaping: Arc::new(shared.shaping.reconfigured(&config)),
+            blocklist: shared.blocklist.clone(),
+            tarpit_slots: shared.tarpit_slots.clone(),
+            registry: shared.registry.clone(),
+            drain: shared.drain.clone(),
+            abort: shared.abort.clone(),
+        };
+        for server in &config.upstream.servers {
+            shared.metrics.declare_upstream(&server.to_string());
+        }
+        let listen = config.server.listen.clone();
+        self.live.store(Arc::new(Live {
+            config: Arc::new(config),
+            shared: Arc::new(next),
+        }));
+
+        let mut listeners = lock(&self.listeners);
+        listeners.retain(|(addr, stop)| {
+            let keep = listen.contains(addr);
+            if !keep {
+                tracing::info!(%addr, "config reload: no longer accepting here");
+                stop.cancel();
+            }
+            keep
+        });
+        for (addr, l) in bound {
+            if let Ok(local) = l.local_addr() {
+                tracing::info!(addr = %local, "config reload: accepting SMTP clients");
+            }
+            listeners.push((addr, (self.start)(l)));
+        }
+        Ok(restart_needed)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `loaded` with every restart-only key at its running value, and the
+/// restart-only keys that differ.
+fn effective(running: &Config, mut loaded: Config) -> (Config, Vec<String>) {
+    let mut changed = Vec::new();
+    let mut keep = |key: &str, differs: bool| {
+        if differs {
+            changed.push(key.to_string());
+        }
+    };
+    keep(
+        "server.shadow",
+        running.server.shadow != loaded.server.shadow,
+    );
+    keep(
+        "server.max_tracked_ips",
+        running.server.max_tracked_ips != loaded.server.max_tracked_ips,
+    );
+    keep(
+        "server.state_sweep",
+        running.server.state_sweep != loaded.server.state_sweep,
+    );
+    keep("blocklist", differs(&running.blocklist, &loaded.blocklist));
+    keep("autoban", differs(&running.autoban, &loaded.autoban));
+    keep("admin", differs(&running.admin, &loaded.admin));
+    keep("log", differs(&running.log, &loaded.log));
+    loaded.server.shadow = running.server.shadow;
+    loaded.server.max_tracked_ips = running.server.max_tracked_ips;
+    loaded.server.state_sweep = running.server.state_sweep;
+    loaded.blocklist = running.blocklist.clone();
+    loaded.autoban = running.autoban.clone();
+    loaded.admin = running.admin.clone();
+    loaded.log = running.log.clone();
+    (loaded, changed)
+}
+
+fn differs<T: Serialize>(a: &T, b: &T) -> bool {
+    serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
+}
+
+/// A short, stable hash of the effective config (as `check-config` prints
+/// it), for telling which config a process runs.
+pub fn hash(config: &Config) -> String {
+    let mut h = rustc_hash::FxHasher::default();
+    h.write(config.to_toml().as_bytes());
+    format!("{:016x}", h.finish())
+}
+
+struct ReloadMetrics {
+    info: IntGaugeVec,
+    loaded_at: Gauge,
+    reloads: IntCounterVec,
+    last_ok: IntGauge,
+    current: Mutex<Option<String>>,
+}
+
+impl ReloadMetrics {
+    fn register(registry: &Registry) -> ReloadMetrics {
+        let info = IntGaugeVec::new(
+            Opts::new(
+                "mailmoat_config_info",
+                "The config in force: 1 for its hash (of the effective config)",
+            ),
+            &["hash"],
+        )
+        .expect("valid metric");
+        let loaded_at = Gauge::new(
+            "mailmoat_config_last_reload_timestamp_seconds",
+            "When the config in force was loaded (Unix time)",
+        )
+        .expect("valid metric");
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "mailmoat_config_reloads_total",
+                "Config reloads, by result (error: the running config stayed)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let last_ok = IntGauge::new(
+            "mailmoat_config_last_reload_success",
+            "1 if the last reload succeeded (or none was tried), 0 if it was refused",
+        )
+        .expect("valid metric");
+        for r in ["ok", "error"] {
+            reloads.with_label_values(&[r]);
+        }
+        last_ok.set(1);
+        for m in [
+            Box::new(info.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(loaded_at.clone()),
+            Box::new(reloads.clone()),
+            Box::new(last_ok.clone()),
+        ] {
+            // Registered once per process; a second Server in the same
+            // process (tests) keeps the first's.
+            let _ = registry.register(m);
+        }
+        ReloadMetrics {
+            info,
+            loaded_at,
+            reloads,
+            last_ok,
+            current: Mutex::new(None),
+        }
+    }
+
+    fn loaded(&self, hash: &str) {
+        let mut current = lock(&self.current);
+        if let Some(old) = current.take() {
+            let _ = self.info.remove_label_values(&[&old]);
+        }
+        self.info.with_label_values(&[hash]).set(1);
+        *current = Some(hash.to_string());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.loaded_at.set(now);
+    }
+
+    fn result(&self, result: &'static str) {
+        self.reloads.with_label_values(&[result]).inc();
+        self.last_ok.set(i64::from(result == "ok"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(toml: &str) -> Config {
+        Config::from_toml(toml, Path::new("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn reload_keeps_restart_only_keys_at_their_running_value_and_names_them() {
+        let running = config("[server]\nshadow = false\n");
+        let loaded = config(
+            "[server]\nshadow = true\nhostname = \"mx.example\"\n[log]\nlevel = \"debug\"\n\
+             [limits]\nmessage_rate = \"1/hour\"\n",
+        );
+        let (effective, restart) = effective(&running, loaded);
+        assert_eq!(restart, ["server.shadow", "log"]);
+        assert!(!effective.server.shadow);
+        assert_eq!(effective.log.level, running.log.level);
+        assert_eq!(effective.server.hostname, "mx.example");
+        assert_eq!(effective.limits.message_rate.amount, 1);
+        assert_ne!(hash(&effective), hash(&running));
+    }
+}
