@@ -196,7 +196,23 @@ fn change_ban(config: &Config, method: Method, net: &str, query: &[(&str, &str)]
             return Status::Error;
         }
     };
-    match client.call(method, "/admin/bans", query, Some(&token)) {
+    let answer = client.call(method, "/admin/bans", query, Some(&token));
+    report_change(
+        &client,
+        answer,
+        "ban changes need the running proxy (mailmoat run)",
+    )
+}
+
+/// Prints the answer to a change made through the admin API: the body of a
+/// 200, else what went wrong, with `when_down` as the hint when the proxy
+/// cannot be reached.
+fn report_change(
+    client: &AdminClient,
+    answer: Result<admin_client::Reply, CallError>,
+    when_down: &str,
+) -> Status {
+    match answer {
         Ok(reply) if reply.status == 200 => {
             print!("{}", reply.body);
             Status::Clear
@@ -206,12 +222,12 @@ fn change_ban(config: &Config, method: Method, net: &str, query: &[(&str, &str)]
                 "mailmoat: admin API at {}: HTTP {}: {}",
                 client.addr(),
                 reply.status,
-                reply.body.trim()
+                reply.body.trim_end()
             );
             Status::Error
         }
         Err(CallError::Unreachable(why)) => {
-            eprintln!("mailmoat: {why}; ban changes need the running proxy (mailmoat run)");
+            eprintln!("mailmoat: {why}; {when_down}");
             Status::Error
         }
         Err(CallError::Failed(e)) => {
@@ -240,27 +256,6 @@ pub fn reload(config: &Config) -> Status {
             return Status::Error;
         }
     };
-    match client.call(Method::Post, "/admin/reload", &[], Some(&token)) {
-        Ok(reply) if reply.status == 200 => {
-            print!("{}", reply.body);
-            Status::Clear
-        }
-        Ok(reply) => {
-            eprintln!(
-                "mailmoat: admin API at {}: HTTP {}: {}",
-                client.addr(),
-                reply.status,
-                reply.body.trim_end()
-            );
-            Status::Error
-        }
-        Err(CallError::Unreachable(why)) => {
-            eprintln!("mailmoat: {why}; is mailmoat running with this config?");
-            Status::Error
-        }
-        Err(CallError::Failed(e)) => {
-            eprintln!("mailmoat: {e}");
-            Status::Error
-        }
-    }
+    let answer = client.call(Method::Post, "/admin/reload", &[], Some(&token));
+    report_change(&client, answer, "is mailmoat running with this config?")
 }

@@ -390,6 +390,20 @@ pub fn mailmoat() -> tokio::process::Command {
     command
 }
 
+/// `mailmoat run -c config` in the background, its log (stderr) written to
+/// `log`, killed when the handle drops.
+pub fn mailmoat_logged(config: &Path, log: &Path) -> tokio::process::Child {
+    mailmoat()
+        .arg("run")
+        .arg("-c")
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("create the log file"))
+        .spawn()
+        .expect("spawn mailmoat")
+}
+
 /// Runs the binary to completion; returns (success, stderr).
 pub async fn mailmoat_output(args: &[&str]) -> (bool, String) {
     let output = timeout(WAIT, mailmoat().args(args).output())

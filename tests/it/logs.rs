@@ -4,7 +4,6 @@
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::Stdio;
 
 use mailmoat::sink::Sink;
 
@@ -38,15 +37,7 @@ async fn run_with_format(format: &str) -> Running {
         ),
     );
     let log = dir.path().join("stderr.log");
-    let proxy = mailmoat()
-        .arg("run")
-        .arg("-c")
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn mailmoat");
+    let proxy = mailmoat_logged(&config, &log);
     Running {
         _proxy: proxy,
         _sink: sink,

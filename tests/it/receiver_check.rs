@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -103,15 +102,7 @@ async fn run(name: &str, upstream: SocketAddr, proxy_protocol: &str) -> Running 
         ),
     );
     let log = dir.path().join("stderr.log");
-    let child = mailmoat()
-        .arg("run")
-        .arg("-c")
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn mailmoat");
+    let child = mailmoat_logged(&config, &log);
     Running {
         _child: child,
         admin,

@@ -4,8 +4,6 @@
 //! the running config and is reported.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
-use std::process::Stdio;
 
 use tokio::process::Child;
 use tokio::time::Instant;
@@ -29,17 +27,6 @@ fn config_text(
          [timeouts]\ngreet_pause = \"0s\"\n\
          [admin]\nlisten = \"{admin}\"\ntoken_file = \"token\"\n{NO_BANS}"
     )
-}
-
-fn start(config: &Path, log: &Path) -> Child {
-    mailmoat()
-        .arg("run")
-        .arg("-c")
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("spawn mailmoat")
 }
 
 fn hangup(proxy: &Child) {
@@ -96,7 +83,7 @@ async fn hup_after_editing_a_rate_limits_new_sessions_while_open_ones_keep_the_o
     dir.write("token", "secret\n");
     let config = dir.write("mailmoat.toml", &config_text(addr, admin, sink.addr(), 2));
     let log = dir.path().join("stderr.log");
-    let proxy = start(&config, &log);
+    let proxy = mailmoat_logged(&config, &log);
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();
 
     // Opened under 2 messages an hour.
@@ -170,7 +157,7 @@ async fn mailmoat_reload_moves_the_listener_and_reports_a_refused_reload() {
     dir.write("token", "secret\n");
     let config = dir.write("mailmoat.toml", &config_text(addr, admin, sink.addr(), 5));
     let log = dir.path().join("stderr.log");
-    let _proxy = start(&config, &log);
+    let _proxy = mailmoat_logged(&config, &log);
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();
     let mut held = open(Ipv4Addr::new(127, 0, 0, 2), addr).await;
 
