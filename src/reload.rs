@@ -42,6 +42,8 @@ pub const RESTART_ONLY: &[&str] = &[
     "server.shadow",
     "server.max_tracked_ips",
     "server.state_sweep",
+    "limits.ipv4_prefix",
+    "limits.ipv6_prefix",
     "blocklist",
     "autoban",
     "admin",
@@ -241,6 +243,17 @@ fn effective(running: &Config, mut loaded: Config) -> (Config, Vec<String>) {
         "server.state_sweep",
         running.server.state_sweep != loaded.server.state_sweep,
     );
+    // Sessions open at the reload are counted under their old prefix keys:
+    // new lengths would start new keys at zero and let a network past its
+    // cap until those sessions end.
+    keep(
+        "limits.ipv4_prefix",
+        running.limits.ipv4_prefix != loaded.limits.ipv4_prefix,
+    );
+    keep(
+        "limits.ipv6_prefix",
+        running.limits.ipv6_prefix != loaded.limits.ipv6_prefix,
+    );
     keep("blocklist", differs(&running.blocklist, &loaded.blocklist));
     keep("autoban", differs(&running.autoban, &loaded.autoban));
     keep("admin", differs(&running.admin, &loaded.admin));
@@ -248,6 +261,8 @@ fn effective(running: &Config, mut loaded: Config) -> (Config, Vec<String>) {
     loaded.server.shadow = running.server.shadow;
     loaded.server.max_tracked_ips = running.server.max_tracked_ips;
     loaded.server.state_sweep = running.server.state_sweep;
+    loaded.limits.ipv4_prefix = running.limits.ipv4_prefix;
+    loaded.limits.ipv6_prefix = running.limits.ipv6_prefix;
     loaded.blocklist = running.blocklist.clone();
     loaded.autoban = running.autoban.clone();
     loaded.admin = running.admin.clone();

@@ -280,8 +280,14 @@ async fn sweep(live: Arc<ArcSwap<Live>>, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let live = live.load();
-        live.shared.admission.sweep(tokio::time::Instant::now());
-        live.shared.shaping.sweep();
+        // Up to `max_tracked_ips` entries per table: off the workers that
+        // serve sessions.
+        let shared = live.load().shared.clone();
+        let now = tokio::time::Instant::now();
+        let _ = tokio::task::spawn_blocking(move || {
+            shared.admission.sweep(now);
+            shared.shaping.sweep();
+        })
+        .await;
     }
 }

@@ -254,7 +254,13 @@ pub async fn check(settings: &UpstreamSettings, server: SocketAddr) -> Result<()
     let mut reader = BufReader::new(stream);
     let greeting = match read_reply(&mut reader, deadline).await {
         Ok(Some(reply)) => reply,
-        Ok(None) | Err(_) if !sent_header => return Err(Problem::ExpectsHeader),
+        // Silence, or a close without a word, is how a receiver waiting
+        // for a header answers none; a reset or other error is not advice
+        // about PROXY.
+        Ok(None) if !sent_header => return Err(Problem::ExpectsHeader),
+        Err(e) if !sent_header && e.kind() == std::io::ErrorKind::TimedOut => {
+            return Err(Problem::ExpectsHeader)
+        }
         Ok(None) => return Err(Problem::Broken("closed without a greeting".into())),
         Err(e) => return Err(Problem::Broken(format!("no greeting: {e}"))),
     };

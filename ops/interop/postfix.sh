@@ -253,8 +253,15 @@ wait_for "Postfix to log the connection from 127.0.0.2" in_log "postfix/smtpd\[[
 wait_for "Postfix to finish $queue_id" in_log "$queue_id: removed"
 in_log "$queue_id: to=<user@interop.test>.* status=sent" ||
     fail "Postfix did not deliver (discard) $queue_id"
-if in_log "postfix/smtpd\[[0-9]+\]: connect from [^ ]*\[127\.0\.0\.1\]"; then
-    fail "Postfix saw mailmoat's own address 127.0.0.1 as a client: the PROXY header was not used"
+# mailmoat's receiver check sends a PROXY LOCAL header (Postfix then logs
+# mailmoat's own address, as LOCAL means) and only QUIT. Anything more from
+# 127.0.0.1 is a client session that lost its real address.
+if in_log "postfix/smtpd\[[0-9]+\]: [0-9A-Za-z]+: client=[^ ]*\[127\.0\.0\.1\]"; then
+    fail "Postfix took a message from mailmoat's own address 127.0.0.1: the PROXY header was not used"
+fi
+if grep -E "postfix/smtpd\[[0-9]+\]: disconnect from [^ ]*\[127\.0\.0\.1\]" "$tmp/maillog" |
+    grep -vqE "\] quit=1 commands=1$"; then
+    fail "Postfix saw a session from mailmoat's own address 127.0.0.1 beyond the receiver check's QUIT: the PROXY header was not used"
 fi
 if in_log "postfix/smtpd\[[0-9]+\]: warning: haproxy"; then
     fail "Postfix warned about the PROXY header: $(grep -m1 'warning: haproxy' "$tmp/maillog")"

@@ -170,7 +170,11 @@ fn next_wait(interval: Duration, failures: u32) -> Duration {
 /// Writes `text` to `path` atomically and durably: temp file, fsync,
 /// rename, fsync of the directory.
 pub fn persist(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    // `<name>.tmp`, not `with_extension`: `bans.state` and `bans.txt`
+    // would share `bans.tmp` and could swap contents.
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
@@ -235,7 +239,10 @@ mod tests {
             "192.0.2.1\n",
             "the old version was never truncated"
         );
-        assert!(!cache.with_extension("tmp").exists(), "no temp file left");
+        assert!(
+            !dir.join("state/api-cache.txt.tmp").exists(),
+            "no temp file left"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -119,6 +119,13 @@ pub enum Applied {
 }
 
 impl Sources {
+    /// The entries, even after a panic elsewhere held the lock: a poisoned
+    /// lock must not freeze every list and ban update for good.
+    fn lock_entries(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
     pub fn new(
         live: Arc<Blocklist>,
         metrics: SourceMetrics,
@@ -148,7 +155,7 @@ impl Sources {
 
     /// Declares a source with no entries yet (so it shows in metrics).
     pub fn declare(&self, source: Source) {
-        let mut entries = self.entries.lock().expect("sources lock");
+        let mut entries = self.lock_entries();
         if !entries.iter().any(|e| e.source == source) {
             self.metrics
                 .entries
@@ -204,7 +211,7 @@ impl Sources {
 
         // Install and swap under one lock, so concurrent updates from
         // different sources cannot swap in lists that miss either.
-        let mut entries = self.entries.lock().expect("sources lock");
+        let mut entries = self.lock_entries();
         let i = match entries.iter().position(|e| e.source == *source) {
             Some(i) => i,
             None => {
@@ -232,7 +239,7 @@ impl Sources {
     /// `Some(true)` if that version is in effect, `Some(false)` if it was
     /// refused (and reported), `None` if it is new.
     pub fn seen(&self, source: &Source, fingerprint: u64) -> Option<bool> {
-        let entries = self.entries.lock().expect("sources lock");
+        let entries = self.lock_entries();
         let entry = entries.iter().find(|e| e.source == *source)?;
         match entry.seen {
             Some((f, applied)) if f == fingerprint => Some(applied),
@@ -242,7 +249,7 @@ impl Sources {
 
     /// Records the text just read for `source` (`None`: none could be read).
     pub fn remember(&self, source: &Source, fingerprint: Option<u64>, applied: bool) {
-        let mut entries = self.entries.lock().expect("sources lock");
+        let mut entries = self.lock_entries();
         if let Some(e) = entries.iter_mut().find(|e| e.source == *source) {
             e.seen = fingerprint.map(|f| (f, applied));
         }
@@ -257,7 +264,7 @@ impl Sources {
             .last_success
             .with_label_values(&[&source.name])
             .set(now as i64);
-        let mut entries = self.entries.lock().expect("sources lock");
+        let mut entries = self.lock_entries();
         let recovered = entries
             .iter_mut()
             .find(|e| e.source == *source)
@@ -271,7 +278,7 @@ impl Sources {
     /// Counts a failure; logs it unless it is the condition last reported.
     pub fn error(&self, source: &Source, what: &str) {
         self.metrics.errors.with_label_values(&[&source.name]).inc();
-        let mut entries = self.entries.lock().expect("sources lock");
+        let mut entries = self.lock_entries();
         let new = match entries.iter_mut().find(|e| e.source == *source) {
             Some(e) if e.failing.as_deref() == Some(what) => false,
             Some(e) => {

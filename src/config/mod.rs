@@ -30,6 +30,10 @@ use file::{FileConfig, Raw, Scalar};
 use toml::Spanned;
 pub use units::Rate;
 
+/// The shortest period of a repeating task (sweep, API poll): zero would
+/// spin, or panic a timer.
+const MIN_PERIOD: Duration = Duration::from_millis(100);
+
 /// The file shipped in `config/mailmoat.toml`, with every key documented.
 pub const SHIPPED_CONFIG: &str = include_str!("../../config/mailmoat.toml");
 
@@ -388,7 +392,7 @@ impl Validator<'_> {
                 trusted_proxies: self.nets("server.trusted_proxies", s.trusted_proxies),
                 shadow: s.shadow.is_some_and(|b| b.into_inner()),
                 max_tracked_ips: self.count("server.max_tracked_ips", s.max_tracked_ips, "1000000"),
-                state_sweep: self.duration("server.state_sweep", s.state_sweep, "10s"),
+                state_sweep: self.at_least("server.state_sweep", s.state_sweep, "10s", MIN_PERIOD),
             },
             upstream: UpstreamSettings {
                 servers,
@@ -601,6 +605,18 @@ impl Validator<'_> {
         self.parse(key, raw, default, units::parse_duration)
     }
 
+    /// A period something repeats at: zero would spin a loop (or panic a
+    /// timer), so it has a floor.
+    fn at_least(&mut self, key: &str, raw: Raw<Scalar>, default: &str, min: Duration) -> Duration {
+        self.parse(key, raw, default, |s| match units::parse_duration(s)? {
+            d if d < min => Err(format!(
+                "must be at least {}",
+                humantime::format_duration(min)
+            )),
+            d => Ok(d),
+        })
+    }
+
     fn size(&mut self, key: &str, raw: Raw<Scalar>, default: &str) -> u64 {
         self.parse(key, raw, default, |s| match units::parse_size(s)? {
             0 => Err("must be greater than zero".into()),
@@ -634,8 +650,8 @@ impl Validator<'_> {
         };
         ApiSettings {
             url,
-            interval: self.duration("blocklist.api.interval", api.interval, "10s"),
-            timeout: self.duration("blocklist.api.timeout", api.timeout, "10s"),
+            interval: self.at_least("blocklist.api.interval", api.interval, "10s", MIN_PERIOD),
+            timeout: self.at_least("blocklist.api.timeout", api.timeout, "10s", MIN_PERIOD),
             token_file: self.optional_path(api.token_file),
             cache: self.path(api.cache.map_or_else(
                 || "/var/lib/mailmoat/api-cache.txt".into(),
@@ -900,6 +916,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(shipped.to_toml(), defaults.to_toml());
+    }
+
+    /// Review of issue 9: `state_sweep = "0"` panicked the sweep timer at
+    /// every restart (per-IP state then filled and rate limits failed
+    /// open), and a zero API interval polled in a tight loop.
+    #[test]
+    fn periods_of_zero_are_config_errors() {
+        let text = "[server]\nstate_sweep = \"0\"\n[blocklist.api]\nurl = \"https://x.test/l\"\ninterval = \"0s\"\ntimeout = \"10ms\"\n";
+        let err = Config::from_toml(text, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "m.toml:2: server.state_sweep",
+            "m.toml:5: blocklist.api.interval",
+            "m.toml:6: blocklist.api.timeout",
+        ] {
+            assert!(err.contains(key), "{key} not in {err}");
+        }
+        assert!(err.contains("must be at least 100ms"), "{err}");
     }
 
     #[test]
