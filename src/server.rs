@@ -280,14 +280,11 @@ async fn sweep(live: Arc<ArcSwap<Live>>, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        // Up to `max_tracked_ips` entries per table: off the workers that
-        // serve sessions.
-        let shared = live.load().shared.clone();
-        let now = tokio::time::Instant::now();
-        let _ = tokio::task::spawn_blocking(move || {
-            shared.admission.sweep(now);
-            shared.shaping.sweep();
-        })
-        .await;
+        // On the runtime, not `spawn_blocking`: the eviction count is the
+        // tables' shrinkage, which an insert racing a sweep on another
+        // thread would make miscount.
+        let live = live.load();
+        live.shared.admission.sweep(tokio::time::Instant::now());
+        live.shared.shaping.sweep();
     }
 }
