@@ -10,7 +10,7 @@
 //! (`Admission::reconfigured`, `Shaping::reconfigured`); `server.listen`
 //! changes are bound before anything is swapped.
 //!
-//! What needs a restart ([`RESTART_ONLY`]) is kept at its running value and
+//! What needs a restart ([`effective`] lists it) is kept at its running value and
 //! the log says which changed key waits for one.
 
 use std::hash::Hasher;
@@ -34,21 +34,6 @@ pub struct Live {
     pub config: Arc<Config>,
     pub shared: Arc<Shared>,
 }
-
-/// Keys a reload does not change: they are wired into long-lived state
-/// (the ban table, the list sources and their watchers, the admin
-/// listener, the logger). A change is logged and waits for a restart.
-pub const RESTART_ONLY: &[&str] = &[
-    "server.shadow",
-    "server.max_tracked_ips",
-    "server.state_sweep",
-    "limits.ipv4_prefix",
-    "limits.ipv6_prefix",
-    "blocklist",
-    "autoban",
-    "admin",
-    "log",
-];
 
 /// Starts an accept loop on a listener; the token stops it.
 pub type StartListener = Box<dyn Fn(TcpListener) -> CancellationToken + Send + Sync>;
@@ -223,51 +208,64 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// `loaded` with every restart-only key at its running value, and the
-/// restart-only keys that differ.
+/// restart-only keys that differ. These keys are wired into long-lived
+/// state (the ban table, the list sources and their watchers, the admin
+/// listener, the logger, the open sessions' prefix counts).
 fn effective(running: &Config, mut loaded: Config) -> (Config, Vec<String>) {
     let mut changed = Vec::new();
-    let mut keep = |key: &str, differs: bool| {
-        if differs {
-            changed.push(key.to_string());
-        }
-    };
-    keep(
+    let (r, l) = (running, &mut loaded);
+    keep_running(
+        &mut changed,
         "server.shadow",
-        running.server.shadow != loaded.server.shadow,
+        &r.server.shadow,
+        &mut l.server.shadow,
     );
-    keep(
+    keep_running(
+        &mut changed,
         "server.max_tracked_ips",
-        running.server.max_tracked_ips != loaded.server.max_tracked_ips,
+        &r.server.max_tracked_ips,
+        &mut l.server.max_tracked_ips,
     );
-    keep(
+    keep_running(
+        &mut changed,
         "server.state_sweep",
-        running.server.state_sweep != loaded.server.state_sweep,
+        &r.server.state_sweep,
+        &mut l.server.state_sweep,
     );
     // Sessions open at the reload are counted under their old prefix keys:
     // new lengths would start new keys at zero and let a network past its
     // cap until those sessions end.
-    keep(
+    keep_running(
+        &mut changed,
         "limits.ipv4_prefix",
-        running.limits.ipv4_prefix != loaded.limits.ipv4_prefix,
+        &r.limits.ipv4_prefix,
+        &mut l.limits.ipv4_prefix,
     );
-    keep(
+    keep_running(
+        &mut changed,
         "limits.ipv6_prefix",
-        running.limits.ipv6_prefix != loaded.limits.ipv6_prefix,
+        &r.limits.ipv6_prefix,
+        &mut l.limits.ipv6_prefix,
     );
-    keep("blocklist", differs(&running.blocklist, &loaded.blocklist));
-    keep("autoban", differs(&running.autoban, &loaded.autoban));
-    keep("admin", differs(&running.admin, &loaded.admin));
-    keep("log", differs(&running.log, &loaded.log));
-    loaded.server.shadow = running.server.shadow;
-    loaded.server.max_tracked_ips = running.server.max_tracked_ips;
-    loaded.server.state_sweep = running.server.state_sweep;
-    loaded.limits.ipv4_prefix = running.limits.ipv4_prefix;
-    loaded.limits.ipv6_prefix = running.limits.ipv6_prefix;
-    loaded.blocklist = running.blocklist.clone();
-    loaded.autoban = running.autoban.clone();
-    loaded.admin = running.admin.clone();
-    loaded.log = running.log.clone();
+    keep_running(&mut changed, "blocklist", &r.blocklist, &mut l.blocklist);
+    keep_running(&mut changed, "autoban", &r.autoban, &mut l.autoban);
+    keep_running(&mut changed, "admin", &r.admin, &mut l.admin);
+    keep_running(&mut changed, "log", &r.log, &mut l.log);
     (loaded, changed)
+}
+
+/// Puts the running value of a restart-only `key` back, noting it in
+/// `changed` when the file asked for another.
+fn keep_running<T: Serialize + Clone>(
+    changed: &mut Vec<String>,
+    key: &str,
+    running: &T,
+    loaded: &mut T,
+) {
+    if differs(running, loaded) {
+        changed.push(key.to_string());
+        *loaded = running.clone();
+    }
 }
 
 fn differs<T: Serialize>(a: &T, b: &T) -> bool {

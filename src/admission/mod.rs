@@ -95,34 +95,24 @@ impl<C: Clock + Clone> Admission<C> {
     /// unchanged. `server.shadow` and `server.max_tracked_ips` need a
     /// restart and are kept.
     pub fn reconfigured(&self, config: &Config) -> Self {
-        let l = &config.limits;
-        let rate_quota = quota(l.connection_rate, l.connection_burst);
-        let rate = if rate_quota == self.rate_quota {
+        let fresh = Admission::with_clock(
+            config,
+            self.blocklist.clone(),
+            self.metrics.clone(),
+            self.clock.clone(),
+        );
+        let rate = if fresh.rate_quota == self.rate_quota {
             self.rate.clone()
         } else {
-            Arc::new(RateTable::with_clock(
-                rate_quota,
-                self.max_tracked,
-                self.clock.clone(),
-            ))
+            fresh.rate.clone()
         };
         Admission {
             shadow: self.shadow,
-            max_connections: config.server.max_connections,
-            per_ip: l.per_ip_connections,
-            per_prefix: l.per_prefix_connections,
-            ipv4_prefix: l.ipv4_prefix,
-            ipv6_prefix: l.ipv6_prefix,
-            greet_pause_on: !config.timeouts.greet_pause.is_zero(),
-            greet_pass_ttl: config.timeouts.greet_pass_ttl,
             max_tracked: self.max_tracked,
             counts: self.counts.clone(),
-            rate_quota,
             rate,
             greet_passed: self.greet_passed.clone(),
-            blocklist: self.blocklist.clone(),
-            metrics: self.metrics.clone(),
-            clock: self.clock.clone(),
+            ..fresh
         }
     }
 
