@@ -43,6 +43,7 @@ pub mod sink;
 pub mod smtp;
 pub mod state;
 pub mod supervisor;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

@@ -40,7 +40,16 @@ pub const SHIPPED_CONFIG: &str = include_str!("../../config/mailmoat.toml");
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
     pub server: ServerSettings,
+    /// `[[listener]]` tables; `server.listen` adds plain SMTP listeners
+    /// (see [`Config::all_listeners`]).
+    #[serde(rename = "listener", skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<ListenerSettings>,
+    #[serde(skip)] // scaffold: until file.rs parses [tls]
+    pub tls: TlsSettings,
     pub upstream: UpstreamSettings,
+    /// `[upstreams.NAME]`: receivers a listener names with `upstream = "NAME"`.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub upstreams: std::collections::BTreeMap<String, UpstreamSettings>,
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub blocklist: BlocklistSettings,
@@ -73,6 +82,88 @@ pub struct UpstreamSettings {
     #[serde(serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
     pub proxy_protocol: ProxyProtocol,
+    #[serde(skip)] // scaffold: until file.rs parses upstream.tls
+    pub tls: UpstreamTls,
+    /// CA certificates (PEM) that sign the receiver's certificate.
+    #[serde(skip)] // scaffold: until file.rs parses upstream.ca_file
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the receiver's leaf certificate (DER), hex: accepted
+    /// whoever signed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pin_sha256: Option<String>,
+    /// The name verified in the receiver's certificate and sent as SNI;
+    /// none: the first server's host name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+/// What a listener speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Smtp,
+}
+
+/// How a listener handles TLS from clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// No TLS: STARTTLS is neither offered nor accepted.
+    None,
+    /// mailmoat answers STARTTLS itself and shapes inside TLS.
+    Starttls,
+    /// TLS from the first byte (port 465), terminated by mailmoat.
+    Implicit,
+    /// The receiver's STARTTLS, relayed unread after the `220`.
+    Passthrough,
+}
+
+/// One `[[listener]]`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ListenerSettings {
+    pub address: SocketAddr,
+    pub protocol: Protocol,
+    pub tls: TlsMode,
+    /// Refuse MAIL and AUTH before STARTTLS (`530 5.7.0`); never offer AUTH
+    /// in the clear.
+    pub require_tls: bool,
+    /// A name in `[upstreams]`; none: `[upstream]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+}
+
+/// The certificates mailmoat presents on terminating listeners.
+#[derive(Clone, Debug, Serialize)]
+pub struct TlsSettings {
+    /// PEM chain, leaf first; none: no terminating listener may be configured.
+    #[serde(serialize_with = "ser_optional_path")]
+    pub certificate: Option<PathBuf>,
+    #[serde(serialize_with = "ser_optional_path")]
+    pub key: Option<PathBuf>,
+    /// More certificates, chosen by the name the client asks for (SNI).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sni: Vec<SniCertificate>,
+    #[serde(serialize_with = "ser_duration")]
+    pub handshake_timeout: Duration,
+    /// Handshakes in flight at once, all listeners together.
+    pub max_handshakes: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SniCertificate {
+    pub names: Vec<String>,
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+}
+
+/// How mailmoat talks to a receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    /// Plaintext (a trusted link); PROXY v2 carries the client's TLS facts.
+    None,
+    /// mailmoat's own STARTTLS after its EHLO, verifying the receiver.
+    Starttls,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -229,6 +320,13 @@ fn ser_byte_rate<S: serde::Serializer>(per_second: &u64, s: S) -> Result<S::Ok, 
     s.serialize_str(&format!("{}/s", format_size(*per_second)))
 }
 
+fn ser_optional_path<S: serde::Serializer>(
+    path: &Option<PathBuf>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&path.as_deref().map_or(String::new(), |p| p.display().to_string()))
+}
+
 fn ser_optional_addr<S: serde::Serializer>(
     addr: &Option<SocketAddr>,
     s: S,
@@ -352,6 +450,35 @@ impl Config {
         }
     }
 
+    /// Every listener: `server.listen` (plain SMTP, STARTTLS relayed
+    /// unread, as before listeners had modes), then `[[listener]]`.
+    pub fn all_listeners(&self) -> Vec<ListenerSettings> {
+        let plain = self.server.listen.iter().map(|&address| ListenerSettings {
+            address,
+            protocol: Protocol::Smtp,
+            tls: TlsMode::Passthrough,
+            require_tls: false,
+            upstream: None,
+        });
+        plain.chain(self.listeners.iter().cloned()).collect()
+    }
+
+    /// The listener bound to `address`, if any.
+    pub fn listener_at(&self, address: SocketAddr) -> Option<ListenerSettings> {
+        self.all_listeners()
+            .into_iter()
+            .find(|l| l.address == address)
+    }
+
+    /// The receivers a listener relays to.
+    pub fn upstream_for(&self, listener: &ListenerSettings) -> &UpstreamSettings {
+        listener
+            .upstream
+            .as_ref()
+            .and_then(|name| self.upstreams.get(name))
+            .unwrap_or(&self.upstream)
+    }
+
     /// The effective configuration, as TOML, for `check-config`.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
@@ -408,6 +535,20 @@ impl Validator<'_> {
                         _ => Err("expected \"off\", \"v1\" or \"v2\"".into()),
                     },
                 ),
+                // Parsed from [upstream] by the listeners change (scaffold).
+                tls: UpstreamTls::None,
+                ca_file: None,
+                pin_sha256: None,
+                server_name: None,
+            },
+            listeners: Vec::new(),
+            upstreams: std::collections::BTreeMap::new(),
+            tls: TlsSettings {
+                certificate: None,
+                key: None,
+                sni: Vec::new(),
+                handshake_timeout: Duration::from_secs(10),
+                max_handshakes: 256,
             },
             limits: Limits {
                 per_ip_connections: self.count(
