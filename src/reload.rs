@@ -412,4 +412,27 @@ mod tests {
         assert_eq!(effective.limits.message_rate.amount, 1);
         assert_ne!(hash(&effective), hash(&running));
     }
+
+    #[test]
+    fn tls_waits_for_a_restart_so_a_reload_cannot_add_a_listener_that_terminates_without_it() {
+        let running = config("");
+        let loaded = config(
+            "[[listener]]\naddress = \"127.0.0.1:2600\"\ntls = \"starttls\"\n\
+             [tls]\ncertificate = \"c.pem\"\nkey = \"k.pem\"\n\
+             [upstreams.submission]\nservers = [\"192.0.2.1:10587\"]\n",
+        );
+        let (effective, restart) = effective(&running, loaded);
+        assert_eq!(restart, ["tls"]);
+        assert_eq!(effective.tls.certificate, None);
+        // Listeners and named upstreams are taken from the file.
+        assert_eq!(effective.listeners.len(), 1);
+        assert!(effective.upstreams.contains_key("submission"));
+        assert_eq!(
+            terminating_without_certificate(&effective),
+            ["listener[1].address = \"127.0.0.1:2600\" terminates TLS, and the running config \
+              has no tls.certificate: [tls] changes take effect at a restart, so restart \
+              mailmoat to add it"]
+        );
+        assert!(terminating_without_certificate(&running).is_empty());
+    }
 }

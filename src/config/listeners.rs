@@ -52,6 +52,8 @@ impl Validator<'_> {
             .as_ref()
             .or(raw.pin_sha256.as_ref())
             .map(Spanned::span);
+        // A pin written but invalid is reported as such, not again as missing.
+        let pin_written = raw.pin_sha256.as_ref().is_some_and(|p| !p.get_ref().is_empty());
         let servers = match (raw.servers, base) {
             (None, Some(b)) => b.servers.clone(),
             (raw, _) => self.upstream_addrs(&k("servers"), raw),
@@ -89,7 +91,8 @@ impl Validator<'_> {
             (None, Some(b)) => b.server_name.clone(),
             (raw, _) => self.optional(&k("server_name"), raw, server_name),
         };
-        if tls == UpstreamTls::Starttls && ca_file.is_none() && pin_sha256.is_none() {
+        if tls == UpstreamTls::Starttls && ca_file.is_none() && pin_sha256.is_none() && !pin_written
+        {
             // A named upstream that changed none of these keys has
             // [upstream]'s problem, reported there.
             if let Some(span) = tls_span.or(verify_span) {
@@ -469,7 +472,276 @@ fn server_name(text: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::super::{Config, ConfigError};
     use super::*;
+
+    fn load_in(text: &str, base: Option<&Path>) -> Result<Config, Vec<String>> {
+        let no_dns = |_: &str| -> Result<Vec<SocketAddr>, String> { Err("no DNS here".into()) };
+        Config::parse(text, Path::new("m.toml"), base, &no_dns).map_err(|e| match e {
+            ConfigError::Invalid { problems, .. } => problems,
+            other => vec![other.to_string()],
+        })
+    }
+
+    fn load(text: &str) -> Result<Config, Vec<String>> {
+        load_in(text, None)
+    }
+
+    /// Each problem starts with the matching prefix, one for one, in order.
+    fn assert_problems(text: &str, prefixes: &[&str]) {
+        let found = load(text).expect_err("the config should be refused");
+        assert_eq!(found.len(), prefixes.len(), "{found:#?}");
+        for (problem, prefix) in found.iter().zip(prefixes) {
+            assert!(problem.starts_with(prefix), "{problem:?} should start with {prefix:?}");
+        }
+    }
+
+    const CERTIFICATE: &str = "[tls]\ncertificate = \"c.pem\"\nkey = \"k.pem\"\n";
+
+    #[test]
+    fn every_listener_mistake_is_reported_with_its_line_and_key() {
+        let text = "[[listener]]\n\
+                    address = \"0.0.0.0:25\"\n\
+                    tls = \"starttls\"\n\
+                    [[listener]]\n\
+                    address = \"0.0.0.0:587\"\n\
+                    tls = \"none\"\n\
+                    require_tls = true\n\
+                    [[listener]]\n\
+                    address = \"0.0.0.0:2587\"\n\
+                    tls = \"passthrough\"\n\
+                    require_tls = true\n\
+                    upstream = \"submission\"\n\
+                    [[listener]]\n\
+                    address = \"0.0.0.0:465\"\n\
+                    tls = \"implicit\"\n\
+                    require_tls = true\n\
+                    protocol = \"imap\"\n\
+                    [[listener]]\n\
+                    address = \"mx:25\"\n\
+                    tls = \"tls\"\n\
+                    [[listener]]\n\
+                    tls = \"none\"\n\
+                    adress = \"0.0.0.0:26\"\n\
+                    [upstream]\n\
+                    servers = [\"192.0.2.1:10025\"]\n";
+        assert_problems(
+            text,
+            &[
+                "m.toml:3: listener[1].tls = \"starttls\": mailmoat terminates TLS here, so it \
+                 needs tls.certificate and tls.key: set both in [tls]",
+                "m.toml:7: listener[2].require_tls = true can never be met with tls = \"none\"",
+                "m.toml:11: listener[3].require_tls = true can never be met with tls = \
+                 \"passthrough\"",
+                "m.toml:12: listener[3].upstream = \"submission\": there is no \
+                 [upstreams.submission] table: add one, or remove the key",
+                // require_tls on an implicit listener is always met: no error on line 16.
+                "m.toml:15: listener[4].tls = \"implicit\": mailmoat terminates TLS here",
+                "m.toml:17: listener[4].protocol = \"imap\": expected \"smtp\"",
+                "m.toml:19: listener[5].address = \"mx:25\": invalid socket address syntax; \
+                 write IP:port",
+                "m.toml:20: listener[5].tls = \"tls\": expected \"none\", \"starttls\", \
+                 \"implicit\" or \"passthrough\"",
+                "m.toml:21: listener[6]: needs address = \"IP:port\"",
+                "m.toml:23: listener[6].adress: unknown key `adress`",
+            ],
+        );
+    }
+
+    #[test]
+    fn terminating_listeners_load_with_a_certificate_and_require_tls_where_it_can_be_met() {
+        let text = format!(
+            "[[listener]]\naddress = \"0.0.0.0:587\"\ntls = \"starttls\"\nrequire_tls = true\n\
+             upstream = \"submission\"\n\
+             [[listener]]\naddress = \"0.0.0.0:465\"\ntls = \"implicit\"\nrequire_tls = true\n\
+             [[listener]]\naddress = \"127.0.0.1:2525\"\n\
+             {CERTIFICATE}[upstreams.submission]\nservers = [\"192.0.2.1:10587\"]\n"
+        );
+        let config = load(&text).unwrap();
+        let all = config.all_listeners();
+        // No server.listen default beside [[listener]] tables.
+        assert!(config.server.listen.is_empty());
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].tls, TlsMode::Starttls);
+        assert!(all[0].require_tls);
+        assert_eq!(all[1].tls, TlsMode::Implicit);
+        assert_eq!(all[2].tls, TlsMode::Passthrough, "the default mode");
+        assert_eq!(all[2].protocol, Protocol::Smtp);
+        let submission = config.upstream_for(&all[0]);
+        assert_eq!(submission.servers[0].name, "192.0.2.1:10587");
+        assert_eq!(config.upstream_for(&all[1]).servers[0].name, "127.0.0.1:25");
+        assert_eq!(config.listener_key(all[2].address), "listener[3].address");
+    }
+
+    #[test]
+    fn a_listener_address_is_listened_on_once() {
+        let text = "[server]\n\
+                    listen = [\"127.0.0.1:2525\", \"0.0.0.0:26\"]\n\
+                    [[listener]]\n\
+                    address = \"127.0.0.1:2525\"\n\
+                    [[listener]]\n\
+                    address = \"127.0.0.1:26\"\n\
+                    [[listener]]\n\
+                    address = \"[::]:26\"\n\
+                    [[listener]]\n\
+                    address = \"[::]:26\"\n";
+        assert_problems(
+            text,
+            &[
+                "m.toml:4: listener[1].address = \"127.0.0.1:2525\" is also server.listen = \
+                 \"127.0.0.1:2525\" (line 2): an address can have one listener only; remove one",
+                "m.toml:6: listener[2].address = \"127.0.0.1:26\" overlaps server.listen = \
+                 \"0.0.0.0:26\" (line 2): a wildcard address",
+                "m.toml:10: listener[4].address = \"[::]:26\" is also listener[3].address = \
+                 \"[::]:26\" (line 8)",
+            ],
+        );
+        assert_problems(
+            "[server]\nlisten = [\"127.0.0.1:2600\", \"127.0.0.1:2600\"]\n",
+            &["m.toml:2: server.listen = \"127.0.0.1:2600\" is also server.listen"],
+        );
+    }
+
+    #[test]
+    fn upstream_starttls_needs_a_ca_file_or_a_pin_and_says_which_to_set() {
+        let text = "[upstream]\n\
+                    tls = \"starttls\"\n\
+                    [upstreams.inherits]\n\
+                    servers = [\"192.0.2.1:10587\"]\n\
+                    [upstreams.pinned]\n\
+                    pin_sha256 = \"xyz\"\n\
+                    [upstreams.named]\n\
+                    tls = \"starttls\"\n\
+                    server_name = \"bad name!\"\n";
+        assert_problems(
+            text,
+            &[
+                "m.toml:2: upstream.tls = \"starttls\" cannot verify the receiver: set \
+                 upstream.ca_file to the CA certificate (PEM) that signed the receiver's \
+                 certificate, or upstream.pin_sha256 to the SHA-256",
+                "m.toml:6: upstreams.pinned.pin_sha256 = \"xyz\": expected the SHA-256 of the \
+                 receiver's certificate: 64 hex digits",
+                "m.toml:8: upstreams.named.tls = \"starttls\" cannot verify the receiver: set \
+                 upstreams.named.ca_file",
+                "m.toml:9: upstreams.named.server_name = \"bad name!\": not a host name",
+            ],
+        );
+        assert_problems(
+            "[upstream]\ntls = \"tls\"\n",
+            &["m.toml:2: upstream.tls = \"tls\": expected \"none\" or \"starttls\""],
+        );
+        let pinned = load(&format!(
+            "[upstream]\ntls = \"starttls\"\npin_sha256 = \"{}\"\n",
+            vec!["0A"; 32].join(":")
+        ))
+        .unwrap();
+        assert_eq!(pinned.upstream.pin_sha256, Some("0a".repeat(32)));
+    }
+
+    #[test]
+    fn a_named_upstream_takes_upstream_values_for_the_keys_it_leaves_out() {
+        let pin = "ab".repeat(32);
+        let text = format!(
+            "[upstream]\nservers = [\"192.0.2.1:10025\"]\nconnect_timeout = \"2s\"\n\
+             proxy_protocol = \"v1\"\ntls = \"starttls\"\nca_file = \"ca.pem\"\n\
+             server_name = \"mx.internal\"\n\
+             [upstreams.submission]\nservers = [\"192.0.2.1:10587\"]\n\
+             [upstreams.pinned]\nca_file = \"\"\npin_sha256 = \"{pin}\"\ntls = \"none\"\n"
+        );
+        let config = load_in(&text, Some(Path::new("/etc/mailmoat"))).unwrap();
+        let base = &config.upstream;
+        let submission = &config.upstreams["submission"];
+        assert_eq!(submission.servers[0].name, "192.0.2.1:10587");
+        assert_eq!(submission.connect_timeout, base.connect_timeout);
+        assert_eq!(submission.proxy_protocol, ProxyProtocol::V1);
+        assert_eq!(submission.tls, UpstreamTls::Starttls);
+        assert_eq!(
+            submission.ca_file.as_deref(),
+            Some(Path::new("/etc/mailmoat/ca.pem"))
+        );
+        assert_eq!(submission.server_name.as_deref(), Some("mx.internal"));
+        let pinned = &config.upstreams["pinned"];
+        assert_eq!(pinned.servers, base.servers);
+        assert_eq!(pinned.ca_file, None, "\"\" clears the inherited CA file");
+        assert_eq!(pinned.pin_sha256, Some(pin));
+        assert_eq!(pinned.tls, UpstreamTls::None);
+    }
+
+    #[test]
+    fn tls_mistakes_are_each_reported_with_their_line_and_key() {
+        let text = "[tls]\n\
+                    certificate = \"c.pem\"\n\
+                    handshake_timeout = \"10ms\"\n\
+                    max_handshakes = 0\n\
+                    [[tls.sni]]\n\
+                    certificate = \"a.pem\"\n\
+                    key = \"a.key\"\n\
+                    [[tls.sni]]\n\
+                    names = [\"a.example\"]\n\
+                    certificate = \"b.pem\"\n\
+                    [[tls.sni]]\n\
+                    names = [\"A.example\"]\n\
+                    certificate = \"c.pem\"\n\
+                    key = \"c.key\"\n\
+                    sni = 1\n";
+        assert_problems(
+            text,
+            &[
+                "m.toml:2: tls.certificate is set without tls.key: set tls.key",
+                "m.toml:3: tls.handshake_timeout = \"10ms\": must be at least 100ms",
+                "m.toml:4: tls.max_handshakes = \"0\": must be greater than zero",
+                "m.toml:5: tls.sni[1].names: list the host names",
+                "m.toml:8: tls.sni[2]: needs certificate = \"…\" (the chain, PEM, leaf first) \
+                 and key = \"…\"",
+                "m.toml:12: tls.sni[3].names = \"A.example\" is also in tls.sni[2].names",
+                "m.toml:15: tls.sni[3].sni: unknown key",
+            ],
+        );
+        assert_problems(
+            "[tls]\nkey = \"k.pem\"\n",
+            &["m.toml:2: tls.key is set without tls.certificate"],
+        );
+    }
+
+    #[test]
+    fn certificate_and_ca_paths_are_relative_to_the_config_directory() {
+        let text = format!(
+            "{CERTIFICATE}[[tls.sni]]\nnames = [\"a.example\"]\ncertificate = \"sni/a.pem\"\n\
+             key = \"/abs/a.key\"\n[upstream]\ntls = \"starttls\"\nca_file = \"ca.pem\"\n"
+        );
+        let base = Path::new("/etc/mailmoat");
+        let config = load_in(&text, Some(base)).unwrap();
+        assert_eq!(config.tls.certificate, Some(base.join("c.pem")));
+        assert_eq!(config.tls.key, Some(base.join("k.pem")));
+        assert_eq!(config.tls.sni[0].certificate, base.join("sni/a.pem"));
+        assert_eq!(config.tls.sni[0].key, PathBuf::from("/abs/a.key"));
+        assert_eq!(config.upstream.ca_file, Some(base.join("ca.pem")));
+    }
+
+    /// The loop refusal covers [[listener]] addresses and named upstreams.
+    #[test]
+    fn an_upstream_that_is_any_listener_is_refused_naming_both_keys() {
+        let text = "[[listener]]\n\
+                    address = \"0.0.0.0:587\"\n\
+                    [upstream]\n\
+                    servers = [\"127.0.0.1:587\"]\n\
+                    [upstreams.submission]\n\
+                    servers = [\"192.0.2.1:10587\", \"127.0.0.1:587\"]\n\
+                    [upstreams.inherits]\n\
+                    connect_timeout = \"1s\"\n";
+        assert_problems(
+            text,
+            &[
+                "m.toml:4: upstream.servers = \"127.0.0.1:587\" (127.0.0.1:587) is mailmoat's \
+                 own listener, listener[1].address = \"0.0.0.0:587\" (line 2): clients would be \
+                 relayed to mailmoat itself in a loop; point upstream.servers at the receiver",
+                "m.toml:6: upstreams.submission.servers = \"127.0.0.1:587\" (127.0.0.1:587) is \
+                 mailmoat's own listener, listener[1].address = \"0.0.0.0:587\" (line 2)",
+            ],
+        );
+    }
 
     #[test]
     fn pins_are_64_hex_digits_plain_or_in_pairs_and_kept_lowercase() {

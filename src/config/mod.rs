@@ -1157,7 +1157,8 @@ mod tests {
                  `max_tracked_ips`, `state_sweep`",
                 "m.toml:6: limits.max_message_size = \"0\": must be greater than zero",
                 "m.toml:7: nonsense: unknown key `nonsense`, expected one of `server`, \
-                 `upstream`, `limits`, `timeouts`, `blocklist`, `autoban`, `admin`, `log`",
+                 `listener`, `tls`, `upstream`, `upstreams`, `limits`, `timeouts`, \
+                 `blocklist`, `autoban`, `admin`, `log`",
                 "m.toml:10: timeouts.idle = \"3x\": unknown time unit \"x\", supported units: \
                  ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few \
                  variations); write a duration such as \"500ms\", \"30s\" or \"10m\"",
@@ -1221,10 +1222,42 @@ mod tests {
             shadow = true
             max_tracked_ips = 5000
             state_sweep = "1m"
+            [[listener]]
+            address = "0.0.0.0:587"
+            protocol = "smtp"
+            tls = "starttls"
+            require_tls = true
+            upstream = "submission"
+            [[listener]]
+            address = "[::]:465"
+            tls = "implicit"
+            [[listener]]
+            address = "127.0.0.1:2526"
+            tls = "passthrough"
+            [tls]
+            certificate = "/etc/mailmoat/mx.pem"
+            key = "/etc/mailmoat/mx.key"
+            handshake_timeout = "3s"
+            max_handshakes = 17
+            [[tls.sni]]
+            names = ["mail.example.org", "smtp.example.org"]
+            certificate = "/etc/mailmoat/org.pem"
+            key = "/etc/mailmoat/org.key"
             [upstream]
             servers = ["mx.test:10025", "192.0.2.9:25", "[2001:db8::25]:25"]
             connect_timeout = "1500ms"
             proxy_protocol = "v1"
+            tls = "starttls"
+            ca_file = "/etc/mailmoat/receiver-ca.pem"
+            pin_sha256 = "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89"
+            server_name = "mx.internal"
+            [upstreams.submission]
+            servers = ["192.0.2.9:10587"]
+            connect_timeout = "2s"
+            proxy_protocol = "off"
+            ca_file = "/etc/mailmoat/submission-ca.pem"
+            pin_sha256 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+            server_name = "submission.internal"
             [limits]
             per_ip_connections = 3
             per_prefix_connections = 7
@@ -1294,6 +1327,15 @@ mod tests {
             toml::Value::from(vec!["mx.test:10025", "192.0.2.9:25", "[2001:db8::25]:25"])
         );
         assert_eq!(table["admin"]["listen"], toml::Value::from(""));
+        assert_eq!(
+            config.upstream.pin_sha256.as_deref(),
+            Some("abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789")
+        );
+        assert_eq!(config.listeners.len(), 3);
+        assert_eq!(config.tls.sni.len(), 1);
+        let submission = &config.upstreams["submission"];
+        assert_eq!(submission.tls, UpstreamTls::Starttls, "inherited");
+        assert_eq!(config.upstream_for(&config.listeners[0]).servers[0].name, "192.0.2.9:10587");
         assert_round_trips(&config);
     }
 
