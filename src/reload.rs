@@ -429,9 +429,11 @@ mod tests {
         assert!(effective.upstreams.contains_key("submission"));
         assert_eq!(
             terminating_without_certificate(&effective),
-            ["listener[1].address = \"127.0.0.1:2600\" terminates TLS, and the running config \
+            [
+                "listener[1].address = \"127.0.0.1:2600\" terminates TLS, and the running config \
               has no tls.certificate: [tls] changes take effect at a restart, so restart \
-              mailmoat to add it"]
+              mailmoat to add it"
+            ]
         );
         assert!(terminating_without_certificate(&running).is_empty());
     }

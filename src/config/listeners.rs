@@ -53,7 +53,10 @@ impl Validator<'_> {
             .or(raw.pin_sha256.as_ref())
             .map(Spanned::span);
         // A pin written but invalid is reported as such, not again as missing.
-        let pin_written = raw.pin_sha256.as_ref().is_some_and(|p| !p.get_ref().is_empty());
+        let pin_written = raw
+            .pin_sha256
+            .as_ref()
+            .is_some_and(|p| !p.get_ref().is_empty());
         let servers = match (raw.servers, base) {
             (None, Some(b)) => b.servers.clone(),
             (raw, _) => self.upstream_addrs(&k("servers"), raw),
@@ -267,9 +270,7 @@ impl Validator<'_> {
                 "starttls" => Ok(TlsMode::Starttls),
                 "implicit" => Ok(TlsMode::Implicit),
                 "passthrough" => Ok(TlsMode::Passthrough),
-                _ => Err(
-                    "expected \"none\", \"starttls\", \"implicit\" or \"passthrough\"".into(),
-                ),
+                _ => Err("expected \"none\", \"starttls\", \"implicit\" or \"passthrough\"".into()),
             });
             let terminates = matches!(mode, TlsMode::Starttls | TlsMode::Implicit);
             if terminates && (tls.certificate.is_none() || tls.key.is_none()) {
@@ -364,7 +365,9 @@ impl Validator<'_> {
                 )
             };
             match &later.span {
-                Some(span) => self.problem_at(Some(span.clone()), format!("{} = {message}", later.key)),
+                Some(span) => {
+                    self.problem_at(Some(span.clone()), format!("{} = {message}", later.key))
+                }
                 None => self.problem_at(None, format!("the default {} = {message}", later.key)),
             }
         }
@@ -494,7 +497,10 @@ mod tests {
         let found = load(text).expect_err("the config should be refused");
         assert_eq!(found.len(), prefixes.len(), "{found:#?}");
         for (problem, prefix) in found.iter().zip(prefixes) {
-            assert!(problem.starts_with(prefix), "{problem:?} should start with {prefix:?}");
+            assert!(
+                problem.starts_with(prefix),
+                "{problem:?} should start with {prefix:?}"
+            );
         }
     }
 

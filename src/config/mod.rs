@@ -327,7 +327,11 @@ fn ser_optional_path<S: serde::Serializer>(
     path: &Option<PathBuf>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&path.as_deref().map_or(String::new(), |p| p.display().to_string()))
+    s.serialize_str(
+        &path
+            .as_deref()
+            .map_or(String::new(), |p| p.display().to_string()),
+    )
 }
 
 fn ser_optional_str<S: serde::Serializer>(text: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -1335,7 +1339,10 @@ mod tests {
         assert_eq!(config.tls.sni.len(), 1);
         let submission = &config.upstreams["submission"];
         assert_eq!(submission.tls, UpstreamTls::Starttls, "inherited");
-        assert_eq!(config.upstream_for(&config.listeners[0]).servers[0].name, "192.0.2.9:10587");
+        assert_eq!(
+            config.upstream_for(&config.listeners[0]).servers[0].name,
+            "192.0.2.9:10587"
+        );
         assert_round_trips(&config);
     }
 

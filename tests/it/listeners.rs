@@ -72,7 +72,11 @@ async fn check_config_reports_every_listener_mistake_at_once() {
              \"passthrough\""
         ),
     ] {
-        assert!(run.stderr.contains(&expected), "{expected:?} not in {}", run.stderr);
+        assert!(
+            run.stderr.contains(&expected),
+            "{expected:?} not in {}",
+            run.stderr
+        );
     }
 }
 
@@ -83,36 +87,66 @@ async fn run_names_the_listener_whose_address_is_taken() {
     let dir = TempDir::new("listener-taken");
     let path = dir.write(
         "m.toml",
-        &config_text(unused_addr(), &[unused_addr(), taken_addr], unused_addr(), unused_addr()),
+        &config_text(
+            unused_addr(),
+            &[unused_addr(), taken_addr],
+            unused_addr(),
+            unused_addr(),
+        ),
     );
     let run = mailmoat_run(&["run", "-c", path.to_str().unwrap()]).await;
     assert_ne!(run.code, Some(0), "{}", run.stderr);
     let expected = format!("cannot listen on {taken_addr} (listener[2].address)");
-    assert!(run.stderr.contains(&expected), "{expected:?} not in {}", run.stderr);
+    assert!(
+        run.stderr.contains(&expected),
+        "{expected:?} not in {}",
+        run.stderr
+    );
 }
 
 #[tokio::test]
 async fn every_listener_relays_and_a_reload_binds_new_tables_and_stops_removed_ones() {
     let sink = sink().await;
-    let (listen, first, second, admin) = (unused_addr(), unused_addr(), unused_addr(), unused_addr());
+    let (listen, first, second, admin) =
+        (unused_addr(), unused_addr(), unused_addr(), unused_addr());
     let dir = TempDir::new("listener-reload");
     dir.write("token", "secret\n");
-    let config = dir.write("mailmoat.toml", &config_text(listen, &[first], admin, sink.addr()));
+    let config = dir.write(
+        "mailmoat.toml",
+        &config_text(listen, &[first], admin, sink.addr()),
+    );
     let log = dir.path().join("stderr.log");
     let _proxy = mailmoat_logged(&config, &log);
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();
 
     for (i, addr) in [listen, first].into_iter().enumerate() {
         let reply = mail_from(Ipv4Addr::new(127, 0, 0, 2 + i as u8), addr).await;
-        assert!(reply.starts_with("250"), "{addr}: {reply}; log:\n{}", logs());
+        assert!(
+            reply.starts_with("250"),
+            "{addr}: {reply}; log:\n{}",
+            logs()
+        );
     }
 
-    dir.write("mailmoat.toml", &config_text(listen, &[second], admin, sink.addr()));
+    dir.write(
+        "mailmoat.toml",
+        &config_text(listen, &[second], admin, sink.addr()),
+    );
     let run = mailmoat_run(&["reload", "-c", config.to_str().unwrap()]).await;
-    assert_eq!(run.code, Some(0), "{}{}; log:\n{}", run.stdout, run.stderr, logs());
+    assert_eq!(
+        run.code,
+        Some(0),
+        "{}{}; log:\n{}",
+        run.stdout,
+        run.stderr,
+        logs()
+    );
     let reply = mail_from(Ipv4Addr::new(127, 0, 0, 4), second).await;
     assert!(reply.starts_with("250"), "{reply}; log:\n{}", logs());
-    assert!(wait_refused(first).await, "still accepting on the removed listener");
+    assert!(
+        wait_refused(first).await,
+        "still accepting on the removed listener"
+    );
 
     // A table whose address is taken refuses the reload, naming its key.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -124,7 +158,11 @@ async fn every_listener_relays_and_a_reload_binds_new_tables_and_stops_removed_o
     let run = mailmoat_run(&["reload", "-c", config.to_str().unwrap()]).await;
     assert_eq!(run.code, Some(2), "{}{}", run.stdout, run.stderr);
     let expected = format!("cannot listen on {taken_addr} (listener[2].address)");
-    assert!(run.stderr.contains(&expected), "{expected:?} not in {}", run.stderr);
+    assert!(
+        run.stderr.contains(&expected),
+        "{expected:?} not in {}",
+        run.stderr
+    );
     let reply = mail_from(Ipv4Addr::new(127, 0, 0, 5), second).await;
     assert!(reply.starts_with("250"), "{reply}; log:\n{}", logs());
 }
