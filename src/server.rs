@@ -37,7 +37,7 @@ use crate::upstream;
 pub enum ServerError {
     #[error("cannot listen on {addr} ({key}): {source}; is another process using it?")]
     Bind {
-        key: &'static str,
+        key: String,
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -57,20 +57,19 @@ impl Server {
     /// Binds every listener, so failures show before anything runs.
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let listeners = config
-            .server
-            .listen
+            .all_listeners()
             .iter()
-            .map(|&addr| {
-                listener::bind(addr).map_err(|source| ServerError::Bind {
-                    key: "server.listen",
-                    addr,
+            .map(|l| {
+                listener::bind(l.address).map_err(|source| ServerError::Bind {
+                    key: config.listener_key(l.address),
+                    addr: l.address,
                     source,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let admin = match config.admin.listen {
             Some(addr) => Some(listener::bind(addr).map_err(|source| ServerError::Bind {
-                key: "admin.listen",
+                key: "admin.listen".into(),
                 addr,
                 source,
             })?),
@@ -79,7 +78,7 @@ impl Server {
         let open_files = descriptors::soft_limit();
         descriptors::warn_if_short(config.server.max_connections, open_files);
         let metrics = Arc::new(Metrics::new());
-        for server in &config.upstream.servers {
+        for server in config.all_upstreams().flat_map(|u| &u.servers) {
             metrics.declare_upstream(&server.to_string());
         }
         Ok(Server {
@@ -155,11 +154,11 @@ impl Server {
             })
         };
         let mut accepting = Vec::new();
-        for (&addr, l) in config.server.listen.iter().zip(self.listeners) {
+        for (settings, l) in config.all_listeners().into_iter().zip(self.listeners) {
             if let Ok(local) = l.local_addr() {
-                tracing::info!(addr = %local, "accepting SMTP clients");
+                tracing::info!(addr = %local, tls = ?settings.tls, "accepting SMTP clients");
             }
-            accepting.push((addr, start_listener(addr, l)));
+            accepting.push((settings.address, start_listener(settings.address, l)));
         }
         let reloader = Arc::new(Reloader::new(
             self.reload_from.clone(),

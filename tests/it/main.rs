@@ -12,6 +12,7 @@ mod door;
 mod fuzz_corpus;
 mod haproxy;
 mod harness;
+mod listeners;
 mod lists;
 mod logs;
 mod metrics;
