@@ -45,6 +45,7 @@ pub mod state;
 pub mod supervisor;
 pub mod tls;
 pub mod upstream;
+pub mod watch;
 
 pub use config::Config;
 pub use server::Server;
