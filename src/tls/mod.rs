@@ -1,6 +1,23 @@
-//! TLS towards clients: what a handshake negotiated.
+//! TLS towards clients: certificates ([`certs`], [`store`], reloaded by
+//! [`reload`]), the bounded handshake ([`Terminator`]), and what a
+//! handshake negotiated ([`TlsFacts`]). [`generate`] makes certificates for
+//! tests, benches and the demo.
+
+pub mod certs;
+pub mod generate;
+pub mod reload;
+pub mod store;
+mod terminator;
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests;
 
 use rustls::{CommonState, ProtocolVersion};
+
+pub use certs::CertError;
+pub use store::CertStore;
+pub use terminator::{HandshakeError, Terminator, TlsError};
 
 /// The TLS versions mailmoat speaks; a closed set, so it can label metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
