@@ -61,6 +61,7 @@ pub struct Terminator {
     acceptor: TlsAcceptor,
     certificates: Arc<CertStore>,
     slots: Semaphore,
+    max_handshakes: usize,
     timeout: Duration,
     metrics: TlsMetrics,
 }
@@ -81,12 +82,14 @@ impl Terminator {
                 .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
                 .with_no_client_auth()
                 .with_cert_resolver(certificates.clone());
+        // The config refuses 0; a semaphore with no permit would only ever
+        // say busy, and one above its maximum panics.
+        let max_handshakes = settings.max_handshakes.clamp(1, Semaphore::MAX_PERMITS);
         Ok(Some(Terminator {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             certificates,
-            // The config refuses 0; a semaphore with no permit would only
-            // ever say busy, and one above its maximum panics.
-            slots: Semaphore::new(settings.max_handshakes.clamp(1, Semaphore::MAX_PERMITS)),
+            slots: Semaphore::new(max_handshakes),
+            max_handshakes,
             timeout: settings.handshake_timeout,
             metrics,
         }))
@@ -95,6 +98,11 @@ impl Terminator {
     /// The certificates, for reloads.
     pub fn certificates(&self) -> &Arc<CertStore> {
         &self.certificates
+    }
+
+    /// Handshakes holding a slot now.
+    pub fn handshakes_in_flight(&self) -> usize {
+        self.max_handshakes - self.slots.available_permits()
     }
 
     pub fn server_config(&self) -> Arc<ServerConfig> {
@@ -122,9 +130,11 @@ impl Terminator {
     {
         let deadline = deadline_after(self.timeout);
         let _slot = match tokio::time::timeout_at(deadline, self.slots.acquire()).await {
-            Ok(Ok(permit)) => permit,
+            // A slot freed at the very deadline (the handshake ahead timed
+            // out at the same instant) leaves no time to handshake in.
+            Ok(Ok(permit)) if Instant::now() < deadline => permit,
             // The semaphore is never closed; a closed one has no slot either.
-            Ok(Err(_)) | Err(_) => return Err(HandshakeError::Busy),
+            Ok(_) | Err(_) => return Err(HandshakeError::Busy),
         };
         let started = Instant::now();
         let stream = match tokio::time::timeout_at(deadline, self.acceptor.accept(stream)).await {
