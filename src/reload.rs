@@ -174,6 +174,7 @@ impl Reloader {
             registry: shared.registry.clone(),
             drain: shared.drain.clone(),
             abort: shared.abort.clone(),
+            tls: shared.tls.clone(),
         };
         for server in &config.upstream.servers {
             shared.metrics.declare_upstream(&server.to_string());

@@ -50,6 +50,8 @@ pub struct Shared {
     pub drain: CancellationToken,
     /// Stop now (the shutdown grace ran out).
     pub abort: CancellationToken,
+    /// TLS termination, built once at start; `None` without a certificate.
+    pub tls: Option<Arc<crate::tls::Terminator>>,
 }
 
 /// Who is talking to whom, fixed at accept.

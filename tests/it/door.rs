@@ -52,6 +52,7 @@ fn shared(config: &Config) -> Shared {
         registry: Arc::new(Registry::default()),
         drain: Default::default(),
         abort: Default::default(),
+        tls: None,
         metrics,
     }
 }
