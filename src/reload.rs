@@ -180,9 +180,9 @@ impl Reloader {
             blocklist: shared.blocklist.clone(),
             tarpit_slots: shared.tarpit_slots.clone(),
             registry: shared.registry.clone(),
-            tls: shared.tls.clone(),
             drain: shared.drain.clone(),
             abort: shared.abort.clone(),
+            tls: shared.tls.clone(),
         };
         for server in config.all_upstreams().flat_map(|u| &u.servers) {
             shared.metrics.declare_upstream(&server.to_string());

@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::reload::{Live, Reloader, StartListener};
 use crate::state::Core;
 use crate::supervisor::{Supervisor, Task};
+use crate::tls::{self, Terminator};
 use crate::upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,9 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A configured certificate or key that does not load (`[tls]`).
+    #[error("[tls]: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 pub struct Server {
@@ -48,6 +52,8 @@ pub struct Server {
     listeners: Vec<TcpListener>,
     admin: Option<TcpListener>,
     metrics: Arc<Metrics>,
+    /// TLS termination; `None` without a certificate.
+    tls: Option<Arc<Terminator>>,
     budget: Budget,
     /// The file a reload re-reads (`run -c FILE`).
     reload_from: Option<PathBuf>,
@@ -81,11 +87,13 @@ impl Server {
         for server in config.all_upstreams().flat_map(|u| &u.servers) {
             metrics.declare_upstream(&server.to_string());
         }
+        let tls = Terminator::from_settings(&config.tls, metrics.tls.clone())?.map(Arc::new);
         Ok(Server {
             config: Arc::new(config),
             listeners,
             admin,
             metrics,
+            tls,
             budget: Budget::under(open_files),
             reload_from: None,
         })
@@ -116,7 +124,7 @@ impl Server {
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let config = self.config;
-        let core = Core::build(&config, self.metrics.clone()).await;
+        let core = Core::build(&config, self.metrics.clone(), self.tls.clone()).await;
         let shared = core.sessions.clone();
         let tasks = Arc::new(Supervisor::new(self.metrics.registry()));
         let health = Arc::new(upstream::Health::default());
@@ -200,6 +208,14 @@ impl Server {
             tasks.spawn(Task::BlocklistFiles, stop_background.clone(), move || {
                 blocklist::files::watch(sources.clone(), files.clone())
             });
+        }
+        if let Some(tls) = &self.tls {
+            let certificates = tls.certificates().clone();
+            tasks.spawn(
+                Task::CertificateReload,
+                stop_background.clone(),
+                move || tls::reload::watch(certificates.clone()),
+            );
         }
         if let Some(api) = config.blocklist.api.clone() {
             let sources = core.sources.clone();

@@ -5,6 +5,7 @@ mod admission;
 mod attack;
 mod bans;
 mod blocklist;
+mod certificates;
 mod cli;
 mod clients;
 mod descriptors;
