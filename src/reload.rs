@@ -164,6 +164,7 @@ impl Reloader {
             return Err(errors);
         }
 
+        let upstreams = crate::upstream::Connector::new(&config).map_err(|e| e.problems)?;
         let shared = &running.shared;
         let next = Shared {
             metrics: shared.metrics.clone(),
@@ -174,6 +175,7 @@ impl Reloader {
             registry: shared.registry.clone(),
             drain: shared.drain.clone(),
             abort: shared.abort.clone(),
+            upstreams: Arc::new(upstreams),
         };
         for server in &config.upstream.servers {
             shared.metrics.declare_upstream(&server.to_string());

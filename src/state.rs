@@ -38,7 +38,12 @@ pub struct Core {
 impl Core {
     /// Builds the shared state and loads the lists (files, API cache,
     /// persisted bans) before the first client is accepted.
-    pub async fn build(config: &Arc<Config>, metrics: Arc<Metrics>) -> Core {
+    /// `upstreams` is built from `config` beforehand, as building it can fail.
+    pub async fn build(
+        config: &Arc<Config>,
+        metrics: Arc<Metrics>,
+        upstreams: Arc<crate::upstream::Connector>,
+    ) -> Core {
         let live_lists = Arc::new(Blocklist::default());
         let registry = Arc::new(Registry::default());
         let sources = Arc::new(
@@ -72,6 +77,7 @@ impl Core {
             tarpit_slots: Arc::new(tokio::sync::Semaphore::new(config.blocklist.tarpit_max)),
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
+            upstreams,
         });
         Core {
             metrics,

@@ -33,9 +33,6 @@ use crate::shaping::{Limit, Shaping};
 use crate::upstream;
 use registry::Registry;
 
-/// The longest a session waits for the receiver to close its side.
-const UPSTREAM_LINGER: Duration = Duration::from_secs(2);
-
 /// What every session shares with the process.
 pub struct Shared {
     pub metrics: Arc<Metrics>,
@@ -50,6 +47,8 @@ pub struct Shared {
     pub drain: CancellationToken,
     /// Stop now (the shutdown grace ran out).
     pub abort: CancellationToken,
+    /// The receivers, with their TLS clients; rebuilt on reload.
+    pub upstreams: Arc<upstream::Connector>,
 }
 
 /// Who is talking to whom, fixed at accept.
@@ -311,15 +310,19 @@ where
     let metrics = &shared.metrics;
     let session_deadline = Instant::now() + config.timeouts.session;
     match upstream::connect(
-        &config.upstream,
+        shared.upstreams.default_upstream(),
         peer.client,
         peer.local,
+        None,
         config.timeouts.write,
         metrics,
     )
     .await
     {
-        Ok(mut upstream) => {
+        Ok(upstream::Connected {
+            stream: mut upstream,
+            greeting,
+        }) => {
             let ip = peer.client.ip();
             let registration = shared.registry.register(ip, &shared.abort);
             // A list swapped in since admission has not seen this session.
@@ -349,10 +352,11 @@ where
             };
             let mut relay = Relay::new(client, &mut upstream, ctx);
             relay.preload_client_input(early);
+            relay.preload_upstream_input(greeting);
             let reason = relay.run().await;
             let facts = relay.facts;
             drop(relay);
-            close_upstream(upstream).await;
+            upstream.close().await;
             (reason, facts)
         }
         Err(e) => {
@@ -365,23 +369,6 @@ where
             (CloseReason::UpstreamError, relay::RelayFacts::default())
         }
     }
-}
-
-/// Closes the connection to the receiver and waits, briefly, for the
-/// receiver to close its side too. The session's permit is released only
-/// after this, so the caps bound the sessions the receiver holds, not just
-/// ours: without the wait, a capped client cut off (say by the line
-/// timeout) could be replaced by its next connection before the receiver
-/// had noticed the first one close, and a receiver with exactly enough
-/// slots for the caps would turn legitimate clients away.
-async fn close_upstream(mut upstream: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let linger = async {
-        let _ = upstream.shutdown().await;
-        let mut discard = [0u8; 512];
-        while let Ok(1..) = upstream.read(&mut discard).await {}
-    };
-    let _ = tokio::time::timeout(UPSTREAM_LINGER, linger).await;
 }
 
 /// Feeds a refusal to the ban counters: early talking and protocol abuse

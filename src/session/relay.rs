@@ -208,6 +208,18 @@ where
         self.client_in = bytes;
     }
 
+    /// Receiver bytes read before the relay started (its greeting, read
+    /// for mailmoat's own STARTTLS): handled as if just read.
+    pub fn preload_upstream_input(&mut self, bytes: Vec<u8>) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.upstream_in = bytes;
+        if let Err(reason) = self.process_upstream_input() {
+            self.closing = Some(reason);
+        }
+    }
+
     /// Relays until the session ends, and says why it ended.
     pub async fn run(&mut self) -> CloseReason {
         let reason = loop {
@@ -1023,6 +1035,7 @@ mod tests {
             crate::config::ProxyProtocol::V2,
             "203.0.113.9:4000".parse().unwrap(),
             "192.0.2.25:25".parse().unwrap(),
+            None,
         );
         let (reason, errors) = relay_with(|mut p| async move {
             p.greet().await;
