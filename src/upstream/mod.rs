@@ -236,3 +236,6 @@ async fn tcp_connect(server: SocketAddr, within: Duration) -> std::io::Result<Tc
     stream.set_nodelay(true)?;
     Ok(stream)
 }
+
+#[cfg(test)]
+mod tests;
