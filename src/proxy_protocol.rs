@@ -379,15 +379,26 @@ mod tests {
             Some(&facts(Some("mx.example.org"))),
         );
         let found = tlvs(&header);
-        let ssl = &found.iter().find(|(k, _)| *k == 0x20).expect("PP2_TYPE_SSL").1;
+        let ssl = &found
+            .iter()
+            .find(|(k, _)| *k == 0x20)
+            .expect("PP2_TYPE_SSL")
+            .1;
         assert_eq!(ssl[0], PP2_CLIENT_SSL);
-        assert_ne!(&ssl[1..5], &[0, 0, 0, 0], "verify says no verified client cert");
+        assert_ne!(
+            &ssl[1..5],
+            &[0, 0, 0, 0],
+            "verify says no verified client cert"
+        );
         let mut subs = vec![0x21, 0, 7];
         subs.extend_from_slice(b"TLSv1.3");
         subs.extend_from_slice(&[0x23, 0, 24]);
         subs.extend_from_slice(b"TLS13_AES_128_GCM_SHA256");
         assert_eq!(&ssl[5..], &subs[..]);
-        assert!(found.contains(&(0x02, b"mx.example.org".to_vec())), "{found:?}");
+        assert!(
+            found.contains(&(0x02, b"mx.example.org".to_vec())),
+            "{found:?}"
+        );
         // The header still names the client, and reads back whole.
         assert_eq!(
             parse_inbound(&header),
@@ -418,7 +429,12 @@ mod tests {
         assert!(tlvs(&plain).is_empty());
         assert_eq!(header_tls(&plain), None);
         assert_eq!(
-            encode(ProxyProtocol::V1, client, local, Some(&facts(Some("x.test")))),
+            encode(
+                ProxyProtocol::V1,
+                client,
+                local,
+                Some(&facts(Some("x.test")))
+            ),
             encode(ProxyProtocol::V1, client, local, None)
         );
     }

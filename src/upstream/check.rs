@@ -124,12 +124,10 @@ pub async fn check_loop(
             format!("{server} ({})", upstream.key)
         };
         known.retain(|name, _| {
-            connector.in_use().iter().any(|u| {
-                u.settings
-                    .servers
-                    .iter()
-                    .any(|s| label(u, s) == *name)
-            })
+            connector
+                .in_use()
+                .iter()
+                .any(|u| u.settings.servers.iter().any(|s| label(u, s) == *name))
         });
         let mut problems = Vec::new();
         let mut unready = Vec::new();
@@ -232,8 +230,7 @@ pub async fn check(upstream: &Upstream, server: SocketAddr) -> Result<(), Proble
     match &upstream.tls {
         None => quit(replies, sent_header, deadline).await,
         Some(tls) => {
-            let stream = match starttls::upgrade(replies, tls, &upstream.hostname, deadline).await
-            {
+            let stream = match starttls::upgrade(replies, tls, &upstream.hostname, deadline).await {
                 Ok(stream) => stream,
                 // As QUIT below: the header's lines were answered first.
                 Err(StarttlsError::Ehlo(reply)) if sent_header => {
@@ -247,7 +244,11 @@ pub async fn check(upstream: &Upstream, server: SocketAddr) -> Result<(), Proble
     }
 }
 
-async fn quit<S>(mut replies: Replies<S>, sent_header: bool, deadline: Instant) -> Result<(), Problem>
+async fn quit<S>(
+    mut replies: Replies<S>,
+    sent_header: bool,
+    deadline: Instant,
+) -> Result<(), Problem>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

@@ -21,10 +21,8 @@ impl TempFile {
     fn new(text: &str) -> TempFile {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!(
-            "mailmoat-upstream-{}-{n}.pem",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("mailmoat-upstream-{}-{n}.pem", std::process::id()));
         std::fs::write(&path, text).unwrap();
         TempFile(path)
     }
@@ -73,12 +71,9 @@ async fn connect_to(
     let client: SocketAddr = "192.0.2.7:4000".parse().unwrap();
     let local: SocketAddr = "127.0.0.1:25".parse().unwrap();
     let metrics = Metrics::new();
-    timeout(
-        WAIT,
-        connect(&upstream, client, local, tls, WAIT, &metrics),
-    )
-    .await
-    .expect("connect ends by its deadline")
+    timeout(WAIT, connect(&upstream, client, local, tls, WAIT, &metrics))
+        .await
+        .expect("connect ends by its deadline")
 }
 
 /// Sends `command` and returns the reply's last line.
@@ -105,7 +100,10 @@ async fn starttls_verified_by_the_ca_file_keeps_the_greeting_and_talks_inside_tl
     // The sink offers AUTH only inside TLS: its EHLO reply says where we are.
     let mut replies = Replies::new(connected.stream);
     let ehlo = say(&mut replies, "EHLO client.test").await;
-    assert!(ehlo.contains("AUTH PLAIN") && !ehlo.contains("STARTTLS"), "{ehlo}");
+    assert!(
+        ehlo.contains("AUTH PLAIN") && !ehlo.contains("STARTTLS"),
+        "{ehlo}"
+    );
     assert!(say(&mut replies, "QUIT").await.starts_with("221"));
 }
 
@@ -151,8 +149,7 @@ async fn a_receiver_certificate_other_than_the_pinned_one_is_refused_naming_pin_
         .unwrap_err()
         .to_string();
     assert!(
-        error.contains("upstream.pin_sha256")
-            && error.contains(&verify::sha256_hex(&cert.leaf)),
+        error.contains("upstream.pin_sha256") && error.contains(&verify::sha256_hex(&cert.leaf)),
         "{error}"
     );
 }
@@ -258,4 +255,51 @@ async fn the_receiver_check_handshakes_and_names_a_wrong_pin() {
     }
     // Health checks are not clients.
     assert_eq!(sink.connections(), 0);
+}
+
+#[tokio::test]
+async fn receiver_check_is_unready_when_any_upstream_a_listener_uses_fails_and_names_it() {
+    use crate::config::{ListenerSettings, Protocol, TlsMode};
+    let sink = Sink::start("127.0.0.1:0".parse().unwrap(), SinkOptions::default())
+        .await
+        .unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let mut config = Config::default();
+    config.upstream.servers = vec![sink.addr().into()];
+    let mut submission = config.upstream.clone();
+    submission.servers = vec![dead_addr.into()];
+    config
+        .upstreams
+        .insert("submission".into(), submission.clone());
+    // Named but used by no listener: not checked.
+    config.upstreams.insert("spare".into(), submission);
+    config.listeners.push(ListenerSettings {
+        address: "127.0.0.1:0".parse().unwrap(),
+        protocol: Protocol::Smtp,
+        tls: TlsMode::None,
+        require_tls: false,
+        upstream: Some("submission".into()),
+    });
+    let connector = Arc::new(Connector::new(&config).unwrap());
+    let keys: Vec<&str> = connector.in_use().iter().map(|u| u.key.as_str()).collect();
+    assert_eq!(keys, ["upstream", "upstreams.submission"]);
+
+    let health = Arc::new(Health::default());
+    let task = tokio::spawn(check_loop(
+        move || connector.clone(),
+        Arc::new(Metrics::new()),
+        health.clone(),
+    ));
+    let verdict = health.verdict(WAIT).await;
+    task.abort();
+    let verdict = verdict.expect("a verdict");
+    assert!(!verdict.ready);
+    assert_eq!(verdict.unready, ["upstreams.submission"]);
+    assert_eq!(verdict.problems.len(), 1, "{:?}", verdict.problems);
+    assert_eq!(
+        verdict.problems[0].0,
+        format!("{dead_addr} (upstreams.submission)")
+    );
 }

@@ -23,3 +23,4 @@ mod shutdown;
 mod supervision;
 mod timeouts;
 mod upstream;
+mod upstream_tls;
