@@ -26,7 +26,7 @@ use super::transport::Transport;
 use super::CloseReason;
 use crate::config::{Config, TlsMode};
 use crate::metrics::Metrics;
-use crate::tls::Terminator;
+use crate::tls::{Terminator, TlsVersion};
 
 /// Deadline for the last words to a client we are closing on.
 const GOODBYE_WRITE: Duration = Duration::from_secs(2);
@@ -62,6 +62,7 @@ pub struct Driver<'a, C, U, P> {
     last_activity: Instant,
     bytes_from_client: u64,
     bytes_to_client: u64,
+    tls: Option<TlsVersion>,
 }
 
 impl<'a, C, U, P> Driver<'a, C, U, P>
@@ -97,6 +98,7 @@ where
             last_activity: Instant::now(),
             bytes_from_client: 0,
             bytes_to_client: 0,
+            tls: None,
         }
     }
 
@@ -106,6 +108,7 @@ where
             bytes_to_client: self.bytes_to_client,
             commands: self.protocol.commands(),
             messages: self.protocol.messages(),
+            tls: self.tls,
         }
     }
 
@@ -230,6 +233,7 @@ where
                     .session(self.ctx.tls_mode, facts.version);
                 let now = Instant::now();
                 self.last_activity = now;
+                self.tls = Some(facts.version);
                 self.protocol.tls_started(&facts, now);
                 Ok(())
             }

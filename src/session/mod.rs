@@ -40,7 +40,7 @@ use crate::config::{BlockAction, Config, ListenerSettings, TlsMode};
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, Inbound, Sniff};
 use crate::shaping::{Limit, Shaping};
-use crate::tls::Terminator;
+use crate::tls::{Terminator, TlsVersion};
 use crate::upstream;
 use registry::Registry;
 
@@ -162,6 +162,7 @@ where
         bytes_out = facts.bytes_to_client,
         commands = facts.commands,
         messages = facts.messages,
+        tls = facts.tls.map_or("none", TlsVersion::as_str),
         "session closed"
     );
     reason
@@ -397,6 +398,7 @@ where
             {
                 registration.stop.stop(CloseReason::Blocked);
             }
+            let implicit_version = tls.as_ref().map(|t| t.version);
             let smtp = Smtp::new(
                 SmtpContext {
                     config,
@@ -420,7 +422,8 @@ where
             };
             let mut driver = Driver::new(client, &mut upstream, smtp, ctx, early, greeting);
             let reason = driver.run().await;
-            let facts = driver.facts();
+            let mut facts = driver.facts();
+            facts.tls = facts.tls.or(implicit_version);
             drop(driver);
             upstream.close().await;
             (reason, facts)

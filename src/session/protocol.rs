@@ -11,7 +11,7 @@
 use tokio::time::Instant;
 
 use super::CloseReason;
-use crate::tls::TlsFacts;
+use crate::tls::{TlsFacts, TlsVersion};
 
 /// The session's byte queues, owned by the driver.
 #[derive(Debug, Default)]
@@ -56,6 +56,8 @@ pub struct SessionFacts {
     pub bytes_to_client: u64,
     pub commands: u64,
     pub messages: u64,
+    /// The TLS version the client's session ran under, if any.
+    pub tls: Option<TlsVersion>,
 }
 
 pub trait Protocol {

@@ -365,3 +365,29 @@ async fn replaced_certificate_files_are_presented_within_2s_while_an_open_sessio
     open.send(b"NOOP\r\n").await;
     open.expect("250").await;
 }
+
+#[tokio::test]
+async fn failed_handshakes_are_protocol_errors_toward_a_ban() {
+    let sink = sink().await;
+    let kit = TlsKit::new("tls-failures");
+    let toml = "[autoban]\nprotocol_errors = 2\n";
+    let config = tls_config(toml, sink.addr(), &kit, &[(TlsMode::Implicit, false)]);
+    let proxy = TestProxy::start_with(config).await;
+    let ip = Ipv4Addr::new(127, 0, 90, 11);
+    for _ in 0..2 {
+        // Plaintext SMTP on the TLS port is no ClientHello.
+        let mut raw = Raw::connect(ip, proxy.addr).await;
+        raw.send(b"EHLO client.test\r\n").await;
+        // A TLS alert at most, never a greeting.
+        let said = raw.closed().await;
+        assert!(said.is_empty() || said.starts_with('\u{15}'), "{said:?}");
+    }
+    proxy
+        .wait_metric(r#"mailmoat_tls_handshakes_total{result="failed"}"#, 2.0)
+        .await;
+    proxy.wait_metric("mailmoat_active_bans", 1.0).await;
+    // Refused at the door, before any TLS work: in plaintext.
+    let mut again = Raw::connect(ip, proxy.addr).await;
+    again.expect("554 5.7.1").await;
+    assert_eq!(sink.connections(), 0, "a receiver connection was spent");
+}
