@@ -324,7 +324,11 @@ fn ser_optional_path<S: serde::Serializer>(
     path: &Option<PathBuf>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&path.as_deref().map_or(String::new(), |p| p.display().to_string()))
+    s.serialize_str(
+        &path
+            .as_deref()
+            .map_or(String::new(), |p| p.display().to_string()),
+    )
 }
 
 fn ser_optional_addr<S: serde::Serializer>(
