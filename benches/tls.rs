@@ -140,8 +140,9 @@ fn main() {
         "  certificate: ECDSA P-256 (rcgen), the same for all; client: tokio-rustls, \
          no session resumption, {CONCURRENCY} handshakes in flight"
     );
-    if haproxy.is_none() {
-        println!("  HAProxy: not installed (apt install haproxy): its column is skipped");
+    match &haproxy {
+        Some(_) => println!("  {}", haproxy_version()),
+        None => println!("  HAProxy: not installed (apt install haproxy): its column is skipped"),
     }
     for (path, cipher) in ciphers.iter().enumerate() {
         if paths[path].is_some() {
@@ -526,11 +527,7 @@ impl Process {
 
     /// HAProxy in TCP mode terminating TLS; `None` when not installed.
     fn haproxy(dir: &Path, certs: &Certificates, receiver: SocketAddr) -> Option<Process> {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let binary = std::env::split_paths(&path)
-            .chain([PathBuf::from("/usr/sbin")])
-            .map(|d| d.join("haproxy"))
-            .find(|c| c.is_file())?;
+        let binary = haproxy_binary()?;
         let addr = common::unused_addr();
         // Two threads, as mailmoat's runtime has two workers on two cores.
         let config = format!(
@@ -655,6 +652,34 @@ level = "warn"
     fn cpu(&self) -> Cpu {
         common::process_cpu(self.child.id()).unwrap_or_else(|| panic!("{} is gone", self.name))
     }
+}
+
+fn haproxy_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("haproxy"))
+        .find(|c| c.is_file())
+}
+
+/// "HAProxy version 2.6.12 …; Running on OpenSSL version : OpenSSL 3.0.…":
+/// OpenSSL's version matters as much as HAProxy's to its TLS figures.
+fn haproxy_version() -> String {
+    let output = haproxy_binary().and_then(|b| Command::new(b).arg("-vv").output().ok());
+    let text = output.map_or_else(String::new, |o| {
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    });
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .map_or("?", str::trim)
+            .to_string()
+    };
+    format!(
+        "{}; {}",
+        line("HAProxy version"),
+        line("Running on OpenSSL")
+    )
 }
 
 impl Drop for Process {
