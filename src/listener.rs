@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, ListenerSettings};
 use crate::descriptors::Budget;
 use crate::proxy_protocol::canonical;
 use crate::reload::Live;
@@ -42,6 +42,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Each client gets the [`Live`] generation current at its accept, and
 /// keeps it: a reload changes what later clients get, not open sessions.
 pub async fn accept_loop(
+    configured: SocketAddr,
     listener: Arc<TcpListener>,
     live: Arc<ArcSwap<Live>>,
     budget: Budget,
@@ -86,8 +87,13 @@ pub async fn accept_loop(
                 let live = live.load();
                 live.shared.metrics.connections.inc();
                 let (config, shared) = (live.config.clone(), live.shared.clone());
+                // A reload that removes this listener stops the loop; until
+                // then its clients keep what it was.
+                let settings = config
+                    .listener_at(configured)
+                    .unwrap_or_else(|| ListenerSettings::plain(configured));
                 tracker.spawn(async move {
-                    handle(stream, addr, config, shared).await;
+                    handle(stream, addr, settings, config, shared).await;
                     drop(slot);
                 });
             }
@@ -106,10 +112,17 @@ pub async fn accept_loop(
     }
 }
 
-async fn handle(stream: TcpStream, remote: SocketAddr, config: Arc<Config>, shared: Arc<Shared>) {
+async fn handle(
+    stream: TcpStream,
+    remote: SocketAddr,
+    listener: ListenerSettings,
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+) {
     let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    session::serve(stream, canonical(remote), canonical(local), config, &shared).await;
+    let (remote, local) = (canonical(remote), canonical(local));
+    session::serve(stream, remote, local, &listener, config, &shared).await;
 }

@@ -298,6 +298,10 @@ impl Metrics {
     }
 
     /// The receiver's answer at the end of DATA.
+    /// A session whose TLS is in force (stand-in: the TLS metrics land with
+    /// the certificate store).
+    pub fn tls_session(&self, _mode: crate::config::TlsMode, _version: crate::tls::TlsVersion) {}
+
     pub fn message(&self, accepted: bool) {
         if accepted {
             self.messages_accepted.inc();

@@ -35,8 +35,10 @@ pub struct Live {
     pub shared: Arc<Shared>,
 }
 
-/// Starts an accept loop on a listener; the token stops it.
-pub type StartListener = Box<dyn Fn(TcpListener) -> CancellationToken + Send + Sync>;
+/// Starts an accept loop for the listener configured at an address (its
+/// settings are looked up there at each accept) on a bound socket; the
+/// token stops it.
+pub type StartListener = Box<dyn Fn(SocketAddr, TcpListener) -> CancellationToken + Send + Sync>;
 
 /// What a reload did.
 #[derive(Debug, Clone, Serialize)]
@@ -172,6 +174,7 @@ impl Reloader {
             blocklist: shared.blocklist.clone(),
             tarpit_slots: shared.tarpit_slots.clone(),
             registry: shared.registry.clone(),
+            tls: shared.tls.clone(),
             drain: shared.drain.clone(),
             abort: shared.abort.clone(),
         };
@@ -197,7 +200,7 @@ impl Reloader {
             if let Ok(local) = l.local_addr() {
                 tracing::info!(addr = %local, "config reload: accepting SMTP clients");
             }
-            listeners.push((addr, (self.start)(l)));
+            listeners.push((addr, (self.start)(addr, l)));
         }
         Ok(restart_needed)
     }

@@ -134,7 +134,7 @@ impl Server {
         let start_listener: StartListener = {
             let (tasks, live, budget) = (tasks.clone(), live.clone(), self.budget.clone());
             let (sessions, stop_accepting) = (sessions.clone(), stop_accepting.clone());
-            Box::new(move |l: TcpListener| {
+            Box::new(move |configured: SocketAddr, l: TcpListener| {
                 let l = Arc::new(l);
                 // Its own token: a reload that drops the address stops
                 // this loop alone; shutdown stops them all.
@@ -143,6 +143,7 @@ impl Server {
                     (live.clone(), budget.clone(), sessions.clone(), stop.clone());
                 tasks.spawn(Task::SmtpAccept, stop.clone(), move || {
                     listener::accept_loop(
+                        configured,
                         l.clone(),
                         live.clone(),
                         budget.clone(),
@@ -158,7 +159,7 @@ impl Server {
             if let Ok(local) = l.local_addr() {
                 tracing::info!(addr = %local, "accepting SMTP clients");
             }
-            accepting.push((addr, start_listener(l)));
+            accepting.push((addr, start_listener(addr, l)));
         }
         let reloader = Arc::new(Reloader::new(
             self.reload_from.clone(),

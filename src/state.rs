@@ -69,6 +69,7 @@ impl Core {
             shaping: shaping.clone(),
             blocklist: live_lists.clone(),
             registry: registry.clone(),
+            tls: None,
             tarpit_slots: Arc::new(tokio::sync::Semaphore::new(config.blocklist.tarpit_max)),
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),

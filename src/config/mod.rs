@@ -132,6 +132,20 @@ pub struct ListenerSettings {
     pub upstream: Option<String>,
 }
 
+impl ListenerSettings {
+    /// A `server.listen` entry: SMTP, the receiver's STARTTLS relayed
+    /// unread, as before listeners had modes.
+    pub fn plain(address: SocketAddr) -> ListenerSettings {
+        ListenerSettings {
+            address,
+            protocol: Protocol::Smtp,
+            tls: TlsMode::Passthrough,
+            require_tls: false,
+            upstream: None,
+        }
+    }
+}
+
 /// The certificates mailmoat presents on terminating listeners.
 #[derive(Clone, Debug, Serialize)]
 pub struct TlsSettings {
@@ -457,21 +471,23 @@ impl Config {
     /// Every listener: `server.listen` (plain SMTP, STARTTLS relayed
     /// unread, as before listeners had modes), then `[[listener]]`.
     pub fn all_listeners(&self) -> Vec<ListenerSettings> {
-        let plain = self.server.listen.iter().map(|&address| ListenerSettings {
-            address,
-            protocol: Protocol::Smtp,
-            tls: TlsMode::Passthrough,
-            require_tls: false,
-            upstream: None,
-        });
+        let plain = self
+            .server
+            .listen
+            .iter()
+            .map(|&a| ListenerSettings::plain(a));
         plain.chain(self.listeners.iter().cloned()).collect()
     }
 
-    /// The listener bound to `address`, if any.
+    /// The listener configured at `address`, if any.
     pub fn listener_at(&self, address: SocketAddr) -> Option<ListenerSettings> {
-        self.all_listeners()
-            .into_iter()
+        if self.server.listen.contains(&address) {
+            return Some(ListenerSettings::plain(address));
+        }
+        self.listeners
+            .iter()
             .find(|l| l.address == address)
+            .cloned()
     }
 
     /// The receivers a listener relays to.

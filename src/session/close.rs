@@ -26,10 +26,12 @@ pub enum CloseReason {
     Limit,
     /// Refused or cut because the client is blocklisted.
     Blocked,
+    /// The client's TLS handshake failed or ran out of time.
+    TlsFailed,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 13] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::ClientQuit,
         CloseReason::ClientClosed,
         CloseReason::IdleTimeout,
@@ -43,6 +45,7 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::Limit,
         CloseReason::Blocked,
+        CloseReason::TlsFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +63,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Limit => "limit",
             CloseReason::Blocked => "blocked",
+            CloseReason::TlsFailed => "tls_failed",
         }
     }
 }

@@ -58,7 +58,12 @@ pub async fn write_all_within<W: AsyncWrite + Unpin>(
         return Ok(0);
     }
     let n = bytes.len();
-    match tokio::time::timeout(deadline, writer.write_all(bytes)).await {
+    // A TLS stream holds what it encrypted until flushed.
+    let write = async {
+        writer.write_all(bytes).await?;
+        writer.flush().await
+    };
+    match tokio::time::timeout(deadline, write).await {
         Ok(Ok(())) => {
             *bytes = Vec::new();
             Ok(n)

@@ -1,15 +1,22 @@
 //! One client session: from an accepted socket to its one close reason.
 //!
-//! `serve` is the lifecycle (connect upstream, relay, record the end);
-//! [`relay`] is the SMTP-aware loop. Generic over the client stream so the
-//! relay is tested over `tokio::io::duplex`.
+//! `serve` is the lifecycle (the door, TLS on an implicit listener, connect
+//! upstream, relay, record the end); [`driver`] runs the relay loop over a
+//! [`transport`] (plain or TLS) for a protocol module ([`smtp`]) that
+//! decides what the bytes mean. Generic over the client stream so a session
+//! is tested over `tokio::io::duplex`.
 
 mod close;
+pub mod driver;
 mod greeting;
 pub mod io;
 pub mod message;
+pub mod protocol;
 pub mod registry;
-pub mod relay;
+pub mod smtp;
+#[cfg(test)]
+mod tests;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,16 +27,20 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use close::CloseReason;
+use driver::{Driver, DriverContext};
 use greeting::GreetOutcome;
-use relay::Relay;
+use protocol::SessionFacts;
+use smtp::{Smtp, SmtpContext};
+use transport::Transport;
 
 use crate::admission::{Admission, Permit, Refusal};
 use crate::bans::BanEvent;
 use crate::blocklist::Blocklist;
-use crate::config::{BlockAction, Config};
+use crate::config::{BlockAction, Config, ListenerSettings, TlsMode};
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, Inbound, Sniff};
 use crate::shaping::{Limit, Shaping};
+use crate::tls::Terminator;
 use crate::upstream;
 use registry::Registry;
 
@@ -46,6 +57,9 @@ pub struct Shared {
     pub tarpit_slots: Arc<tokio::sync::Semaphore>,
     /// Open sessions by client, for kill-on-block and `/admin/top`.
     pub registry: Arc<Registry>,
+    /// Terminates TLS on `starttls` and `implicit` listeners; none when no
+    /// certificate is configured.
+    pub tls: Option<Arc<Terminator>>,
     /// Stop at the next quiet point (graceful shutdown).
     pub drain: CancellationToken,
     /// Stop now (the shutdown grace ran out).
@@ -66,12 +80,13 @@ pub struct Peer {
 }
 
 /// Serves one accepted connection until it ends; returns the recorded
-/// reason. `remote` is the TCP peer; `config` is the snapshot taken at
-/// accept: one view for the whole session.
+/// reason. `remote` is the TCP peer; `listener` and `config` are the
+/// snapshot taken at accept: one view for the whole session.
 pub async fn serve<C>(
     mut client: C,
     remote: SocketAddr,
     local: SocketAddr,
+    listener: &ListenerSettings,
     config: Arc<Config>,
     shared: &Shared,
 ) -> CloseReason
@@ -85,7 +100,17 @@ where
         local,
         proxy_check: false,
     };
-    let admitted = admit(&mut client, &mut peer, &mut early, &config, shared).await;
+    // A client on an implicit-TLS listener cannot read a plaintext banner.
+    let may_pause = listener.tls != TlsMode::Implicit;
+    let admitted = admit(
+        &mut client,
+        &mut peer,
+        &mut early,
+        may_pause,
+        &config,
+        shared,
+    )
+    .await;
     let refused = admitted.is_err();
     let (reason, facts) = match admitted {
         // Logged at debug: under a flood, a line per refusal would be the
@@ -101,12 +126,20 @@ where
                 }
                 _ => write_refusal(&mut client, reply.as_bytes(), config.timeouts.write).await,
             }
-            (refusal.close_reason(), relay::RelayFacts::default())
+            (refusal.close_reason(), SessionFacts::default())
         }
-        Ok(None) => (CloseReason::ClientClosed, relay::RelayFacts::default()),
+        Ok(None) => (CloseReason::ClientClosed, SessionFacts::default()),
         // The permit is held until the relay ends, whatever ends it.
         Ok(Some(_permit)) => {
-            Box::pin(connect_and_relay(&mut client, peer, early, &config, shared)).await
+            Box::pin(connect_and_relay(
+                &mut client,
+                peer,
+                early,
+                listener,
+                &config,
+                shared,
+            ))
+            .await
         }
     };
 
@@ -148,6 +181,7 @@ async fn admit<C>(
     client: &mut C,
     peer: &mut Peer,
     early: &mut Vec<u8>,
+    may_pause: bool,
     config: &Config,
     shared: &Shared,
 ) -> Result<Option<Permit>, Refusal>
@@ -186,7 +220,7 @@ where
     let ip = peer.client.ip();
     let permit = admission.admit(ip)?;
     let mut paused = false;
-    if admission.needs_greet_pause(ip, Instant::now()) {
+    if may_pause && admission.needs_greet_pause(ip, Instant::now()) {
         paused = true;
         let t = &config.timeouts;
         match greeting::greet_pause(
@@ -298,20 +332,45 @@ async fn read_proxy_header<C: AsyncRead + Unpin>(
         .unwrap_or_else(|_| Err(HeaderError::Bad("no PROXY header in time".into())))
 }
 
+/// From an admitted client to the end of its relay: TLS first on an
+/// implicit listener (after admission: no TLS work for a refused client),
+/// then the receiver, then the driver.
 async fn connect_and_relay<C>(
     client: &mut C,
     peer: Peer,
-    early: Vec<u8>,
+    mut early: Vec<u8>,
+    listener: &ListenerSettings,
     config: &Config,
     shared: &Shared,
-) -> (CloseReason, relay::RelayFacts)
+) -> (CloseReason, SessionFacts)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let metrics = &shared.metrics;
+    let ip = peer.client.ip();
     let session_deadline = Instant::now() + config.timeouts.session;
+    let terminator = match listener.tls {
+        TlsMode::Starttls | TlsMode::Implicit => shared.tls.as_deref(),
+        TlsMode::None | TlsMode::Passthrough => None,
+    };
+    let mut tls = None;
+    let implicit = listener.tls == TlsMode::Implicit;
+    // On an implicit listener, what the door read starts the handshake.
+    let unread = if implicit {
+        std::mem::take(&mut early)
+    } else {
+        Vec::new()
+    };
+    let mut client = Transport::plain(client, unread);
+    if implicit {
+        match implicit_handshake(&mut client, terminator, ip, shared).await {
+            Ok(facts) => tls = Some(facts),
+            Err(reason) => return (reason, SessionFacts::default()),
+        }
+    }
+    let receivers = config.upstream_for(listener);
     match upstream::connect(
-        &config.upstream,
+        receivers,
         peer.client,
         peer.local,
         config.timeouts.write,
@@ -320,7 +379,6 @@ where
     .await
     {
         Ok(mut upstream) => {
-            let ip = peer.client.ip();
             let registration = shared.registry.register(ip, &shared.abort);
             // A list swapped in since admission has not seen this session.
             let lists = shared.blocklist.load();
@@ -337,21 +395,31 @@ where
             {
                 registration.stop.stop(CloseReason::Blocked);
             }
-            let ctx = relay::RelayContext {
+            let smtp = Smtp::new(
+                SmtpContext {
+                    config,
+                    metrics,
+                    shaping: shared.shaping.client(ip, allowlisted),
+                    client_ip: ip,
+                    tls_mode: listener.tls,
+                    require_tls: listener.require_tls,
+                    tls,
+                },
+                Instant::now(),
+            );
+            let ctx = DriverContext {
                 config,
                 metrics,
-                shaping: &shared.shaping,
-                client_ip: ip,
-                allowlisted,
+                terminator,
+                tls_mode: listener.tls,
                 drain: &shared.drain,
                 stop: &registration.stop,
                 session_deadline,
             };
-            let mut relay = Relay::new(client, &mut upstream, ctx);
-            relay.preload_client_input(early);
-            let reason = relay.run().await;
-            let facts = relay.facts;
-            drop(relay);
+            let mut driver = Driver::new(client, &mut upstream, smtp, ctx, early, Vec::new());
+            let reason = driver.run().await;
+            let facts = driver.facts();
+            drop(driver);
             close_upstream(upstream).await;
             (reason, facts)
         }
@@ -361,8 +429,38 @@ where
                 "421 4.3.2 {} service temporarily unavailable, try again later\r\n",
                 config.server.hostname
             );
-            write_refusal(client, reply.as_bytes(), config.timeouts.write).await;
-            (CloseReason::UpstreamError, relay::RelayFacts::default())
+            write_refusal(&mut client, reply.as_bytes(), config.timeouts.write).await;
+            (CloseReason::UpstreamError, SessionFacts::default())
+        }
+    }
+}
+
+/// The handshake of an implicit-TLS listener. A failed one is the client's
+/// protocol error, toward a ban: handshakes cost the proxy, not the client.
+async fn implicit_handshake<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut Transport<C>,
+    terminator: Option<&Terminator>,
+    ip: std::net::IpAddr,
+    shared: &Shared,
+) -> Result<crate::tls::TlsFacts, CloseReason> {
+    let Some(terminator) = terminator else {
+        tracing::error!("implicit-TLS listener without certificates");
+        return Err(CloseReason::TlsFailed);
+    };
+    let handshake = tokio::select! {
+        done = client.start_tls(terminator) => done,
+        () = shared.abort.cancelled() => return Err(CloseReason::Shutdown),
+    };
+    match handshake {
+        Ok(facts) => {
+            shared.metrics.tls_session(TlsMode::Implicit, facts.version);
+            Ok(facts)
+        }
+        Err(e) => {
+            tracing::debug!(client = %ip, error = %e, "client TLS handshake failed");
+            shared.metrics.protocol_errors.inc();
+            shared.shaping.event(ip, BanEvent::ProtocolError);
+            Err(CloseReason::TlsFailed)
         }
     }
 }

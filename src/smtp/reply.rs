@@ -117,6 +117,31 @@ impl Reply {
 }
 
 impl Reply {
+    /// An EHLO reply that names the extension `keyword` (upper case),
+    /// appended as its last line if the receiver did not offer it.
+    pub fn with_extension(&self, keyword: &str) -> Reply {
+        if self
+            .lines()
+            .skip(1)
+            .any(|line| names_extension(line, keyword))
+        {
+            return self.clone();
+        }
+        let mut raw = Vec::with_capacity(self.raw.len() + keyword.len() + 6);
+        for line in self.lines() {
+            let text = super::command::strip_line_ending(line.get(4..).unwrap_or_default());
+            raw.extend_from_slice(line.get(..3).unwrap_or(b"250"));
+            raw.push(b'-');
+            raw.extend_from_slice(text);
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(format!("{} {keyword}\r\n", self.code).as_bytes());
+        Reply {
+            code: self.code,
+            raw,
+        }
+    }
+
     /// An EHLO reply whose SIZE extension says at most `max` bytes, so
     /// clients learn the proxy's limit before they send (RFC 1870).
     pub fn with_size_limit(&self, max: u64) -> Reply {

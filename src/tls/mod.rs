@@ -47,3 +47,66 @@ impl TlsFacts {
         })
     }
 }
+
+// ---- stand-in until the certificate store lands (lead's scaffold) ----
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Why a handshake did not finish.
+#[derive(Debug)]
+pub enum HandshakeError {
+    Busy,
+    TimedOut,
+    Failed(std::io::Error),
+}
+
+impl HandshakeError {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HandshakeError::Busy => "busy",
+            HandshakeError::TimedOut => "timeout",
+            HandshakeError::Failed(_) => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeError::Failed(e) => write!(f, "TLS handshake failed: {e}"),
+            other => write!(f, "TLS handshake {}", other.as_str()),
+        }
+    }
+}
+
+/// Terminates TLS for clients.
+pub struct Terminator {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub timeout: Duration,
+}
+
+impl Terminator {
+    pub fn new(config: Arc<rustls::ServerConfig>, timeout: Duration) -> Self {
+        Terminator {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            timeout,
+        }
+    }
+
+    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+    ) -> Result<(tokio_rustls::server::TlsStream<S>, TlsFacts), HandshakeError> {
+        let tls = tokio::time::timeout(self.timeout, self.acceptor.accept(stream))
+            .await
+            .map_err(|_| HandshakeError::TimedOut)?
+            .map_err(HandshakeError::Failed)?;
+        let (_, conn) = tls.get_ref();
+        let facts = TlsFacts::of(conn, conn.server_name())
+            .ok_or_else(|| HandshakeError::Failed(std::io::Error::other("handshake incomplete")))?;
+        Ok((tls, facts))
+    }
+}

@@ -11,7 +11,7 @@ use mailmoat::admission::Admission;
 use mailmoat::bans::Bans;
 use mailmoat::blocklist::sources::{SourceMetrics, Sources};
 use mailmoat::blocklist::Blocklist;
-use mailmoat::config::{Config, ProxyProtocol};
+use mailmoat::config::{Config, ListenerSettings, ProxyProtocol};
 use mailmoat::metrics::Metrics;
 use mailmoat::proxy_protocol;
 use mailmoat::session::registry::Registry;
@@ -50,6 +50,7 @@ fn shared(config: &Config) -> Shared {
         blocklist: lists,
         tarpit_slots: Arc::new(tokio::sync::Semaphore::new(1)),
         registry: Arc::new(Registry::default()),
+        tls: None,
         drain: Default::default(),
         abort: Default::default(),
         metrics,
@@ -77,7 +78,8 @@ async fn untrusted_proxy_header_is_refused_at_the_door_before_any_receiver_conne
             let (ours, mut theirs) = tokio::io::duplex(4096);
             theirs.write_all(header).await.unwrap();
             let remote: SocketAddr = "127.0.20.1:4000".parse().unwrap();
-            let serve = session::serve(ours, remote, local, config.clone(), &shared);
+            let listener = ListenerSettings::plain(local);
+            let serve = session::serve(ours, remote, local, &listener, config.clone(), &shared);
             let reason = timeout(WAIT, serve).await.expect("session ends");
             let mut said = Vec::new();
             theirs.read_to_end(&mut said).await.unwrap();

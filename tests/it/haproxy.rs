@@ -117,7 +117,8 @@ impl Haproxy {
         };
         Some(Stat {
             status: field("status")?,
-            check_status: field("check_status")?,
+            // "* L7OK": the last result, while the next check is running.
+            check_status: field("check_status")?.trim_start_matches("* ").to_string(),
             failed_checks: field("chkfail")?.parse().ok()?,
         })
     }
