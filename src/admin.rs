@@ -496,7 +496,7 @@ mod tests {
     async fn readyz_names_a_background_task_that_is_down() {
         let config = Arc::new(Config::default());
         let metrics = Arc::new(Metrics::new());
-        let core = Core::build(&config, metrics.clone()).await;
+        let core = Core::build(&config, metrics.clone(), None).await;
         let tasks = Arc::new(Supervisor::new(metrics.registry()));
         let stop = CancellationToken::new();
         tasks.spawn(Task::BanMaintenance, stop.clone(), || async {

@@ -15,7 +15,7 @@ use crate::smtp::{Command, DataEvent, DataScanner, Reply, ReplyAssembler, Verb};
 pub type Check = fn(data: &[u8]);
 
 /// Every fuzz target, by name: the corpus folder and the check it runs.
-pub const TARGETS: [(&str, Check); 7] = [
+pub const TARGETS: [(&str, Check); 8] = [
     ("smtp_command", smtp_command),
     ("smtp_reply", smtp_reply),
     ("data_scanner", data_scanner),
@@ -23,6 +23,7 @@ pub const TARGETS: [(&str, Check); 7] = [
     ("proxy_header", proxy_header),
     ("config_loader", config_loader),
     ("ban_state", ban_state),
+    ("smtp_session", smtp_session),
 ];
 
 /// `Command::parse` on each line: the verb matches the first word, the
@@ -363,5 +364,94 @@ pub fn config_loader(data: &[u8]) {
             );
         }
         Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
+
+/// The SMTP module as the driver runs it, fed client and receiver bytes in
+/// the chunks the input says, on a listener of the mode it says. The first
+/// byte picks the TLS mode and `require_tls`; then records of a direction
+/// byte (even: client, odd: receiver), a length byte and that many bytes.
+/// A `StartTls` request is answered as a finished handshake.
+///
+/// Properties: no panic; TLS starts only on a `starttls` listener, once,
+/// right after the proxy's own `220`, with no client byte left unread
+/// (plaintext pipelined behind STARTTLS is never carried into TLS,
+/// CVE-2011-0411).
+pub fn smtp_session(data: &[u8]) {
+    use crate::config::TlsMode;
+    use crate::session::protocol::{Buffers, Next, Protocol};
+    use crate::session::smtp::{Smtp, SmtpContext};
+    use crate::shaping::Shaping;
+    use crate::tls::{TlsFacts, TlsVersion};
+    use std::sync::Arc;
+    use tokio::time::Instant;
+
+    let Some((&mode, mut rest)) = data.split_first() else {
+        return;
+    };
+    let tls_mode = [
+        TlsMode::Starttls,
+        TlsMode::Passthrough,
+        TlsMode::None,
+        TlsMode::Implicit,
+    ][usize::from(mode & 3)];
+    let config = Config::default();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let shaping = Shaping::detached(&config, &metrics);
+    let ip = "192.0.2.9".parse().expect("an IP");
+    let facts = TlsFacts {
+        version: TlsVersion::V1_3,
+        cipher: "TLS13_AES_128_GCM_SHA256".into(),
+        sni: None,
+    };
+    let mut smtp = Smtp::new(
+        SmtpContext {
+            config: &config,
+            metrics: &metrics,
+            shaping: shaping.client(ip, false),
+            client_ip: ip,
+            tls_mode,
+            require_tls: mode & 4 != 0,
+            tls: (tls_mode == TlsMode::Implicit).then(|| facts.clone()),
+        },
+        Instant::now(),
+    );
+    let mut io = Buffers::default();
+    let mut started_tls = false;
+    while let [direction, len, tail @ ..] = rest {
+        let take = usize::from(*len).min(tail.len());
+        let (chunk, after) = tail.split_at(take);
+        rest = after;
+        let now = Instant::now();
+        if direction % 2 == 0 {
+            // The driver reads the client only when the module wants it.
+            if smtp.wants_client_bytes() {
+                io.client_in.extend_from_slice(chunk);
+            }
+            smtp.client_input(&mut io, now);
+        } else {
+            io.upstream_in.extend_from_slice(chunk);
+            smtp.upstream_input(&mut io, now);
+        }
+        match smtp.next() {
+            Next::Relay => {}
+            // The driver ends the session here.
+            Next::Close(_) => return,
+            Next::StartTls => {
+                assert!(io.client_in.is_empty(), "plaintext carried into TLS");
+                assert!(
+                    io.to_client.ends_with(b"220 2.0.0 Ready to start TLS\r\n"),
+                    "TLS without the proxy's 220"
+                );
+                assert!(
+                    matches!(tls_mode, TlsMode::Starttls) && !started_tls,
+                    "TLS started twice or on a listener that does not terminate it"
+                );
+                started_tls = true;
+                smtp.tls_started(&facts, now);
+            }
+        }
+        io.to_client.clear();
+        io.to_upstream.clear();
     }
 }

@@ -14,8 +14,9 @@
 //! (wiring and graceful shutdown) over [`state`] (the shared state, built
 //! once), [`supervisor`] (background tasks restarted when they die),
 //! [`descriptors`] (the SMTP side's open-file budget), [`admin`] (HTTP
-//! metrics and health), [`metrics`], and [`sink`], a built-in receiver for
-//! the demo and tests.
+//! metrics and health), [`metrics`], [`tls`] (certificates and the
+//! bounded handshake), [`watch`] (file watching for lists and
+//! certificates), and [`sink`], a built-in receiver for the demo and tests.
 //! [`cli`] holds the operator's commands (`lookup`, `bans`), which talk to
 //! the admin API and share [`lookup`] with it.
 #![forbid(unsafe_code)]
@@ -45,6 +46,7 @@ pub mod state;
 pub mod supervisor;
 pub mod tls;
 pub mod upstream;
+pub mod watch;
 
 pub use config::Config;
 pub use server::Server;

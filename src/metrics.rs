@@ -16,9 +16,11 @@ use prometheus::{
 };
 
 use crate::admission::Refusal;
+use crate::config::TlsMode;
 use crate::session::CloseReason;
 use crate::shaping::{Limit, LimitKind};
 use crate::smtp::Verb;
+use crate::tls::{HandshakeError, TlsVersion};
 
 pub struct Metrics {
     registry: Registry,
@@ -46,6 +48,8 @@ pub struct Metrics {
     pub auth_failures: IntCounter,
     pub active_bans: IntGauge,
     pub bans_evicted: IntCounter,
+    /// Handshakes, TLS sessions and certificates.
+    pub tls: TlsMetrics,
 }
 
 impl Metrics {
@@ -229,7 +233,10 @@ impl Metrics {
             "Bans dropped before their expiry because autoban.max_bans was reached.",
         );
 
+        let tls = TlsMetrics::register(&registry);
+
         Metrics {
+            tls,
             limit_hits: Limit::ALL
                 .iter()
                 .map(|l| match l.kind() {
@@ -298,9 +305,6 @@ impl Metrics {
     }
 
     /// The receiver's answer at the end of DATA.
-    /// A session whose TLS is in force (stand-in: the TLS metrics land with
-    /// the certificate store).
-    pub fn tls_session(&self, _mode: crate::config::TlsMode, _version: crate::tls::TlsVersion) {}
 
     pub fn message(&self, accepted: bool) {
         if accepted {
@@ -351,6 +355,144 @@ impl Metrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding metrics failed: {e}\n"))
+    }
+}
+
+/// TLS towards clients. Labels: handshake results, terminating modes and
+/// versions (closed enums), and configured certificates (bounded by the
+/// config). Cheap to clone: the children are shared.
+#[derive(Clone)]
+pub struct TlsMetrics {
+    handshake_ok: IntCounter,
+    handshake_failed: IntCounter,
+    handshake_timeout: IntCounter,
+    handshake_busy: IntCounter,
+    handshake_duration: Histogram,
+    /// `[starttls, implicit] × [TLSv1.2, TLSv1.3]`.
+    sessions: [[IntCounter; 2]; 2],
+    certificate_expiry: IntGaugeVec,
+    reload_ok: IntCounter,
+    reload_failed: IntCounter,
+}
+
+impl TlsMetrics {
+    fn register(registry: &Registry) -> TlsMetrics {
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "mailmoat_tls_handshakes_total",
+                "TLS handshakes with clients, by result: ok, failed, timeout (handshake_timeout passed) or busy (no handshake slot before it).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let handshake_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "mailmoat_tls_handshake_duration_seconds",
+                "Duration of successful TLS handshakes with clients, from the slot taken to the handshake done.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        let sessions = IntCounterVec::new(
+            Opts::new(
+                "mailmoat_tls_sessions_total",
+                "Client sessions that completed a TLS handshake with mailmoat, by mode (starttls, implicit) and negotiated version.",
+            ),
+            &["mode", "version"],
+        )
+        .expect("valid metric");
+        let certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "mailmoat_tls_certificate_expiry_timestamp_seconds",
+                "notAfter of each configured certificate in force (Unix time), by certificate: default or the first name of an SNI entry.",
+            ),
+            &["certificate"],
+        )
+        .expect("valid metric");
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "mailmoat_tls_certificate_reloads_total",
+                "Certificate loads on reload, per configured certificate, by result; a failed one keeps the previous certificate.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for metric in [
+            Box::new(handshakes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(handshake_duration.clone()),
+            Box::new(sessions.clone()),
+            Box::new(certificate_expiry.clone()),
+            Box::new(reloads.clone()),
+        ] {
+            registry.register(metric).expect("unique metric");
+        }
+        let session =
+            |mode: &str, version: TlsVersion| sessions.with_label_values(&[mode, version.as_str()]);
+        TlsMetrics {
+            handshake_ok: handshakes.with_label_values(&["ok"]),
+            handshake_failed: handshakes.with_label_values(&["failed"]),
+            handshake_timeout: handshakes.with_label_values(&["timeout"]),
+            handshake_busy: handshakes.with_label_values(&["busy"]),
+            handshake_duration,
+            sessions: [
+                [
+                    session("starttls", TlsVersion::V1_2),
+                    session("starttls", TlsVersion::V1_3),
+                ],
+                [
+                    session("implicit", TlsVersion::V1_2),
+                    session("implicit", TlsVersion::V1_3),
+                ],
+            ],
+            certificate_expiry,
+            reload_ok: reloads.with_label_values(&["ok"]),
+            reload_failed: reloads.with_label_values(&["failed"]),
+        }
+    }
+
+    pub fn handshake_done(&self, took: std::time::Duration) {
+        self.handshake_ok.inc();
+        self.handshake_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn handshake_failed(&self, error: &HandshakeError) {
+        match error {
+            HandshakeError::Busy => &self.handshake_busy,
+            HandshakeError::TimedOut => &self.handshake_timeout,
+            HandshakeError::Failed(_) => &self.handshake_failed,
+        }
+        .inc();
+    }
+
+    /// A session now runs inside TLS that mailmoat terminated. Listeners
+    /// that do not terminate (`none`, `passthrough`) are not counted.
+    pub fn session(&self, mode: TlsMode, version: TlsVersion) {
+        let mode = match mode {
+            TlsMode::Starttls => 0,
+            TlsMode::Implicit => 1,
+            TlsMode::None | TlsMode::Passthrough => return,
+        };
+        let version = match version {
+            TlsVersion::V1_2 => 0,
+            TlsVersion::V1_3 => 1,
+        };
+        self.sessions[mode][version].inc();
+    }
+
+    pub fn certificate_expiry(&self, certificate: &str, not_after: i64) {
+        self.certificate_expiry
+            .with_label_values(&[certificate])
+            .set(not_after);
+    }
+
+    pub fn certificate_reload(&self, ok: bool) {
+        if ok {
+            self.reload_ok.inc();
+        } else {
+            self.reload_failed.inc();
+        }
     }
 }
 

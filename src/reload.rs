@@ -7,8 +7,8 @@
 //! one, so new sessions use the new config while open sessions keep the
 //! generation they started with (their config and their limit tables) to
 //! the end. State whose key still means the same thing is carried over
-//! (`Admission::reconfigured`, `Shaping::reconfigured`); `server.listen`
-//! changes are bound before anything is swapped.
+//! (`Admission::reconfigured`, `Shaping::reconfigured`); listener changes
+//! (`server.listen`, `[[listener]]`) are bound before anything is swapped.
 //!
 //! What needs a restart ([`effective`] lists it) is kept at its running value and
 //! the log says which changed key waits for one.
@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, TlsMode};
 use crate::listener;
 use crate::session::Shared;
 
@@ -148,17 +148,23 @@ impl Reloader {
                 .collect::<Vec<_>>()
         })?;
         let (config, restart_needed) = effective(&running.config, loaded);
+        let uncertified = terminating_without_certificate(&config);
+        if !uncertified.is_empty() {
+            return Err(uncertified);
+        }
 
         // Bind what is new before anything changes: a port in use refuses
         // the whole reload.
         let open: Vec<SocketAddr> = lock(&self.listeners).iter().map(|(a, _)| *a).collect();
         let mut bound = Vec::new();
         let mut errors = Vec::new();
-        for &addr in config.server.listen.iter().filter(|a| !open.contains(a)) {
+        let listen: Vec<SocketAddr> = config.all_listeners().iter().map(|l| l.address).collect();
+        for &addr in listen.iter().filter(|a| !open.contains(a)) {
             match listener::bind(addr) {
                 Ok(l) => bound.push((addr, l)),
                 Err(e) => errors.push(format!(
-                    "cannot listen on {addr} (server.listen): {e}; is another process using it?"
+                    "cannot listen on {addr} ({}): {e}; is another process using it?",
+                    config.listener_key(addr)
                 )),
             }
         }
@@ -174,14 +180,13 @@ impl Reloader {
             blocklist: shared.blocklist.clone(),
             tarpit_slots: shared.tarpit_slots.clone(),
             registry: shared.registry.clone(),
-            tls: shared.tls.clone(),
             drain: shared.drain.clone(),
             abort: shared.abort.clone(),
+            tls: shared.tls.clone(),
         };
-        for server in &config.upstream.servers {
+        for server in config.all_upstreams().flat_map(|u| &u.servers) {
             shared.metrics.declare_upstream(&server.to_string());
         }
-        let listen = config.server.listen.clone();
         self.live.store(Arc::new(Live {
             config: Arc::new(config),
             shared: Arc::new(next),
@@ -250,11 +255,35 @@ fn effective(running: &Config, mut loaded: Config) -> (Config, Vec<String>) {
         &r.limits.ipv6_prefix,
         &mut l.limits.ipv6_prefix,
     );
+    // The certificate files' contents reload on their own; which files,
+    // and the handshake limits, are wired into the TLS acceptor at start.
+    keep_running(&mut changed, "tls", &r.tls, &mut l.tls);
     keep_running(&mut changed, "blocklist", &r.blocklist, &mut l.blocklist);
     keep_running(&mut changed, "autoban", &r.autoban, &mut l.autoban);
     keep_running(&mut changed, "admin", &r.admin, &mut l.admin);
     keep_running(&mut changed, "log", &r.log, &mut l.log);
     (loaded, changed)
+}
+
+/// A listener that would terminate TLS without a certificate: possible
+/// after [`effective`] keeps a running `[tls]` that has none.
+fn terminating_without_certificate(config: &Config) -> Vec<String> {
+    if config.tls.certificate.is_some() && config.tls.key.is_some() {
+        return Vec::new();
+    }
+    config
+        .all_listeners()
+        .iter()
+        .filter(|l| matches!(l.tls, TlsMode::Starttls | TlsMode::Implicit))
+        .map(|l| {
+            format!(
+                "{} = \"{}\" terminates TLS, and the running config has no tls.certificate: \
+                 [tls] changes take effect at a restart, so restart mailmoat to add it",
+                config.listener_key(l.address),
+                l.address
+            )
+        })
+        .collect()
 }
 
 /// Puts the running value of a restart-only `key` back, noting it in
@@ -385,5 +414,30 @@ mod tests {
         assert_eq!(effective.server.hostname, "mx.example");
         assert_eq!(effective.limits.message_rate.amount, 1);
         assert_ne!(hash(&effective), hash(&running));
+    }
+
+    #[test]
+    fn tls_waits_for_a_restart_so_a_reload_cannot_add_a_listener_that_terminates_without_it() {
+        let running = config("");
+        let loaded = config(
+            "[[listener]]\naddress = \"127.0.0.1:2600\"\ntls = \"starttls\"\n\
+             [tls]\ncertificate = \"c.pem\"\nkey = \"k.pem\"\n\
+             [upstreams.submission]\nservers = [\"192.0.2.1:10587\"]\n",
+        );
+        let (effective, restart) = effective(&running, loaded);
+        assert_eq!(restart, ["tls"]);
+        assert_eq!(effective.tls.certificate, None);
+        // Listeners and named upstreams are taken from the file.
+        assert_eq!(effective.listeners.len(), 1);
+        assert!(effective.upstreams.contains_key("submission"));
+        assert_eq!(
+            terminating_without_certificate(&effective),
+            [
+                "listener[1].address = \"127.0.0.1:2600\" terminates TLS, and the running config \
+              has no tls.certificate: [tls] changes take effect at a restart, so restart \
+              mailmoat to add it"
+            ]
+        );
+        assert!(terminating_without_certificate(&running).is_empty());
     }
 }

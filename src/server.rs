@@ -31,16 +31,20 @@ use crate::metrics::Metrics;
 use crate::reload::{Live, Reloader, StartListener};
 use crate::state::Core;
 use crate::supervisor::{Supervisor, Task};
+use crate::tls::{self, Terminator};
 use crate::upstream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot listen on {addr} ({key}): {source}; is another process using it?")]
     Bind {
-        key: &'static str,
+        key: String,
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A configured certificate or key that does not load (`[tls]`).
+    #[error("[tls]: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 pub struct Server {
@@ -48,6 +52,8 @@ pub struct Server {
     listeners: Vec<TcpListener>,
     admin: Option<TcpListener>,
     metrics: Arc<Metrics>,
+    /// TLS termination; `None` without a certificate.
+    tls: Option<Arc<Terminator>>,
     budget: Budget,
     /// The file a reload re-reads (`run -c FILE`).
     reload_from: Option<PathBuf>,
@@ -57,20 +63,19 @@ impl Server {
     /// Binds every listener, so failures show before anything runs.
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let listeners = config
-            .server
-            .listen
+            .all_listeners()
             .iter()
-            .map(|&addr| {
-                listener::bind(addr).map_err(|source| ServerError::Bind {
-                    key: "server.listen",
-                    addr,
+            .map(|l| {
+                listener::bind(l.address).map_err(|source| ServerError::Bind {
+                    key: config.listener_key(l.address),
+                    addr: l.address,
                     source,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let admin = match config.admin.listen {
             Some(addr) => Some(listener::bind(addr).map_err(|source| ServerError::Bind {
-                key: "admin.listen",
+                key: "admin.listen".into(),
                 addr,
                 source,
             })?),
@@ -79,14 +84,16 @@ impl Server {
         let open_files = descriptors::soft_limit();
         descriptors::warn_if_short(config.server.max_connections, open_files);
         let metrics = Arc::new(Metrics::new());
-        for server in &config.upstream.servers {
+        for server in config.all_upstreams().flat_map(|u| &u.servers) {
             metrics.declare_upstream(&server.to_string());
         }
+        let tls = Terminator::from_settings(&config.tls, metrics.tls.clone())?.map(Arc::new);
         Ok(Server {
             config: Arc::new(config),
             listeners,
             admin,
             metrics,
+            tls,
             budget: Budget::under(open_files),
             reload_from: None,
         })
@@ -117,7 +124,7 @@ impl Server {
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let config = self.config;
-        let core = Core::build(&config, self.metrics.clone()).await;
+        let core = Core::build(&config, self.metrics.clone(), self.tls.clone()).await;
         let shared = core.sessions.clone();
         let tasks = Arc::new(Supervisor::new(self.metrics.registry()));
         let health = Arc::new(upstream::Health::default());
@@ -155,11 +162,11 @@ impl Server {
             })
         };
         let mut accepting = Vec::new();
-        for (&addr, l) in config.server.listen.iter().zip(self.listeners) {
+        for (settings, l) in config.all_listeners().into_iter().zip(self.listeners) {
             if let Ok(local) = l.local_addr() {
-                tracing::info!(addr = %local, "accepting SMTP clients");
+                tracing::info!(addr = %local, tls = ?settings.tls, "accepting SMTP clients");
             }
-            accepting.push((addr, start_listener(addr, l)));
+            accepting.push((settings.address, start_listener(settings.address, l)));
         }
         let reloader = Arc::new(Reloader::new(
             self.reload_from.clone(),
@@ -201,6 +208,14 @@ impl Server {
             tasks.spawn(Task::BlocklistFiles, stop_background.clone(), move || {
                 blocklist::files::watch(sources.clone(), files.clone())
             });
+        }
+        if let Some(tls) = &self.tls {
+            let certificates = tls.certificates().clone();
+            tasks.spawn(
+                Task::CertificateReload,
+                stop_background.clone(),
+                move || tls::reload::watch(certificates.clone()),
+            );
         }
         if let Some(api) = config.blocklist.api.clone() {
             let sources = core.sources.clone();

@@ -105,6 +105,25 @@ impl Shaping {
         }
     }
 
+    /// Shaping whose bans feed lists nobody reads: the SMTP module driven
+    /// alone, by unit tests and the fuzzer.
+    pub fn detached(config: &Config, metrics: &Arc<Metrics>) -> Shaping {
+        use crate::blocklist::sources::{SourceMetrics, Sources};
+        let sources = Sources::new(
+            Default::default(),
+            SourceMetrics::register(&prometheus::Registry::new()),
+            Box::new(|_| {}),
+        );
+        let bans = Bans::new(
+            config.autoban.clone(),
+            false,
+            1000,
+            sources.into(),
+            metrics.clone(),
+        );
+        Shaping::new(config, bans.into(), metrics.clone())
+    }
+
     /// The shaping of a reloaded `config`. Sessions opened before keep the
     /// `Shaping` they started with, so they finish under the old limits; a
     /// bucket whose quota did not change is shared, so a client's spent

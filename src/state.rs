@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::session::registry::Registry;
 use crate::session::{CloseReason, Shared};
 use crate::shaping::Shaping;
+use crate::tls::Terminator;
 
 pub struct Core {
     pub metrics: Arc<Metrics>,
@@ -37,8 +38,14 @@ pub struct Core {
 
 impl Core {
     /// Builds the shared state and loads the lists (files, API cache,
-    /// persisted bans) before the first client is accepted.
-    pub async fn build(config: &Arc<Config>, metrics: Arc<Metrics>) -> Core {
+    /// persisted bans) before the first client is accepted. `tls` was
+    /// built by `Server::bind`, where a certificate that fails to load
+    /// stops the start.
+    pub async fn build(
+        config: &Arc<Config>,
+        metrics: Arc<Metrics>,
+        tls: Option<Arc<Terminator>>,
+    ) -> Core {
         let live_lists = Arc::new(Blocklist::default());
         let registry = Arc::new(Registry::default());
         let sources = Arc::new(
@@ -69,10 +76,10 @@ impl Core {
             shaping: shaping.clone(),
             blocklist: live_lists.clone(),
             registry: registry.clone(),
-            tls: None,
             tarpit_slots: Arc::new(tokio::sync::Semaphore::new(config.blocklist.tarpit_max)),
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
+            tls,
         });
         Core {
             metrics,

@@ -38,10 +38,12 @@ pub enum Task {
     UpstreamCheck,
     /// Waits for SIGHUP and reloads the config.
     ConfigReload,
+    /// Reloads the TLS certificates when their files change and on SIGHUP.
+    CertificateReload,
 }
 
 impl Task {
-    pub const ALL: [Task; 8] = [
+    pub const ALL: [Task; 9] = [
         Task::SmtpAccept,
         Task::Admin,
         Task::BlocklistFiles,
@@ -50,6 +52,7 @@ impl Task {
         Task::StateSweep,
         Task::UpstreamCheck,
         Task::ConfigReload,
+        Task::CertificateReload,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +65,7 @@ impl Task {
             Task::StateSweep => "state_sweep",
             Task::UpstreamCheck => "upstream_check",
             Task::ConfigReload => "config_reload",
+            Task::CertificateReload => "certificate_reload",
         }
     }
 }

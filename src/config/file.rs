@@ -5,6 +5,7 @@
 //! at once: serde stops at the first, so each one found is recorded and its
 //! entry removed from the parsed document before deserializing again.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use serde::Deserialize;
@@ -21,7 +22,12 @@ pub type Scalar = toml::Value;
 #[serde(deny_unknown_fields, default)]
 pub struct FileConfig {
     pub server: ServerFile,
+    /// `[[listener]]`, each table with its span (its header's line).
+    pub listener: Vec<Spanned<ListenerFile>>,
+    pub tls: TlsFile,
     pub upstream: UpstreamFile,
+    /// `[upstreams.NAME]`, in name order.
+    pub upstreams: BTreeMap<String, UpstreamFile>,
     pub limits: LimitsFile,
     pub timeouts: TimeoutsFile,
     pub blocklist: BlocklistFile,
@@ -49,6 +55,39 @@ pub struct UpstreamFile {
     pub servers: Raw<Vec<String>>,
     pub connect_timeout: Raw<Scalar>,
     pub proxy_protocol: Raw<Scalar>,
+    pub tls: Raw<Scalar>,
+    pub ca_file: Raw<String>,
+    pub pin_sha256: Raw<String>,
+    pub server_name: Raw<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerFile {
+    pub address: Raw<String>,
+    pub protocol: Raw<Scalar>,
+    pub tls: Raw<Scalar>,
+    pub require_tls: Raw<bool>,
+    pub upstream: Raw<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsFile {
+    pub certificate: Raw<String>,
+    pub key: Raw<String>,
+    pub handshake_timeout: Raw<Scalar>,
+    pub max_handshakes: Raw<Scalar>,
+    pub sni: Vec<Spanned<SniFile>>,
+}
+
+/// One `[[tls.sni]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SniFile {
+    pub names: Raw<Vec<String>>,
+    pub certificate: Raw<String>,
+    pub key: Raw<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -190,6 +229,15 @@ fn count_entries(table: &DeTable<'_>) -> usize {
         .values()
         .map(|v| match v.get_ref() {
             DeValue::Table(t) => 1 + count_entries(t),
+            DeValue::Array(items) => {
+                1 + items
+                    .iter()
+                    .map(|item| match item.get_ref() {
+                        DeValue::Table(t) => count_entries(t),
+                        _ => 0,
+                    })
+                    .sum::<usize>()
+            }
             _ => 1,
         })
         .sum()
@@ -197,7 +245,9 @@ fn count_entries(table: &DeTable<'_>) -> usize {
 
 /// Removes the innermost `key = value` entry whose key or value holds
 /// `span`; returns its dotted path and the span of its key. Tables are
-/// searched whatever their own span (a `[header]` table spans its header).
+/// searched whatever their own span (a `[header]` table spans its header),
+/// and so are the tables of an array (`[[listener]]`), numbered from 1 as
+/// the validator names them (`listener[2].tls`).
 fn remove_entry_at(
     table: &mut DeTable<'_>,
     span: &Range<usize>,
@@ -207,10 +257,23 @@ fn remove_entry_at(
     let mut found = None;
     for (key, value) in table.iter_mut() {
         let path = format!("{prefix}{}", key.get_ref());
-        if let DeValue::Table(inner) = value.get_mut() {
-            if let Some(deeper) = remove_entry_at(inner, span, &format!("{path}.")) {
-                return Some(deeper);
+        match value.get_mut() {
+            DeValue::Table(inner) => {
+                if let Some(deeper) = remove_entry_at(inner, span, &format!("{path}.")) {
+                    return Some(deeper);
+                }
             }
+            DeValue::Array(items) => {
+                for (i, item) in items.iter_mut().enumerate() {
+                    if let DeValue::Table(inner) = item.get_mut() {
+                        let prefix = format!("{path}[{}].", i + 1);
+                        if let Some(deeper) = remove_entry_at(inner, span, &prefix) {
+                            return Some(deeper);
+                        }
+                    }
+                }
+            }
+            _ => {}
         }
         if holds(key.span()) || holds(value.span()) {
             found = Some((key.clone(), path, key.span()));

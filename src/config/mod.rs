@@ -14,8 +14,10 @@
 
 mod addr;
 mod file;
+mod listeners;
 pub mod units;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -44,12 +46,11 @@ pub struct Config {
     /// (see [`Config::all_listeners`]).
     #[serde(rename = "listener", skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<ListenerSettings>,
-    #[serde(skip)] // scaffold: until file.rs parses [tls]
     pub tls: TlsSettings,
     pub upstream: UpstreamSettings,
     /// `[upstreams.NAME]`: receivers a listener names with `upstream = "NAME"`.
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub upstreams: std::collections::BTreeMap<String, UpstreamSettings>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstreams: BTreeMap<String, UpstreamSettings>,
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub blocklist: BlocklistSettings,
@@ -82,18 +83,19 @@ pub struct UpstreamSettings {
     #[serde(serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
     pub proxy_protocol: ProxyProtocol,
-    #[serde(skip)] // scaffold: until file.rs parses upstream.tls
     pub tls: UpstreamTls,
+    // The optional keys print as "" when unset: a named upstream printed
+    // without one would inherit [upstream]'s when loaded back.
     /// CA certificates (PEM) that sign the receiver's certificate.
-    #[serde(skip)] // scaffold: until file.rs parses upstream.ca_file
+    #[serde(serialize_with = "ser_optional_path")]
     pub ca_file: Option<PathBuf>,
-    /// SHA-256 of the receiver's leaf certificate (DER), hex: accepted
-    /// whoever signed it.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// SHA-256 of the receiver's leaf certificate (DER), 64 lowercase hex
+    /// digits: accepted whoever signed it.
+    #[serde(serialize_with = "ser_optional_str")]
     pub pin_sha256: Option<String>,
     /// The name verified in the receiver's certificate and sent as SNI;
     /// none: the first server's host name.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "ser_optional_str")]
     pub server_name: Option<String>,
 }
 
@@ -160,6 +162,7 @@ pub struct TlsSettings {
     #[serde(serialize_with = "ser_duration")]
     pub handshake_timeout: Duration,
     /// Handshakes in flight at once, all listeners together.
+    #[serde(serialize_with = "ser_big_int")]
     pub max_handshakes: usize,
 }
 
@@ -345,6 +348,10 @@ fn ser_optional_path<S: serde::Serializer>(
     )
 }
 
+fn ser_optional_str<S: serde::Serializer>(text: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(text.as_deref().unwrap_or_default())
+}
+
 fn ser_optional_addr<S: serde::Serializer>(
     addr: &Option<SocketAddr>,
     s: S,
@@ -490,6 +497,22 @@ impl Config {
             .cloned()
     }
 
+    /// The key that asks for a listener on `address` (`server.listen` or
+    /// `listener[N].address`), for messages about it.
+    pub fn listener_key(&self, address: SocketAddr) -> String {
+        match self.listeners.iter().position(|l| l.address == address) {
+            Some(i) if !self.server.listen.contains(&address) => {
+                format!("listener[{}].address", i + 1)
+            }
+            _ => "server.listen".into(),
+        }
+    }
+
+    /// Every receiver: `[upstream]`, then each `[upstreams.NAME]`.
+    pub fn all_upstreams(&self) -> impl Iterator<Item = &UpstreamSettings> {
+        std::iter::once(&self.upstream).chain(self.upstreams.values())
+    }
+
     /// The receivers a listener relays to.
     pub fn upstream_for(&self, listener: &ListenerSettings) -> &UpstreamSettings {
         listener
@@ -520,14 +543,44 @@ impl Validator<'_> {
     fn config(&mut self, raw: FileConfig) -> Config {
         let ttl_span = raw.autoban.ttl.as_ref().map(|t| t.span());
         let s = raw.server;
-        let u = raw.upstream;
         let l = raw.limits;
         let t = raw.timeouts;
         let listen_span = s.listen.as_ref().map(Spanned::span);
-        let listen = self.addrs("server.listen", s.listen, &["127.0.0.1:2525"]);
-        let servers_span = u.servers.as_ref().map(Spanned::span);
-        let servers = self.upstreams(u.servers);
-        self.refuse_loops(&listen, listen_span, &servers, servers_span);
+        // With [[listener]] tables, server.listen adds to them, or nothing.
+        let has_listeners = !raw.listener.is_empty();
+        let default_listen: &[&str] = if has_listeners {
+            &[]
+        } else {
+            &["127.0.0.1:2525"]
+        };
+        let listen = self.addrs("server.listen", s.listen, default_listen, has_listeners);
+        let (upstream, written) = self.upstream("upstream", raw.upstream, None);
+        let mut upstreams = BTreeMap::new();
+        let mut named_servers = Vec::new();
+        for (name, table) in raw.upstreams {
+            let key = format!("upstreams.{name}");
+            let (settings, named) = self.upstream(&key, table, Some(&upstream));
+            if let Some(span) = named.servers {
+                named_servers.push((format!("{key}.servers"), settings.servers.clone(), span));
+            }
+            upstreams.insert(name, settings);
+        }
+        let tls = self.tls(raw.tls);
+        let (listeners, from_tables) = self.listeners(raw.listener, &tls, &upstreams);
+        let own: Vec<listeners::Own> = listen
+            .iter()
+            .map(|&addr| listeners::Own {
+                addr,
+                key: "server.listen".into(),
+                span: listen_span.clone(),
+            })
+            .chain(from_tables)
+            .collect();
+        self.refuse_duplicate_listeners(&own);
+        self.refuse_loops(&own, "upstream.servers", &upstream.servers, written.servers);
+        for (key, servers, span) in named_servers {
+            self.refuse_loops(&own, &key, &servers, Some(span));
+        }
         let config = Config {
             server: ServerSettings {
                 listen,
@@ -541,35 +594,10 @@ impl Validator<'_> {
                 max_tracked_ips: self.count("server.max_tracked_ips", s.max_tracked_ips, "1000000"),
                 state_sweep: self.at_least("server.state_sweep", s.state_sweep, "10s", MIN_PERIOD),
             },
-            upstream: UpstreamSettings {
-                servers,
-                connect_timeout: self.duration("upstream.connect_timeout", u.connect_timeout, "5s"),
-                proxy_protocol: self.parse(
-                    "upstream.proxy_protocol",
-                    u.proxy_protocol,
-                    "v2",
-                    |s| match s {
-                        "off" => Ok(ProxyProtocol::Off),
-                        "v1" => Ok(ProxyProtocol::V1),
-                        "v2" => Ok(ProxyProtocol::V2),
-                        _ => Err("expected \"off\", \"v1\" or \"v2\"".into()),
-                    },
-                ),
-                // Parsed from [upstream] by the listeners change (scaffold).
-                tls: UpstreamTls::None,
-                ca_file: None,
-                pin_sha256: None,
-                server_name: None,
-            },
-            listeners: Vec::new(),
-            upstreams: std::collections::BTreeMap::new(),
-            tls: TlsSettings {
-                certificate: None,
-                key: None,
-                sni: Vec::new(),
-                handshake_timeout: Duration::from_secs(10),
-                max_handshakes: 256,
-            },
+            listeners,
+            tls,
+            upstream,
+            upstreams,
             limits: Limits {
                 per_ip_connections: self.count(
                     "limits.per_ip_connections",
@@ -859,52 +887,23 @@ impl Validator<'_> {
     }
 
     /// The upstream servers, host names resolved now.
-    fn upstreams(&mut self, raw: Raw<Vec<String>>) -> Vec<UpstreamAddr> {
-        const KEY: &str = "upstream.servers";
+    fn upstream_addrs(&mut self, key: &str, raw: Raw<Vec<String>>) -> Vec<UpstreamAddr> {
         let Some(raw) = raw else {
             return vec![UpstreamAddr::from(SocketAddr::from(([127, 0, 0, 1], 25)))];
         };
         let span = raw.span();
         let written = raw.into_inner();
         if written.is_empty() {
-            self.problem(KEY, span.clone(), "needs at least one address");
+            self.problem(key, span.clone(), "needs at least one address");
         }
         let mut servers = Vec::new();
         for text in written {
             match addr::upstream(&text, self.resolve) {
                 Ok(addrs) => servers.extend(addrs),
-                Err(e) => self.problem(KEY, span.clone(), &format!("{text:?}: {e}")),
+                Err(e) => self.problem(key, span.clone(), &format!("{text:?}: {e}")),
             }
         }
         servers
-    }
-
-    /// An upstream that is one of our own listeners would have mailmoat
-    /// relay every client to itself until the caps refuse them all.
-    fn refuse_loops(
-        &mut self,
-        listen: &[SocketAddr],
-        listen_span: Option<Range<usize>>,
-        servers: &[UpstreamAddr],
-        servers_span: Option<Range<usize>>,
-    ) {
-        for server in servers {
-            let Some(own) = listen.iter().find(|l| addr::reaches(**l, server.addr)) else {
-                continue;
-            };
-            let listener = match &listen_span {
-                Some(span) => format!("server.listen = \"{own}\" (line {})", self.line(span)),
-                None => format!("the default server.listen = \"{own}\""),
-            };
-            let message = format!(
-                "{:?} ({}) is mailmoat's own listener, {listener}: clients would be relayed to mailmoat itself in a loop; point upstream.servers at the receiver (Postfix, Exim)",
-                server.name, server.addr
-            );
-            match &servers_span {
-                Some(span) => self.problem("upstream.servers", span.clone(), &message),
-                None => self.problem_at(None, format!("the default upstream.servers = {message}")),
-            }
-        }
     }
 
     fn nets(&mut self, key: &str, raw: Raw<Vec<String>>) -> Vec<IpNet> {
@@ -922,7 +921,14 @@ impl Validator<'_> {
         nets
     }
 
-    fn addrs(&mut self, key: &str, raw: Raw<Vec<String>>, default: &[&str]) -> Vec<SocketAddr> {
+    /// Addresses to listen on; an empty list only when `may_be_empty`.
+    fn addrs(
+        &mut self,
+        key: &str,
+        raw: Raw<Vec<String>>,
+        default: &[&str],
+        may_be_empty: bool,
+    ) -> Vec<SocketAddr> {
         let Some(raw) = raw else {
             return default
                 .iter()
@@ -931,8 +937,12 @@ impl Validator<'_> {
         };
         let span = raw.span();
         let written = raw.into_inner();
-        if written.is_empty() {
-            self.problem(key, span.clone(), "needs at least one address");
+        if written.is_empty() && !may_be_empty {
+            self.problem(
+                key,
+                span.clone(),
+                "needs at least one address (or a [[listener]] table)",
+            );
         }
         written
             .iter()
@@ -1167,7 +1177,8 @@ mod tests {
                  `max_tracked_ips`, `state_sweep`",
                 "m.toml:6: limits.max_message_size = \"0\": must be greater than zero",
                 "m.toml:7: nonsense: unknown key `nonsense`, expected one of `server`, \
-                 `upstream`, `limits`, `timeouts`, `blocklist`, `autoban`, `admin`, `log`",
+                 `listener`, `tls`, `upstream`, `upstreams`, `limits`, `timeouts`, \
+                 `blocklist`, `autoban`, `admin`, `log`",
                 "m.toml:10: timeouts.idle = \"3x\": unknown time unit \"x\", supported units: \
                  ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few \
                  variations); write a duration such as \"500ms\", \"30s\" or \"10m\"",
@@ -1231,10 +1242,42 @@ mod tests {
             shadow = true
             max_tracked_ips = 5000
             state_sweep = "1m"
+            [[listener]]
+            address = "0.0.0.0:587"
+            protocol = "smtp"
+            tls = "starttls"
+            require_tls = true
+            upstream = "submission"
+            [[listener]]
+            address = "[::]:465"
+            tls = "implicit"
+            [[listener]]
+            address = "127.0.0.1:2526"
+            tls = "passthrough"
+            [tls]
+            certificate = "/etc/mailmoat/mx.pem"
+            key = "/etc/mailmoat/mx.key"
+            handshake_timeout = "3s"
+            max_handshakes = 17
+            [[tls.sni]]
+            names = ["mail.example.org", "smtp.example.org"]
+            certificate = "/etc/mailmoat/org.pem"
+            key = "/etc/mailmoat/org.key"
             [upstream]
             servers = ["mx.test:10025", "192.0.2.9:25", "[2001:db8::25]:25"]
             connect_timeout = "1500ms"
             proxy_protocol = "v1"
+            tls = "starttls"
+            ca_file = "/etc/mailmoat/receiver-ca.pem"
+            pin_sha256 = "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89"
+            server_name = "mx.internal"
+            [upstreams.submission]
+            servers = ["192.0.2.9:10587"]
+            connect_timeout = "2s"
+            proxy_protocol = "off"
+            ca_file = "/etc/mailmoat/submission-ca.pem"
+            pin_sha256 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+            server_name = "submission.internal"
             [limits]
             per_ip_connections = 3
             per_prefix_connections = 7
@@ -1304,6 +1347,18 @@ mod tests {
             toml::Value::from(vec!["mx.test:10025", "192.0.2.9:25", "[2001:db8::25]:25"])
         );
         assert_eq!(table["admin"]["listen"], toml::Value::from(""));
+        assert_eq!(
+            config.upstream.pin_sha256.as_deref(),
+            Some("abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789")
+        );
+        assert_eq!(config.listeners.len(), 3);
+        assert_eq!(config.tls.sni.len(), 1);
+        let submission = &config.upstreams["submission"];
+        assert_eq!(submission.tls, UpstreamTls::Starttls, "inherited");
+        assert_eq!(
+            config.upstream_for(&config.listeners[0]).servers[0].name,
+            "192.0.2.9:10587"
+        );
         assert_round_trips(&config);
     }
 

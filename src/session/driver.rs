@@ -226,7 +226,8 @@ where
             Ok(facts) => {
                 self.ctx
                     .metrics
-                    .tls_session(self.ctx.tls_mode, facts.version);
+                    .tls
+                    .session(self.ctx.tls_mode, facts.version);
                 let now = Instant::now();
                 self.last_activity = now;
                 self.protocol.tls_started(&facts, now);

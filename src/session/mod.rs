@@ -453,7 +453,7 @@ async fn implicit_handshake<C: AsyncRead + AsyncWrite + Unpin>(
     };
     match handshake {
         Ok(facts) => {
-            shared.metrics.tls_session(TlsMode::Implicit, facts.version);
+            shared.metrics.tls.session(TlsMode::Implicit, facts.version);
             Ok(facts)
         }
         Err(e) => {

@@ -835,7 +835,7 @@ mod tests {
             let config =
                 Config::from_toml(toml, std::path::Path::new("test.toml")).expect("config");
             let metrics = Arc::new(Metrics::new());
-            let shaping = super::super::tests::detached_shaping(&config, &metrics);
+            let shaping = Shaping::detached(&config, &metrics);
             Fixture {
                 config,
                 metrics,

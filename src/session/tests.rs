@@ -26,24 +26,6 @@ struct Pipes {
     upstream: DuplexStream,
 }
 
-/// Shaping whose bans feed lists nobody reads.
-pub(super) fn detached_shaping(config: &Config, metrics: &std::sync::Arc<Metrics>) -> Shaping {
-    use crate::blocklist::sources::{SourceMetrics, Sources};
-    let sources = Sources::new(
-        Default::default(),
-        SourceMetrics::register(&prometheus::Registry::new()),
-        Box::new(|_| {}),
-    );
-    let bans = crate::bans::Bans::new(
-        config.autoban.clone(),
-        false,
-        1000,
-        sources.into(),
-        metrics.clone(),
-    );
-    Shaping::new(config, bans.into(), metrics.clone())
-}
-
 /// Runs a relay against `script`; returns why the relay ended and the
 /// protocol errors it counted.
 async fn relay_with<F>(script: impl FnOnce(Pipes) -> F) -> (CloseReason, u64)
@@ -65,7 +47,7 @@ where
 {
     let config = Config::from_toml(toml, std::path::Path::new("test.toml")).expect("config");
     let metrics = std::sync::Arc::new(Metrics::new());
-    let shaping = detached_shaping(&config, &metrics);
+    let shaping = Shaping::detached(&config, &metrics);
     let (drain, stop) = (CancellationToken::new(), Stop::default());
     let (client, client_end) = duplex(64 * 1024);
     let (upstream, upstream_end) = duplex(64 * 1024);

@@ -1,6 +1,23 @@
-//! TLS towards clients: what a handshake negotiated.
+//! TLS towards clients: certificates ([`certs`], [`store`], reloaded by
+//! [`reload`]), the bounded handshake ([`Terminator`]), and what a
+//! handshake negotiated ([`TlsFacts`]). [`generate`] makes certificates for
+//! tests, benches and the demo.
+
+pub mod certs;
+pub mod generate;
+pub mod reload;
+pub mod store;
+mod terminator;
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests;
 
 use rustls::{CommonState, ProtocolVersion};
+
+pub use certs::CertError;
+pub use store::CertStore;
+pub use terminator::{HandshakeError, Terminator, TlsError};
 
 /// The TLS versions mailmoat speaks; a closed set, so it can label metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,68 +62,5 @@ impl TlsFacts {
             cipher: suite.as_str().unwrap_or("unknown").to_owned(),
             sni: sni.map(str::to_owned),
         })
-    }
-}
-
-// ---- stand-in until the certificate store lands (lead's scaffold) ----
-
-use std::sync::Arc;
-use std::time::Duration;
-
-use tokio::io::{AsyncRead, AsyncWrite};
-
-/// Why a handshake did not finish.
-#[derive(Debug)]
-pub enum HandshakeError {
-    Busy,
-    TimedOut,
-    Failed(std::io::Error),
-}
-
-impl HandshakeError {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            HandshakeError::Busy => "busy",
-            HandshakeError::TimedOut => "timeout",
-            HandshakeError::Failed(_) => "failed",
-        }
-    }
-}
-
-impl std::fmt::Display for HandshakeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HandshakeError::Failed(e) => write!(f, "TLS handshake failed: {e}"),
-            other => write!(f, "TLS handshake {}", other.as_str()),
-        }
-    }
-}
-
-/// Terminates TLS for clients.
-pub struct Terminator {
-    pub acceptor: tokio_rustls::TlsAcceptor,
-    pub timeout: Duration,
-}
-
-impl Terminator {
-    pub fn new(config: Arc<rustls::ServerConfig>, timeout: Duration) -> Self {
-        Terminator {
-            acceptor: tokio_rustls::TlsAcceptor::from(config),
-            timeout,
-        }
-    }
-
-    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
-        &self,
-        stream: S,
-    ) -> Result<(tokio_rustls::server::TlsStream<S>, TlsFacts), HandshakeError> {
-        let tls = tokio::time::timeout(self.timeout, self.acceptor.accept(stream))
-            .await
-            .map_err(|_| HandshakeError::TimedOut)?
-            .map_err(HandshakeError::Failed)?;
-        let (_, conn) = tls.get_ref();
-        let facts = TlsFacts::of(conn, conn.server_name())
-            .ok_or_else(|| HandshakeError::Failed(std::io::Error::other("handshake incomplete")))?;
-        Ok((tls, facts))
     }
 }

@@ -50,9 +50,9 @@ fn shared(config: &Config) -> Shared {
         blocklist: lists,
         tarpit_slots: Arc::new(tokio::sync::Semaphore::new(1)),
         registry: Arc::new(Registry::default()),
-        tls: None,
         drain: Default::default(),
         abort: Default::default(),
+        tls: None,
         metrics,
     }
 }

@@ -15,11 +15,13 @@ use mailmoat::config::Config;
 use mailmoat::metrics::Metrics;
 use mailmoat::sink::{Sink, SinkOptions};
 use mailmoat::Server;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
+use tokio_rustls::client::TlsStream;
 
 /// Upper bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -153,9 +155,10 @@ pub async fn connect_from(ip: Ipv4Addr, addr: SocketAddr) -> TcpStream {
     stream
 }
 
-/// A raw SMTP client for attacks and exact-byte checks.
-pub struct Raw {
-    reader: BufReader<TcpStream>,
+/// A raw SMTP client for attacks and exact-byte checks, over TCP or, after
+/// [`Raw::starttls`], over TLS.
+pub struct Raw<S = TcpStream> {
+    reader: BufReader<S>,
     /// What has been read of a reply not yet complete, kept across a wait
     /// that ran out so no byte is lost.
     partial: Vec<u8>,
@@ -182,20 +185,83 @@ impl Raw {
 
     fn from_stream(stream: TcpStream) -> Raw {
         stream.set_nodelay(true).unwrap();
+        Raw::over(stream)
+    }
+
+    /// Sends STARTTLS, expects `220`, and handshakes trusting `roots`.
+    pub async fn starttls(
+        mut self,
+        roots: &[CertificateDer<'static>],
+    ) -> Raw<TlsStream<TcpStream>> {
+        self.send(b"STARTTLS\r\n").await;
+        self.expect("220 ").await;
+        assert!(self.reader.buffer().is_empty(), "bytes after the 220");
+        Raw::over(tls_handshake(self.reader.into_inner(), roots).await)
+    }
+}
+
+/// A TLS client config trusting exactly `roots` (ring, TLS 1.2 and 1.3).
+pub fn tls_client_config(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).expect("a usable root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// A client handshake for "localhost" over `stream`, within `WAIT`.
+pub async fn tls_handshake(
+    stream: TcpStream,
+    roots: &[CertificateDer<'static>],
+) -> TlsStream<TcpStream> {
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config(roots));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    timeout(WAIT, connector.connect(name, stream))
+        .await
+        .expect("handshake in time")
+        .expect("handshake")
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
+    pub fn over(stream: S) -> Raw<S> {
         Raw {
             reader: BufReader::new(stream),
             partial: Vec::new(),
         }
     }
 
+    /// The stream under the client, for what SMTP cannot say.
+    pub fn stream(&mut self) -> &mut S {
+        self.reader.get_mut()
+    }
+
+    /// The stream, once nothing read is left unconsumed.
+    pub fn into_stream(self) -> S {
+        assert!(self.reader.buffer().is_empty(), "unread bytes");
+        self.reader.into_inner()
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
-        self.reader.get_mut().write_all(bytes).await.expect("send");
+        let stream = self.reader.get_mut();
+        stream.write_all(bytes).await.expect("send");
+        stream.flush().await.expect("flush");
     }
 
     /// Sends `bytes` within `WAIT`; an error (say, the server reset the
     /// connection) is the caller's to judge.
     pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        timeout(WAIT, self.reader.get_mut().write_all(bytes))
+        let stream = self.reader.get_mut();
+        let write = async {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        };
+        timeout(WAIT, write)
             .await
             .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
     }
