@@ -453,36 +453,18 @@ struct Certificates {
 
 impl Certificates {
     fn generate(dir: &Path) -> Certificates {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        // KeyPair::generate is ECDSA P-256 with SHA-256.
-        let ca_key = KeyPair::generate().expect("CA key");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "mailmoat bench CA");
-        let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().expect("leaf key");
-        let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()]).expect("params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, SERVER_NAME);
-        let leaf = params.signed_by(&key, &issuer).expect("leaf certificate");
-
-        let write = |name: &str, text: &str| {
-            let path = dir.join(name);
-            std::fs::write(&path, text).expect("write a certificate file");
-            path
-        };
+        use rustls::pki_types::pem::PemObject;
+        let authority = mailmoat::tls::generate::Authority::new().expect("a CA");
+        let leaf = authority.issue(&[SERVER_NAME]).expect("a certificate");
+        let (cert, key) = leaf.write_in(dir, "bench").expect("write the certificate");
+        let combined = dir.join("combined.pem");
+        std::fs::write(&combined, format!("{}{}", leaf.cert_pem, leaf.key_pem))
+            .expect("write HAProxy's crt");
         Certificates {
-            ca: ca.der().clone(),
-            cert: write("cert.pem", &leaf.pem()),
-            key: write("key.pem", &key.serialize_pem()),
-            combined: write(
-                "combined.pem",
-                &format!("{}{}", leaf.pem(), key.serialize_pem()),
-            ),
+            ca: CertificateDer::from_pem_slice(authority.cert_pem().as_bytes()).expect("CA PEM"),
+            cert,
+            key,
+            combined,
         }
     }
 

@@ -210,25 +210,15 @@ struct DemoCertificate {
 
 impl DemoCertificate {
     fn generate(dir: &std::path::Path) -> anyhow::Result<DemoCertificate> {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "mailmoat demo CA");
-        let ca = ca_params.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate()?;
-        let leaf = CertificateParams::new(vec![TLS_NAME.to_string()])?.signed_by(&key, &issuer)?;
-        let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-        std::fs::write(&cert_path, leaf.pem()).context("writing the demo's certificate")?;
-        std::fs::write(&key_path, key.serialize_pem()).context("writing the demo's key")?;
-        Ok(DemoCertificate {
-            ca: ca.der().clone(),
-            cert: cert_path,
-            key: key_path,
-        })
+        use rustls::pki_types::pem::PemObject;
+        let authority = crate::tls::generate::Authority::new()?;
+        let (cert, key) = authority
+            .issue(&[TLS_NAME])?
+            .write_in(dir, "demo")
+            .context("writing the demo's certificate")?;
+        let ca = CertificateDer::from_pem_slice(authority.cert_pem().as_bytes())
+            .context("reading back the demo's CA")?;
+        Ok(DemoCertificate { ca, cert, key })
     }
 
     /// A client that trusts only the demo's CA.
