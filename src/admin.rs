@@ -235,7 +235,7 @@ async fn ready(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     match state.upstream.verdict(FIRST_CHECK_WAIT).await {
         Some(v) if v.ready => (StatusCode::OK, "ready\n".to_string()),
         Some(v) => {
-            let mut body = String::from("no upstream ready\n");
+            let mut body = format!("no upstream ready in: {}\n", v.unready.join(", "));
             for (server, problem) in &v.problems {
                 body.push_str(&format!("{server}: {problem}\n"));
             }
@@ -496,7 +496,8 @@ mod tests {
     async fn readyz_names_a_background_task_that_is_down() {
         let config = Arc::new(Config::default());
         let metrics = Arc::new(Metrics::new());
-        let core = Core::build(&config, metrics.clone(), None).await;
+        let upstreams = Arc::new(crate::upstream::Connector::new(&config).unwrap());
+        let core = Core::build(&config, metrics.clone(), None, upstreams).await;
         let tasks = Arc::new(Supervisor::new(metrics.registry()));
         let stop = CancellationToken::new();
         tasks.spawn(Task::BanMaintenance, stop.clone(), || async {

@@ -305,7 +305,6 @@ impl Metrics {
     }
 
     /// The receiver's answer at the end of DATA.
-
     pub fn message(&self, accepted: bool) {
         if accepted {
             self.messages_accepted.inc();

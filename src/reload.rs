@@ -172,6 +172,7 @@ impl Reloader {
             return Err(errors);
         }
 
+        let upstreams = crate::upstream::Connector::new(&config).map_err(|e| e.problems)?;
         let shared = &running.shared;
         let next = Shared {
             metrics: shared.metrics.clone(),
@@ -183,6 +184,7 @@ impl Reloader {
             drain: shared.drain.clone(),
             abort: shared.abort.clone(),
             tls: shared.tls.clone(),
+            upstreams: Arc::new(upstreams),
         };
         for server in config.all_upstreams().flat_map(|u| &u.servers) {
             shared.metrics.declare_upstream(&server.to_string());

@@ -45,6 +45,8 @@ pub enum ServerError {
     /// A configured certificate or key that does not load (`[tls]`).
     #[error("[tls]: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("{0}")]
+    Upstream(#[from] upstream::ConnectorError),
 }
 
 pub struct Server {
@@ -57,6 +59,7 @@ pub struct Server {
     budget: Budget,
     /// The file a reload re-reads (`run -c FILE`).
     reload_from: Option<PathBuf>,
+    upstreams: Arc<upstream::Connector>,
 }
 
 impl Server {
@@ -81,6 +84,7 @@ impl Server {
             })?),
             None => None,
         };
+        let upstreams = Arc::new(upstream::Connector::new(&config)?);
         let open_files = descriptors::soft_limit();
         descriptors::warn_if_short(config.server.max_connections, open_files);
         let metrics = Arc::new(Metrics::new());
@@ -96,6 +100,7 @@ impl Server {
             tls,
             budget: Budget::under(open_files),
             reload_from: None,
+            upstreams,
         })
     }
 
@@ -124,7 +129,13 @@ impl Server {
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let config = self.config;
-        let core = Core::build(&config, self.metrics.clone(), self.tls.clone()).await;
+        let core = Core::build(
+            &config,
+            self.metrics.clone(),
+            self.tls.clone(),
+            self.upstreams.clone(),
+        )
+        .await;
         let shared = core.sessions.clone();
         let tasks = Arc::new(Supervisor::new(self.metrics.registry()));
         let health = Arc::new(upstream::Health::default());
@@ -243,7 +254,7 @@ impl Server {
             tasks.spawn(Task::UpstreamCheck, stop_background.clone(), move || {
                 let live = live.clone();
                 upstream::check_loop(
-                    move || live.load().config.upstream.clone(),
+                    move || live.load().shared.upstreams.clone(),
                     metrics.clone(),
                     health.clone(),
                 )

@@ -1,6 +1,8 @@
 //! A small SMTP receiver that accepts everything: the demo's and the tests'
 //! stand-in for Postfix. It advertises what a real receiver does (PIPELINING,
-//! CHUNKING, AUTH, optionally STARTTLS), expects an inbound PROXY header
+//! CHUNKING, AUTH, optionally STARTTLS: real, with a certificate the test
+//! made, or an echo after `220` for the passthrough tests), expects an
+//! inbound PROXY header
 //! unless told not to (as Postfix with `smtpd_upstream_proxy_protocol =
 //! haproxy`, matching mailmoat's default), has a fixed number of slots like a
 //! busy MTA, and remembers what it received. A health check (PROXY `LOCAL`
@@ -16,6 +18,13 @@ use base64::Engine;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
+
+use crate::proxy_protocol::HeaderTls;
+
+/// The connection: plain, or TLS after STARTTLS.
+type SinkStream = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// Messages kept for inspection; older ones are dropped (counts stay exact).
 const KEEP_MESSAGES: usize = 1000;
@@ -33,6 +42,12 @@ pub struct SinkOptions {
     pub auth: Option<(String, String)>,
     /// Advertise STARTTLS; after `220` the sink echoes raw bytes back.
     pub starttls_echo: bool,
+    /// Advertise STARTTLS, handshake with this config, then serve SMTP
+    /// inside TLS (the client must EHLO again).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Offer and accept AUTH only inside TLS, as Postfix with
+    /// `smtpd_tls_auth_only = yes`.
+    pub auth_requires_tls: bool,
 }
 
 impl Default for SinkOptions {
@@ -42,7 +57,54 @@ impl Default for SinkOptions {
             proxy_protocol: true,
             auth: None,
             starttls_echo: false,
+            tls: None,
+            auth_requires_tls: false,
         }
+    }
+}
+
+/// A certificate for the sink's STARTTLS, made at test time: a CA and a
+/// leaf it signs for `names` (DNS names or IP addresses).
+pub struct SinkCertificate {
+    /// The CA, PEM: what `upstream.ca_file` names.
+    pub ca_pem: String,
+    /// The leaf, DER: what `upstream.pin_sha256` hashes.
+    pub leaf: rustls::pki_types::CertificateDer<'static>,
+    /// For [`SinkOptions::tls`].
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+impl SinkCertificate {
+    pub fn generate(names: &[&str]) -> Result<SinkCertificate, String> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let fail = |e: &dyn std::fmt::Display| format!("generating the sink's certificate: {e}");
+        let ca_key = KeyPair::generate().map_err(|e| fail(&e))?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail(&e))?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "mailmoat sink test CA");
+        let ca = ca_params.self_signed(&ca_key).map_err(|e| fail(&e))?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().map_err(|e| fail(&e))?;
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let leaf = CertificateParams::new(names)
+            .and_then(|p| p.signed_by(&key, &issuer))
+            .map_err(|e| fail(&e))?;
+        let private = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| fail(&e))?
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone(), ca.der().clone()], private)
+        .map_err(|e| fail(&e))?;
+        Ok(SinkCertificate {
+            ca_pem: ca.pem(),
+            leaf: leaf.der().clone(),
+            server_config: Arc::new(server_config),
+        })
     }
 }
 
@@ -55,6 +117,10 @@ pub struct Received {
     pub rcpt_to: Vec<String>,
     /// The message with dot-stuffing undone, without the end marker.
     pub data: Vec<u8>,
+    /// The message came inside TLS (after STARTTLS).
+    pub tls: bool,
+    /// The client's TLS as the PROXY v2 header told it, if it did.
+    pub proxy_tls: Option<HeaderTls>,
 }
 
 #[derive(Default)]
@@ -155,19 +221,19 @@ async fn connection(
     stats: &Stats,
 ) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
-    let client = if options.proxy_protocol {
+    let (client, proxy_tls) = if options.proxy_protocol {
         match read_proxy_header(&mut stream).await? {
-            Some(client) => client,
-            None => return session(stream, peer, false, options, stats).await,
+            (Some(client), tls) => (client, tls),
+            (None, _) => return session(stream, peer, None, false, options, stats).await,
         }
     } else {
-        peer
+        (peer, None)
     };
     stats.connections.fetch_add(1, Ordering::Relaxed);
     let active = stats.active.fetch_add(1, Ordering::SeqCst) + 1;
     stats.peak.fetch_max(active, Ordering::SeqCst);
     let busy = active > options.slots;
-    let result = session(stream, client, busy, options, stats).await;
+    let result = session(stream, client, proxy_tls, busy, options, stats).await;
     stats.active.fetch_sub(1, Ordering::SeqCst);
     result
 }
@@ -175,6 +241,7 @@ async fn connection(
 async fn session(
     mut stream: TcpStream,
     client: SocketAddr,
+    proxy_tls: Option<HeaderTls>,
     busy: bool,
     options: &SinkOptions,
     stats: &Stats,
@@ -186,9 +253,10 @@ async fn session(
             .await?;
         return Ok(());
     }
-    let (reader, mut writer) = stream.into_split();
-    let mut reader = BufReader::new(reader);
-    writer.write_all(b"220 sink.test ESMTP ready\r\n").await?;
+    // Reads and writes go through the one BufReader, which passes writes on.
+    let mut reader = BufReader::new(SinkStream::Left(stream));
+    let mut in_tls = false;
+    reader.write_all(b"220 sink.test ESMTP ready\r\n").await?;
 
     let mut helo = String::new();
     let mut mail_from: Option<String> = None;
@@ -205,12 +273,15 @@ async fn session(
         let reply: &[u8] = match verb.to_ascii_uppercase().as_str() {
             "EHLO" | "LHLO" => {
                 helo = args.to_string();
-                let mut ehlo = b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 209715200\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-AUTH PLAIN\r\n".to_vec();
-                if options.starttls_echo {
+                let mut ehlo = b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 209715200\r\n250-8BITMIME\r\n250-CHUNKING\r\n".to_vec();
+                if in_tls || !options.auth_requires_tls {
+                    ehlo.extend_from_slice(b"250-AUTH PLAIN\r\n");
+                }
+                if options.starttls_echo || (options.tls.is_some() && !in_tls) {
                     ehlo.extend_from_slice(b"250-STARTTLS\r\n");
                 }
                 ehlo.extend_from_slice(b"250 ENHANCEDSTATUSCODES\r\n");
-                writer.write_all(&ehlo).await?;
+                reader.write_all(&ehlo).await?;
                 continue;
             }
             "HELO" => {
@@ -229,7 +300,7 @@ async fn session(
             }
             "DATA" if rcpt_to.is_empty() => b"554 5.5.1 no valid recipients\r\n",
             "DATA" => {
-                writer
+                reader
                     .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     .await?;
                 let data = read_message(&mut reader).await?;
@@ -239,6 +310,8 @@ async fn session(
                     mail_from: mail_from.take().unwrap_or_default(),
                     rcpt_to: std::mem::take(&mut rcpt_to),
                     data,
+                    tls: in_tls,
+                    proxy_tls: proxy_tls.clone(),
                 };
                 stats.delivered.fetch_add(1, Ordering::Relaxed);
                 let mut kept = stats.messages.lock().expect("sink lock");
@@ -256,13 +329,17 @@ async fn session(
             }
             "NOOP" => b"250 2.0.0 Ok\r\n",
             "QUIT" => {
-                writer.write_all(b"221 2.0.0 Bye\r\n").await?;
+                reader.write_all(b"221 2.0.0 Bye\r\n").await?;
+                let _ = reader.shutdown().await;
                 return Ok(());
+            }
+            "AUTH" if options.auth_requires_tls && !in_tls => {
+                b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"
             }
             "AUTH" => {
                 let mut response = args.split_once(' ').map(|(_, r)| r.to_string());
                 if response.is_none() {
-                    writer.write_all(b"334 \r\n").await?;
+                    reader.write_all(b"334 \r\n").await?;
                     line.clear();
                     read_line(&mut reader, &mut line).await?;
                     response = Some(String::from_utf8_lossy(&line).trim_end().to_string());
@@ -274,23 +351,45 @@ async fn session(
                     b"535 5.7.8 Authentication credentials invalid\r\n"
                 }
             }
+            "STARTTLS" if in_tls => b"554 5.5.1 Error: TLS already active\r\n",
             "STARTTLS" if options.starttls_echo => {
-                writer
+                reader
                     .write_all(b"220 2.0.0 Ready to start TLS\r\n")
                     .await?;
-                let mut rest = reader.into_inner();
                 let mut buf = [0u8; 4096];
                 loop {
-                    let n = tokio::time::timeout(SINK_TIMEOUT, rest.read(&mut buf)).await??;
+                    let n = tokio::time::timeout(SINK_TIMEOUT, reader.read(&mut buf)).await??;
                     if n == 0 {
                         return Ok(());
                     }
-                    writer.write_all(&buf[..n]).await?;
+                    reader.write_all(&buf[..n]).await?;
                 }
+            }
+            "STARTTLS" if options.tls.is_some() => {
+                reader
+                    .write_all(b"220 2.0.0 Ready to start TLS\r\n")
+                    .await?;
+                // Bytes sent with STARTTLS were written in the clear
+                // (CVE-2011-0411): drop the connection, as Postfix does.
+                let (Some(config), true) = (&options.tls, reader.buffer().is_empty()) else {
+                    return Ok(());
+                };
+                let Either::Left(tcp) = reader.into_inner() else {
+                    return Ok(());
+                };
+                let accept = TlsAcceptor::from(config.clone()).accept(tcp);
+                let tls = tokio::time::timeout(SINK_TIMEOUT, accept).await??;
+                reader = BufReader::new(SinkStream::Right(Box::new(tls)));
+                in_tls = true;
+                // RFC 3207: everything learnt before TLS is forgotten.
+                helo.clear();
+                mail_from = None;
+                rcpt_to.clear();
+                continue;
             }
             _ => b"502 5.5.2 Error: command not recognized\r\n",
         };
-        writer.write_all(reply).await?;
+        reader.write_all(reply).await?;
     }
 }
 
@@ -340,16 +439,20 @@ async fn read_message<R: tokio::io::AsyncBufRead + Unpin>(
 }
 
 /// The client a PROXY header names, or `None` for a health check (v2
-/// `LOCAL`, v1 `UNKNOWN`).
-async fn read_proxy_header(stream: &mut TcpStream) -> std::io::Result<Option<SocketAddr>> {
+/// `LOCAL`, v1 `UNKNOWN`), and the client's TLS if the header says it.
+async fn read_proxy_header(
+    stream: &mut TcpStream,
+) -> std::io::Result<(Option<SocketAddr>, Option<HeaderTls>)> {
     use crate::proxy_protocol::{parse_inbound, Inbound, MAX_INBOUND_HEADER};
     let mut buf = Vec::with_capacity(MAX_INBOUND_HEADER);
     let mut byte = [0u8; 1];
     loop {
         if !buf.is_empty() {
             match parse_inbound(&buf) {
-                Inbound::Proxied { client, .. } => return Ok(Some(client)),
-                Inbound::Local { .. } => return Ok(None),
+                Inbound::Proxied { client, .. } => {
+                    return Ok((Some(client), crate::proxy_protocol::header_tls(&buf)))
+                }
+                Inbound::Local { .. } => return Ok((None, None)),
                 Inbound::Malformed(e) => {
                     return Err(std::io::Error::other(format!("bad PROXY header: {e}")))
                 }

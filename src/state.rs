@@ -38,13 +38,14 @@ pub struct Core {
 
 impl Core {
     /// Builds the shared state and loads the lists (files, API cache,
-    /// persisted bans) before the first client is accepted. `tls` was
-    /// built by `Server::bind`, where a certificate that fails to load
-    /// stops the start.
+    /// persisted bans) before the first client is accepted. `tls` and
+    /// `upstreams` were built by `Server::bind`, where a certificate or CA
+    /// file that fails to load stops the start.
     pub async fn build(
         config: &Arc<Config>,
         metrics: Arc<Metrics>,
         tls: Option<Arc<Terminator>>,
+        upstreams: Arc<crate::upstream::Connector>,
     ) -> Core {
         let live_lists = Arc::new(Blocklist::default());
         let registry = Arc::new(Registry::default());
@@ -80,6 +81,7 @@ impl Core {
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
             tls,
+            upstreams,
         });
         Core {
             metrics,

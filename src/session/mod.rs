@@ -44,9 +44,6 @@ use crate::tls::Terminator;
 use crate::upstream;
 use registry::Registry;
 
-/// The longest a session waits for the receiver to close its side.
-const UPSTREAM_LINGER: Duration = Duration::from_secs(2);
-
 /// What every session shares with the process.
 pub struct Shared {
     pub metrics: Arc<Metrics>,
@@ -64,6 +61,8 @@ pub struct Shared {
     pub drain: CancellationToken,
     /// Stop now (the shutdown grace ran out).
     pub abort: CancellationToken,
+    /// The receivers, with their TLS clients; rebuilt on reload.
+    pub upstreams: Arc<upstream::Connector>,
 }
 
 /// Who is talking to whom, fixed at accept.
@@ -368,17 +367,20 @@ where
             Err(reason) => return (reason, SessionFacts::default()),
         }
     }
-    let receivers = config.upstream_for(listener);
     match upstream::connect(
-        receivers,
+        shared.upstreams.for_listener(listener),
         peer.client,
         peer.local,
+        tls.as_ref(),
         config.timeouts.write,
         metrics,
     )
     .await
     {
-        Ok(mut upstream) => {
+        Ok(upstream::Connected {
+            stream: mut upstream,
+            greeting,
+        }) => {
             let registration = shared.registry.register(ip, &shared.abort);
             // A list swapped in since admission has not seen this session.
             let lists = shared.blocklist.load();
@@ -416,11 +418,11 @@ where
                 stop: &registration.stop,
                 session_deadline,
             };
-            let mut driver = Driver::new(client, &mut upstream, smtp, ctx, early, Vec::new());
+            let mut driver = Driver::new(client, &mut upstream, smtp, ctx, early, greeting);
             let reason = driver.run().await;
             let facts = driver.facts();
             drop(driver);
-            close_upstream(upstream).await;
+            upstream.close().await;
             (reason, facts)
         }
         Err(e) => {
@@ -463,23 +465,6 @@ async fn implicit_handshake<C: AsyncRead + AsyncWrite + Unpin>(
             Err(CloseReason::TlsFailed)
         }
     }
-}
-
-/// Closes the connection to the receiver and waits, briefly, for the
-/// receiver to close its side too. The session's permit is released only
-/// after this, so the caps bound the sessions the receiver holds, not just
-/// ours: without the wait, a capped client cut off (say by the line
-/// timeout) could be replaced by its next connection before the receiver
-/// had noticed the first one close, and a receiver with exactly enough
-/// slots for the caps would turn legitimate clients away.
-async fn close_upstream(mut upstream: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let linger = async {
-        let _ = upstream.shutdown().await;
-        let mut discard = [0u8; 512];
-        while let Ok(1..) = upstream.read(&mut discard).await {}
-    };
-    let _ = tokio::time::timeout(UPSTREAM_LINGER, linger).await;
 }
 
 /// Feeds a refusal to the ban counters: early talking and protocol abuse

@@ -161,6 +161,7 @@ async fn proxy_v2_signature_split_after_its_first_line_is_held_and_refused() {
         crate::config::ProxyProtocol::V2,
         "203.0.113.9:4000".parse().unwrap(),
         "192.0.2.25:25".parse().unwrap(),
+        None,
     );
     let (reason, errors) = relay_with(|mut p| async move {
         p.greet().await;

@@ -327,7 +327,7 @@ async fn proxy_header_from_an_untrusted_peer_is_refused() {
     let spoofed: SocketAddr = "1.2.3.4:1111".parse().unwrap();
     let headers = [
         b"PROXY TCP4 1.2.3.4 127.0.0.1 1111 25\r\n".to_vec(),
-        mailmoat::proxy_protocol::encode(ProxyProtocol::V2, spoofed, proxy.addr),
+        mailmoat::proxy_protocol::encode(ProxyProtocol::V2, spoofed, proxy.addr, None),
     ];
     for (n, header) in headers.iter().enumerate() {
         let mut raw = Raw::connect(Ipv4Addr::new(127, 0, 13, 1), proxy.addr).await;

@@ -101,8 +101,10 @@ pub async fn refusal(ip: Ipv4Addr, addr: SocketAddr) -> String {
 /// header says `client` is connecting.
 pub async fn proxied(version: ProxyProtocol, client: SocketAddr, addr: SocketAddr) -> Raw {
     let mut raw = Raw::connect(Ipv4Addr::LOCALHOST, addr).await;
-    raw.send(&mailmoat::proxy_protocol::encode(version, client, addr))
-        .await;
+    raw.send(&mailmoat::proxy_protocol::encode(
+        version, client, addr, None,
+    ))
+    .await;
     raw
 }
 

@@ -54,6 +54,7 @@ fn shared(config: &Config) -> Shared {
         abort: Default::default(),
         tls: None,
         metrics,
+        upstreams: Arc::new(mailmoat::upstream::Connector::new(config).unwrap()),
     }
 }
 
@@ -62,9 +63,9 @@ async fn untrusted_proxy_header_is_refused_at_the_door_before_any_receiver_conne
     let sink = sink().await;
     let spoofed: SocketAddr = "192.0.2.66:4000".parse().unwrap();
     let local: SocketAddr = "127.0.0.1:25".parse().unwrap();
-    let v2 = proxy_protocol::encode(ProxyProtocol::V2, spoofed, local);
+    let v2 = proxy_protocol::encode(ProxyProtocol::V2, spoofed, local, None);
     let headers = [
-        proxy_protocol::encode(ProxyProtocol::V1, spoofed, local),
+        proxy_protocol::encode(ProxyProtocol::V1, spoofed, local, None),
         v2.clone(),
         // Only the first segment of a v2 signature has arrived.
         v2[..2].to_vec(),
@@ -178,7 +179,7 @@ async fn trusted_proxy_own_address_is_never_banned() {
 /// A client behind the balancer, named by its PROXY header.
 async fn proxied_from_balancer(client: &str, addr: SocketAddr) -> Raw {
     let mut raw = Raw::connect(BALANCER, addr).await;
-    let header = proxy_protocol::encode(ProxyProtocol::V2, client.parse().unwrap(), addr);
+    let header = proxy_protocol::encode(ProxyProtocol::V2, client.parse().unwrap(), addr, None);
     raw.send(&header).await;
     raw
 }

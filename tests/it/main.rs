@@ -24,4 +24,6 @@ mod shaping;
 mod shutdown;
 mod supervision;
 mod timeouts;
+mod tls;
 mod upstream;
+mod upstream_tls;

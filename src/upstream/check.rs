@@ -1,86 +1,26 @@
-//! Connecting to the real receiver: servers in order, each within
-//! `connect_timeout`, then the optional PROXY header. Called only after the
-//! client was admitted and greeted, so refused clients never cost the
-//! receiver a connection.
-//!
-//! The receiver check ([`check_loop`]) makes sure the receiver agrees on the
-//! PROXY header, at start and every [`CHECK_INTERVAL`]: a mismatch costs
-//! every client either a long wait and `421` (receiver expects a header we
-//! do not send) or replies out of step (receiver takes our header for a
-//! command), and nothing else would show it. `/readyz` answers from the
+//! The receiver check ([`check_loop`]) makes sure each receiver a listener
+//! relays to agrees on the PROXY header and, with `tls = "starttls"`, offers
+//! STARTTLS with a certificate that verifies, at start and every
+//! [`CHECK_INTERVAL`]: a mismatch costs every client either a long wait and
+//! `421` (receiver expects a header we do not send), replies out of step
+//! (receiver takes our header for a command) or a `421` after a failed
+//! handshake, and nothing else would show it. `/readyz` answers from the
 //! latest check, so probes do not cost the receiver a connection each.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout, Instant};
 
-use std::sync::Arc;
-
+use super::starttls::{self, last_line, Replies, StarttlsError};
+use super::{Connector, Upstream};
 use crate::config::{ProxyProtocol, UpstreamSettings};
 use crate::metrics::Metrics;
 use crate::proxy_protocol;
-
-#[derive(Debug, thiserror::Error)]
-#[error("no upstream reachable (tried {tried}); last error: {last}")]
-pub struct UpstreamError {
-    tried: usize,
-    last: String,
-}
-
-/// Connects to the first upstream that answers, sending the PROXY header
-/// for `client` (who connected to our `local` address) when configured.
-pub async fn connect(
-    settings: &UpstreamSettings,
-    client: SocketAddr,
-    local: SocketAddr,
-    write_timeout: Duration,
-    metrics: &Metrics,
-) -> Result<TcpStream, UpstreamError> {
-    let mut last = String::from("no servers configured");
-    for server in &settings.servers {
-        match connect_one(settings, server.addr, client, local, write_timeout).await {
-            // `upstream_up` goes back to 1 only when the receiver check
-            // passes: a receiver that accepts TCP may still disagree on PROXY.
-            Ok(stream) => return Ok(stream),
-            Err(e) => {
-                tracing::warn!(upstream = %server, error = %e, "upstream connect failed");
-                metrics.upstream_result(&server.to_string(), false);
-                last = format!("{server}: {e}");
-            }
-        }
-    }
-    Err(UpstreamError {
-        tried: settings.servers.len(),
-        last,
-    })
-}
-
-async fn connect_one(
-    settings: &UpstreamSettings,
-    server: SocketAddr,
-    client: SocketAddr,
-    local: SocketAddr,
-    write_timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    let mut stream = timeout(settings.connect_timeout, TcpStream::connect(server))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
-    if settings.proxy_protocol != ProxyProtocol::Off {
-        let header = proxy_protocol::encode(settings.proxy_protocol, client, local);
-        timeout(write_timeout, stream.write_all(&header))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "PROXY header write timed out")
-            })??;
-    }
-    Ok(stream)
-}
 
 /// How often the receiver check runs (and so how often the receiver logs
 /// one short connection from mailmoat).
@@ -89,9 +29,6 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// `QUIT`. Postfix waits `smtpd_upstream_proxy_timeout` (5s) for a header
 /// it expects, greeting nobody meanwhile.
 pub const CHECK_REPLY_TIMEOUT: Duration = Duration::from_secs(3);
-/// Lines of one reply read before giving up on its end.
-const CHECK_MAX_LINES: usize = 64;
-const CHECK_MAX_LINE: u64 = 1024;
 
 /// What the receiver check found on one server.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +38,8 @@ pub enum Problem {
     ExpectsHeader,
     /// The receiver answered the header as a command.
     RejectsHeader(String),
+    /// STARTTLS not offered, or a certificate that does not verify.
+    Tls(String),
     /// Anything else that is not a working SMTP receiver.
     Broken(String),
 }
@@ -123,7 +62,7 @@ impl std::fmt::Display for Problem {
                  mailmoat relays to (master.cf), or set upstream.proxy_protocol = \"off\" \
                  (then Postfix sees every client as mailmoat's address)"
             ),
-            Problem::Broken(e) => write!(f, "{e}"),
+            Problem::Tls(e) | Problem::Broken(e) => write!(f, "{e}"),
         }
     }
 }
@@ -131,9 +70,13 @@ impl std::fmt::Display for Problem {
 /// The latest verdict of the receiver check, for `/readyz`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
-    /// Problems by server; ready while at least one server has none.
+    /// Problems by server (`ADDR (TABLE)`).
     pub problems: Vec<(String, Problem)>,
+    /// Ready while every upstream in use has a server without problems.
     pub ready: bool,
+    /// The upstream tables (`upstream`, `upstreams.NAME`) with no server
+    /// that passes.
+    pub unready: Vec<String>,
 }
 
 /// Holds the latest [`Verdict`]; `None` until the first check ends.
@@ -161,13 +104,13 @@ impl Health {
     }
 }
 
-/// Checks every server now and then every [`CHECK_INTERVAL`], publishing
-/// the verdict in `health` and `mailmoat_upstream_up`, and logging each
-/// server's problem once when it appears and once when it is gone.
-/// `current` gives the upstream settings in force now, so a reload that
-/// changes `[upstream]` is checked from the next tick on.
+/// Checks every server of every upstream in use now and then every
+/// [`CHECK_INTERVAL`], publishing the verdict in `health` and
+/// `mailmoat_upstream_up`, and logging each server's problem once when it
+/// appears and once when it is gone. `current` gives the upstreams in force
+/// now, so a reload that changes them is checked from the next tick on.
 pub async fn check_loop(
-    current: impl Fn() -> UpstreamSettings,
+    current: impl Fn() -> Arc<Connector>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 ) {
@@ -176,26 +119,42 @@ pub async fn check_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let settings = current();
-        known.retain(|name, _| settings.servers.iter().any(|s| s.to_string() == *name));
+        let connector = current();
+        let label = |upstream: &Upstream, server: &dyn std::fmt::Display| {
+            format!("{server} ({})", upstream.key)
+        };
+        known.retain(|name, _| {
+            connector
+                .in_use()
+                .iter()
+                .any(|u| u.settings.servers.iter().any(|s| label(u, s) == *name))
+        });
         let mut problems = Vec::new();
-        let mut ready = false;
-        for server in &settings.servers {
-            let name = server.to_string();
-            let found = check(&settings, server.addr).await.err();
-            metrics.upstream_result(&name, found.is_none());
-            let before = known.insert(name.clone(), found.clone());
-            if before.as_ref() != Some(&found) {
-                report(&name, before.flatten().as_ref(), found.as_ref());
+        let mut unready = Vec::new();
+        for upstream in connector.in_use() {
+            let mut ready = false;
+            for server in &upstream.settings.servers {
+                let name = label(upstream, server);
+                let found = check(upstream, server.addr).await.err();
+                metrics.upstream_result(&server.to_string(), found.is_none());
+                let before = known.insert(name.clone(), found.clone());
+                if before.as_ref() != Some(&found) {
+                    report(&name, before.flatten().as_ref(), found.as_ref());
+                }
+                match found {
+                    None => ready = true,
+                    Some(p) => problems.push((name, p)),
+                }
             }
-            match found {
-                None => ready = true,
-                Some(p) => problems.push((name, p)),
+            if !ready {
+                unready.push(upstream.key.clone());
             }
         }
-        health
-            .latest
-            .send_replace(Some(Verdict { problems, ready }));
+        health.latest.send_replace(Some(Verdict {
+            problems,
+            ready: unready.is_empty(),
+            unready,
+        }));
     }
 }
 
@@ -236,9 +195,11 @@ pub fn warn_if_clients_look_local(settings: &UpstreamSettings) {
 }
 
 /// The cheapest exchange the receiver logs least: the health-check PROXY
-/// header (v2 `LOCAL`, v1 `UNKNOWN`, none when off), the greeting, `QUIT`.
-pub async fn check(settings: &UpstreamSettings, server: SocketAddr) -> Result<(), Problem> {
-    let mut stream = timeout(settings.connect_timeout, TcpStream::connect(server))
+/// header (v2 `LOCAL`, v1 `UNKNOWN`, none when off), the greeting, with
+/// `tls = "starttls"` EHLO, STARTTLS and the handshake, then `QUIT`.
+pub async fn check(upstream: &Upstream, server: SocketAddr) -> Result<(), Problem> {
+    let settings = &upstream.settings;
+    let stream = timeout(settings.connect_timeout, TcpStream::connect(server))
         .await
         .map_err(|_| Problem::Unreachable("connect timed out".into()))?
         .map_err(|e| Problem::Unreachable(e.to_string()))?;
@@ -246,14 +207,12 @@ pub async fn check(settings: &UpstreamSettings, server: SocketAddr) -> Result<()
     let header = proxy_protocol::health_check(settings.proxy_protocol);
     let sent_header = !header.is_empty();
     let deadline = Instant::now() + CHECK_REPLY_TIMEOUT;
-    match timeout_at(deadline, stream.write_all(&header)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(Problem::Broken(format!("sending the PROXY header: {e}"))),
-        Err(_) => return Err(Problem::Broken("sending the PROXY header timed out".into())),
+    let mut replies = Replies::new(stream);
+    if let Err(e) = replies.send(&header, deadline).await {
+        return Err(Problem::Broken(format!("sending the PROXY header: {e}")));
     }
-    let mut reader = BufReader::new(stream);
-    let greeting = match read_reply(&mut reader, deadline).await {
-        Ok(Some(reply)) => reply,
+    let greeting = match replies.next(deadline).await {
+        Ok(Some(reply)) => last_line(&reply),
         // Silence, or a close without a word, is how a receiver waiting
         // for a header answers none; a reset or other error is not advice
         // about PROXY.
@@ -268,42 +227,45 @@ pub async fn check(settings: &UpstreamSettings, server: SocketAddr) -> Result<()
         return Err(Problem::Broken(format!("greeted with {greeting:?}")));
     }
     let deadline = Instant::now() + CHECK_REPLY_TIMEOUT;
-    match timeout_at(deadline, reader.get_mut().write_all(b"QUIT\r\n")).await {
-        Ok(Ok(())) => {}
-        _ => return Err(Problem::Broken("sending QUIT failed".into())),
+    match &upstream.tls {
+        None => quit(replies, sent_header, deadline).await,
+        Some(tls) => {
+            let stream = match starttls::upgrade(replies, tls, &upstream.hostname, deadline).await {
+                Ok(stream) => stream,
+                // As QUIT below: the header's lines were answered first.
+                Err(StarttlsError::Ehlo(reply)) if sent_header => {
+                    return Err(Problem::RejectsHeader(reply))
+                }
+                Err(e) => return Err(Problem::Tls(e.to_string())),
+            };
+            let deadline = Instant::now() + CHECK_REPLY_TIMEOUT;
+            quit(Replies::new(stream), false, deadline).await
+        }
+    }
+}
+
+async fn quit<S>(
+    mut replies: Replies<S>,
+    sent_header: bool,
+    deadline: Instant,
+) -> Result<(), Problem>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if replies.send(b"QUIT\r\n", deadline).await.is_err() {
+        return Err(Problem::Broken("sending QUIT failed".into()));
     }
     // A plain smtpd answers the header's lines (v2's signature ends in
     // `QUIT\n`, so it may say 221 itself, after its 500s) before our QUIT:
     // any first answer but 221 means it read the header as commands.
-    match read_reply(&mut reader, deadline).await {
-        Ok(Some(reply)) if reply.starts_with("221") => Ok(()),
-        Ok(Some(reply)) if sent_header => Err(Problem::RejectsHeader(reply)),
-        Ok(Some(reply)) => Err(Problem::Broken(format!("answered QUIT with {reply:?}"))),
+    match replies.next(deadline).await {
+        Ok(Some(reply)) if reply.code == 221 => Ok(()),
+        Ok(Some(reply)) if sent_header => Err(Problem::RejectsHeader(last_line(&reply))),
+        Ok(Some(reply)) => Err(Problem::Broken(format!(
+            "answered QUIT with {:?}",
+            last_line(&reply)
+        ))),
         Ok(None) => Err(Problem::Broken("closed without answering QUIT".into())),
         Err(e) => Err(Problem::Broken(format!("no answer to QUIT: {e}"))),
     }
-}
-
-/// One SMTP reply (its last line), `None` at end of stream, by `deadline`.
-async fn read_reply(
-    reader: &mut BufReader<TcpStream>,
-    deadline: Instant,
-) -> std::io::Result<Option<String>> {
-    let mut line = Vec::new();
-    for _ in 0..CHECK_MAX_LINES {
-        line.clear();
-        let mut limited = (&mut *reader).take(CHECK_MAX_LINE);
-        let n = timeout_at(deadline, limited.read_until(b'\n', &mut line))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))??;
-        if n == 0 {
-            return Ok(None);
-        }
-        let text = String::from_utf8_lossy(&line).trim_end().to_string();
-        // `250-` continues a reply; `250 ` or a bare code ends it.
-        if text.as_bytes().get(3) != Some(&b'-') {
-            return Ok(Some(text));
-        }
-    }
-    Err(std::io::Error::other("reply too long"))
 }

@@ -1,0 +1,241 @@
+//! Connecting to the real receiver: servers in order, each within
+//! `connect_timeout`, then the optional PROXY header, then, with
+//! `tls = "starttls"`, mailmoat's own STARTTLS ([`starttls`]). Called only
+//! after the client was admitted and greeted, so refused clients never cost
+//! the receiver a connection.
+//!
+//! A [`Connector`] holds every upstream table of one config, each with its
+//! rustls client built once (at start and at each reload), so a bad CA file
+//! is a config error and no client pays for parsing it. The receiver check
+//! ([`check_loop`]) is in `check.rs`.
+
+mod check;
+mod starttls;
+mod stream;
+pub mod verify;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+
+pub use check::{
+    check, check_loop, warn_if_clients_look_local, Health, Problem, Verdict, CHECK_INTERVAL,
+    CHECK_REPLY_TIMEOUT,
+};
+pub use starttls::{StarttlsError, TlsClient};
+pub use stream::{UpstreamStream, UPSTREAM_LINGER};
+
+use crate::config::{Config, ListenerSettings, ProxyProtocol, UpstreamSettings, UpstreamTls};
+use crate::metrics::Metrics;
+use crate::proxy_protocol;
+use crate::tls::TlsFacts;
+use starttls::Replies;
+
+#[derive(Debug, thiserror::Error)]
+#[error("no upstream reachable (tried {tried}); last error: {last}")]
+pub struct UpstreamError {
+    tried: usize,
+    last: String,
+}
+
+/// One upstream table, ready to connect.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The table in the file: `upstream` or `upstreams.NAME`.
+    pub key: String,
+    pub settings: UpstreamSettings,
+    /// The name mailmoat gives in its own EHLO (`server.hostname`).
+    hostname: String,
+    /// With `tls = "starttls"`.
+    tls: Option<TlsClient>,
+}
+
+impl Upstream {
+    pub fn new(key: &str, settings: &UpstreamSettings, hostname: &str) -> Result<Upstream, String> {
+        let tls = match settings.tls {
+            UpstreamTls::None => None,
+            UpstreamTls::Starttls => Some(TlsClient::new(settings, key)?),
+        };
+        Ok(Upstream {
+            key: key.to_string(),
+            settings: settings.clone(),
+            hostname: hostname.to_string(),
+            tls,
+        })
+    }
+}
+
+/// Every upstream of one config.
+#[derive(Debug)]
+pub struct Connector {
+    default: Arc<Upstream>,
+    named: BTreeMap<String, Arc<Upstream>>,
+    /// The upstreams some listener relays to, each once, `[upstream]`
+    /// first: what the receiver check checks.
+    in_use: Vec<Arc<Upstream>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConnectorError {
+    /// One line each, naming the key and file.
+    pub problems: Vec<String>,
+}
+
+impl Connector {
+    /// Builds every upstream of `config`, reporting every problem at once.
+    pub fn new(config: &Config) -> Result<Connector, ConnectorError> {
+        let hostname = &config.server.hostname;
+        let mut problems = Vec::new();
+        let mut build = |key: &str, settings: &UpstreamSettings| {
+            Upstream::new(key, settings, hostname)
+                .map(Arc::new)
+                .map_err(|e| problems.push(e))
+                .ok()
+        };
+        let default = build("upstream", &config.upstream);
+        let named: BTreeMap<String, Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .filter_map(|(name, s)| Some((name.clone(), build(&format!("upstreams.{name}"), s)?)))
+            .collect();
+        let Some(default) = default.filter(|_| problems.is_empty()) else {
+            return Err(ConnectorError { problems });
+        };
+        let mut in_use: Vec<Arc<Upstream>> = Vec::new();
+        for listener in config.all_listeners() {
+            let upstream = pick(&default, &named, &listener);
+            if !in_use.iter().any(|u| Arc::ptr_eq(u, upstream)) {
+                in_use.push(upstream.clone());
+            }
+        }
+        in_use.sort_by_key(|u| u.key != "upstream");
+        Ok(Connector {
+            default,
+            named,
+            in_use,
+        })
+    }
+
+    /// The upstream `listener` relays to.
+    pub fn for_listener(&self, listener: &ListenerSettings) -> &Arc<Upstream> {
+        pick(&self.default, &self.named, listener)
+    }
+
+    /// `[upstream]`.
+    pub fn default_upstream(&self) -> &Arc<Upstream> {
+        &self.default
+    }
+
+    /// The upstreams some listener relays to, each once.
+    pub fn in_use(&self) -> &[Arc<Upstream>] {
+        &self.in_use
+    }
+}
+
+fn pick<'a>(
+    default: &'a Arc<Upstream>,
+    named: &'a BTreeMap<String, Arc<Upstream>>,
+    listener: &ListenerSettings,
+) -> &'a Arc<Upstream> {
+    listener
+        .upstream
+        .as_ref()
+        .and_then(|name| named.get(name))
+        .unwrap_or(default)
+}
+
+/// A connection to the receiver, ready for the client's first command.
+#[derive(Debug)]
+pub struct Connected {
+    pub stream: UpstreamStream,
+    /// The receiver's greeting when mailmoat had to read it (STARTTLS);
+    /// the client must get it before anything else. Empty otherwise: the
+    /// greeting is still to be read from `stream`.
+    pub greeting: Vec<u8>,
+}
+
+/// Connects to the first server of `upstream` that answers, sending the
+/// PROXY header for `client` (who connected to our `local` address, over
+/// TLS when `tls` is given) when configured.
+pub async fn connect(
+    upstream: &Upstream,
+    client: SocketAddr,
+    local: SocketAddr,
+    tls: Option<&TlsFacts>,
+    write_timeout: Duration,
+    metrics: &Metrics,
+) -> Result<Connected, UpstreamError> {
+    let settings = &upstream.settings;
+    let mut last = String::from("no servers configured");
+    for server in &settings.servers {
+        let header = proxy_protocol::encode(settings.proxy_protocol, client, local, tls);
+        match connect_one(upstream, server.addr, &header, write_timeout).await {
+            // `upstream_up` goes back to 1 only when the receiver check
+            // passes: a receiver that accepts TCP may still disagree on PROXY.
+            Ok(connected) => return Ok(connected),
+            Err(e) => {
+                tracing::warn!(upstream = %server, error = %e, "upstream connect failed");
+                metrics.upstream_result(&server.to_string(), false);
+                last = format!("{server}: {e}");
+            }
+        }
+    }
+    Err(UpstreamError {
+        tried: settings.servers.len(),
+        last,
+    })
+}
+
+async fn connect_one(
+    upstream: &Upstream,
+    server: SocketAddr,
+    header: &[u8],
+    write_timeout: Duration,
+) -> Result<Connected, StarttlsError> {
+    let settings = &upstream.settings;
+    // With STARTTLS, connect_timeout bounds the whole exchange.
+    let deadline = Instant::now() + settings.connect_timeout;
+    let mut stream = tcp_connect(server, settings.connect_timeout).await?;
+    if settings.proxy_protocol != ProxyProtocol::Off {
+        timeout(write_timeout, stream.write_all(header))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "PROXY header write timed out")
+            })??;
+    }
+    let Some(tls) = &upstream.tls else {
+        return Ok(Connected {
+            stream: UpstreamStream::Plain(stream),
+            greeting: Vec::new(),
+        });
+    };
+    let mut replies = Replies::new(stream);
+    let greeting = replies.expect_reply(deadline).await?;
+    // A receiver that refuses at the greeting (busy, 421) gets nothing in
+    // the clear: the next server is tried, the client told to come back.
+    if greeting.code != 220 {
+        return Err(StarttlsError::Greeting(starttls::last_line(&greeting)));
+    }
+    let stream = starttls::upgrade(replies, tls, &upstream.hostname, deadline).await?;
+    Ok(Connected {
+        stream: UpstreamStream::Tls(Box::new(stream)),
+        greeting: greeting.raw,
+    })
+}
+
+async fn tcp_connect(server: SocketAddr, within: Duration) -> std::io::Result<TcpStream> {
+    let stream = timeout(within, TcpStream::connect(server))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests;
