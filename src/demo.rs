@@ -4,6 +4,9 @@
 //!
 //! Everything runs on 127.0.0.0/8 (all of it is local on Linux), each
 //! actor from its own addresses, every loop bounded by the demo's deadline.
+//! The listener terminates STARTTLS with a certificate made at start, and
+//! the AUTH brute force runs inside TLS, as it does on a real submission
+//! port: mailmoat still counts its failures and bans it.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -12,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout, Instant};
@@ -35,6 +39,8 @@ const BRUTE: Ipv4Addr = Ipv4Addr::new(127, 88, 0, 1);
 /// An IP with an open, idle session when the operators push their block.
 const PUSHED: Ipv4Addr = Ipv4Addr::new(127, 99, 0, 1);
 const IO: Duration = Duration::from_secs(5);
+/// The name in the demo's certificate, which the brute force verifies.
+const TLS_NAME: &str = "mx.demo.test";
 
 #[derive(Default)]
 struct Tally {
@@ -44,6 +50,8 @@ struct Tally {
     flood_refused: AtomicU64,
     trickle_opened: AtomicU64,
     brute_attempts: AtomicU64,
+    /// The brute force's sessions that completed a TLS handshake.
+    brute_tls_sessions: AtomicU64,
     brute_banned_after: AtomicU64,
     push_refused_ms: AtomicU64,
     push_killed_ms: AtomicU64,
@@ -60,6 +68,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).context("creating the demo's temp dir")?;
     let blocklist = dir.join("blocklist.txt");
     std::fs::write(&blocklist, "# pushed by the operators during the demo\n")?;
+    let certificate = DemoCertificate::generate(&dir)?;
+    let brute_tls = certificate.connector()?;
 
     let sink = Sink::start(
         "127.0.0.1:0".parse()?,
@@ -70,7 +80,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let config = demo_config(&blocklist, sink.addr(), &dir)?;
+    let config = demo_config(&blocklist, sink.addr(), &dir, &certificate)?;
     let server = Server::bind(config).await?;
     let proxy = server.listen_addrs()[0];
     let metrics = server.metrics();
@@ -83,7 +93,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         "mailmoat demo: proxy on {proxy} in front of a sink with 100 slots; {}s of traffic",
         options.duration.as_secs()
     );
-    println!("  legit sender {LEGIT}; {} trickling sockets from {TRICKLE_IPS} IPs (each reconnects when refused or cut); a flood from 4 IPs; AUTH brute force from {BRUTE}", TRICKLE_IPS as usize * TRICKLE_SOCKETS_PER_IP);
+    println!("  legit sender {LEGIT}; {} trickling sockets from {TRICKLE_IPS} IPs (each reconnects when refused or cut); a flood from 4 IPs; AUTH brute force from {BRUTE} inside STARTTLS (mailmoat terminates TLS with a certificate made at start)", TRICKLE_IPS as usize * TRICKLE_SOCKETS_PER_IP);
 
     let tally = Arc::new(Tally::default());
     let started = Instant::now();
@@ -103,7 +113,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     for ip in FLOOD_IPS {
         actors.spawn(flood(ip, proxy, tally.clone(), deadline));
     }
-    actors.spawn(brute_force(proxy, tally.clone(), deadline));
+    actors.spawn(brute_force(proxy, brute_tls, tally.clone(), deadline));
     actors.spawn(push_block(
         proxy,
         blocklist.clone(),
@@ -137,13 +147,20 @@ fn demo_config(
     blocklist: &std::path::Path,
     sink: SocketAddr,
     dir: &std::path::Path,
+    certificate: &DemoCertificate,
 ) -> anyhow::Result<Config> {
     let toml = format!(
         r#"
 [server]
-listen = ["127.0.0.1:0"]
+listen = []
 shutdown_grace = "5s"
 state_sweep = "1s"
+[[listener]]
+address = "127.0.0.1:0"
+tls = "starttls"
+[tls]
+certificate = "{cert}"
+key = "{key}"
 [upstream]
 servers = ["{sink}"]
 [limits]
@@ -169,6 +186,8 @@ level = "error"
 "#,
         blocklist = blocklist.display(),
         bans = dir.join("bans.txt").display(),
+        cert = certificate.cert.display(),
+        key = certificate.key.display(),
     );
     Ok(Config::from_toml(&toml, std::path::Path::new("<demo>"))?)
 }
@@ -181,8 +200,43 @@ async fn connect_from(ip: Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStre
     Ok(stream)
 }
 
+/// The demo's certificate: a CA the brute force trusts, and the leaf
+/// mailmoat presents, signed by it, in files under the demo's temp dir.
+struct DemoCertificate {
+    ca: CertificateDer<'static>,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl DemoCertificate {
+    fn generate(dir: &std::path::Path) -> anyhow::Result<DemoCertificate> {
+        use rustls::pki_types::pem::PemObject;
+        let authority = crate::tls::generate::Authority::new()?;
+        let (cert, key) = authority
+            .issue(&[TLS_NAME])?
+            .write_in(dir, "demo")
+            .context("writing the demo's certificate")?;
+        let ca = CertificateDer::from_pem_slice(authority.cert_pem().as_bytes())
+            .context("reading back the demo's CA")?;
+        Ok(DemoCertificate { ca, cert, key })
+    }
+
+    /// A client that trusts only the demo's CA.
+    fn connector(&self) -> anyhow::Result<tokio_rustls::TlsConnector> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone())?;
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    }
+}
+
 /// Reads one reply line (bounded); "" when the connection ended.
-async fn read_reply(stream: &mut TcpStream) -> String {
+async fn read_reply<S: AsyncRead + Unpin>(stream: &mut S) -> String {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while buf.len() < 512 {
@@ -286,9 +340,19 @@ async fn flood(ip: Ipv4Addr, proxy: SocketAddr, tally: Arc<Tally>, deadline: Ins
     }
 }
 
-/// AUTH brute force: wrong passwords until the proxy bans the IP.
-async fn brute_force(proxy: SocketAddr, tally: Arc<Tally>, deadline: Instant) {
+/// AUTH brute force inside TLS, as on a submission port: EHLO, STARTTLS,
+/// the handshake, EHLO again, then wrong passwords until the proxy bans
+/// the IP.
+async fn brute_force(
+    proxy: SocketAddr,
+    connector: tokio_rustls::TlsConnector,
+    tally: Arc<Tally>,
+    deadline: Instant,
+) {
     use base64::Engine;
+    let Ok(name) = ServerName::try_from(TLS_NAME) else {
+        return;
+    };
     let mut guess = 0u64;
     while Instant::now() < deadline {
         let Ok(mut stream) = connect_from(BRUTE, proxy).await else {
@@ -304,11 +368,24 @@ async fn brute_force(proxy: SocketAddr, tally: Arc<Tally>, deadline: Instant) {
         }
         let _ = stream.write_all(b"EHLO brute.example\r\n").await;
         let _ = read_reply(&mut stream).await;
+        let _ = stream.write_all(b"STARTTLS\r\n").await;
+        if !read_reply(&mut stream).await.starts_with("220") {
+            sleep(Duration::from_millis(300)).await;
+            continue;
+        }
+        let Ok(Ok(mut tls)) = timeout(IO, connector.connect(name.clone(), stream)).await else {
+            sleep(Duration::from_millis(300)).await;
+            continue;
+        };
+        tally.brute_tls_sessions.fetch_add(1, Ordering::Relaxed);
+        // RFC 3207: after the handshake the client starts over with EHLO.
+        let _ = tls.write_all(b"EHLO brute.example\r\n").await;
+        let _ = read_reply(&mut tls).await;
         for _ in 0..3 {
             guess += 1;
             let creds =
                 base64::engine::general_purpose::STANDARD.encode(format!("\0user\0guess{guess}"));
-            if stream
+            if tls
                 .write_all(format!("AUTH PLAIN {creds}\r\n").as_bytes())
                 .await
                 .is_err()
@@ -316,7 +393,7 @@ async fn brute_force(proxy: SocketAddr, tally: Arc<Tally>, deadline: Instant) {
                 break;
             }
             tally.brute_attempts.fetch_add(1, Ordering::Relaxed);
-            if !read_reply(&mut stream).await.starts_with("535") {
+            if !read_reply(&mut tls).await.starts_with("535") {
                 break;
             }
         }
@@ -484,10 +561,11 @@ fn report(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
     );
     let banned_after = tally.brute_banned_after.load(Ordering::Relaxed);
     println!(
-        "  AUTH brute force:  {} failures seen; {}",
+        "  AUTH brute force:  inside TLS ({} STARTTLS sessions, terminated by mailmoat): {} failures seen; {}",
+        tally.brute_tls_sessions.load(Ordering::Relaxed),
         value(metrics, "mailmoat_auth_failures_total"),
         if banned_after > 0 {
-            format!("banned after {banned_after} attempts, refused since")
+            format!("banned after {banned_after} attempts, refused since; the encryption hid nothing from mailmoat")
         } else {
             "not banned (raise the duration?)".into()
         }

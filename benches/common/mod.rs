@@ -404,7 +404,7 @@ impl Smtp {
 }
 
 /// The end and code of the first whole reply in `buf`, if complete.
-fn complete_reply(buf: &[u8]) -> Option<(usize, u16)> {
+pub fn complete_reply(buf: &[u8]) -> Option<(usize, u16)> {
     let mut start = 0;
     while let Some(i) = buf[start..].iter().position(|&b| b == b'\n') {
         let line = &buf[start..start + i + 1];
@@ -513,6 +513,45 @@ fn stat_ticks(path: &Path) -> Option<(u64, u64)> {
     // The command name may hold spaces; fields resume after its ')'.
     let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
     Some((fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?))
+}
+
+/// CPU used so far by the process `pid`: `total` sums its threads'
+/// `/proc/PID/task/*/schedstat` (nanoseconds; threads that exited are
+/// missing, a long-lived server's are not), the user/system split is
+/// `/proc/PID/stat`'s utime and stime (10 ms ticks, exited threads
+/// included). `None` once it is gone.
+pub fn process_cpu(pid: u32) -> Option<Cpu> {
+    let (user, system) = stat_ticks(Path::new(&format!("/proc/{pid}/stat")))?;
+    let mut ns = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        ns += std::fs::read_to_string(entry.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    if ns == 0 {
+        // No schedstat in this kernel: the ticks it is.
+        ns = (user + system) * TICK_NS;
+    }
+    Some(Cpu {
+        total: Duration::from_nanos(ns),
+        user: Duration::from_nanos(user * TICK_NS),
+        system: Duration::from_nanos(system * TICK_NS),
+    })
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, o: Cpu) -> Cpu {
+        Cpu {
+            total: self.total.saturating_sub(o.total),
+            user: self.user.saturating_sub(o.user),
+            system: self.system.saturating_sub(o.system),
+        }
+    }
 }
 
 /// Resident memory of `pid` ("self" for this process), in KiB.

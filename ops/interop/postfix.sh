@@ -6,7 +6,21 @@
 #
 # Passes when the client's message is accepted (250 after DATA) and Postfix
 # logged 127.0.0.2 -- not mailmoat's 127.0.0.1 -- as the client of that very
-# message. Run as root (it installs Debian's postfix and swaks when missing).
+# message.
+#
+# Then the same with TLS terminated by mailmoat on both sides:
+#
+#   swaks --tls (127.0.0.3) -> mailmoat [[listener]] tls = "starttls"
+#       -> upstream.tls = "starttls" (verified against a CA) + PROXY v2
+#       -> Postfix smtpd_tls_security_level = may
+#
+# Passes when two messages are delivered, Postfix logged 127.0.0.3 as their
+# client and a TLS connection (from mailmoat) for it, and the third message
+# inside TLS from 127.0.0.3 got mailmoat's 450 (message_burst = 2): the rate
+# limit holds where it used to see only ciphertext.
+#
+# Run as root (it installs Debian's postfix, swaks, Net::SSLeay for swaks's
+# TLS, and openssl when missing). Nothing is skipped: a missing piece fails.
 #
 # The Postfix instance is private: its own config, queue and data directories
 # under a temp dir, listening on a free loopback port, delivering to the
@@ -31,6 +45,9 @@ export PATH="$PATH:/usr/sbin:/sbin"
 missing=()
 [[ -x /usr/sbin/postfix ]] || missing+=(postfix)
 command -v swaks >/dev/null || missing+=(swaks)
+# swaks's --tls; Debian's swaks only recommends it.
+perl -MNet::SSLeay -e 1 2>/dev/null || missing+=(libnet-ssleay-perl)
+command -v openssl >/dev/null || missing+=(openssl)
 if ((${#missing[@]})); then
     say "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -47,6 +64,10 @@ getent passwd postfix >/dev/null && getent group postdrop >/dev/null || {
     exit 1
 }
 postfix_version=$(postconf -d -h mail_version)
+swaks --support 2>&1 | grep -q "^=== TLS supported" || {
+    echo "postfix-interop: FAIL: swaks has no TLS support: $(swaks --support 2>&1 | grep TLS)"
+    exit 1
+}
 say "Postfix $postfix_version, $(swaks --version 2>&1 | head -n1)"
 
 # --- build mailmoat -----------------------------------------------------------
@@ -63,6 +84,7 @@ mkdir -p "$pf" "$tmp/queue" "$tmp/data"
 chown postfix: "$tmp/data" # the queue stays root's; postfix-script fills it in
 : >"$tmp/maillog"
 mailmoat_pid=""
+mailmoat_tls_pid=""
 postfix_started=0
 passed=0
 
@@ -79,23 +101,27 @@ cleanup() {
             kill "$mpid"
         fi
     fi
-    if [[ -n $mailmoat_pid ]] && kill -0 "$mailmoat_pid" 2>/dev/null; then
-        kill -TERM "$mailmoat_pid"
-        for _ in $(seq 50); do kill -0 "$mailmoat_pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$mailmoat_pid" 2>/dev/null
-        wait "$mailmoat_pid" 2>/dev/null
-    fi
+    local pid
+    for pid in $mailmoat_pid $mailmoat_tls_pid; do
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid"
+            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            kill -KILL "$pid" 2>/dev/null
+            wait "$pid" 2>/dev/null
+        fi
+    done
     if ((passed)) && [[ -z ${KEEP:-} ]]; then
         rm -rf "$tmp"
     else
-        say "kept $tmp (maillog, mailmoat.log, swaks.log, configs)"
+        say "kept $tmp (maillog, mailmoat*.log, swaks*.log, configs, tls/)"
     fi
 }
 trap cleanup EXIT
 
 fail() {
     echo "postfix-interop: FAIL: $*"
-    for f in swaks.log mailmoat.log maillog; do
+    for f in swaks.log swaks-tls-1.log swaks-tls-2.log swaks-tls-3.log mailmoat.log \
+        mailmoat-tls.log maillog; do
         if [[ -s $tmp/$f ]]; then
             echo "----- $f (last 40 lines)"
             tail -n 40 "$tmp/$f"
@@ -127,8 +153,12 @@ free_port() {
 }
 pf_port=$(free_port) && taken+=("$pf_port")
 mm_port=$(free_port) && taken+=("$mm_port")
-admin_port=$(free_port)
-[[ -n $pf_port && -n $mm_port && -n $admin_port ]] || fail "no free loopback ports found"
+admin_port=$(free_port) && taken+=("$admin_port")
+pf_tls_port=$(free_port) && taken+=("$pf_tls_port")
+mm_tls_port=$(free_port) && taken+=("$mm_tls_port")
+admin_tls_port=$(free_port)
+[[ -n $pf_port && -n $mm_port && -n $admin_port && -n $pf_tls_port && -n $mm_tls_port &&
+    -n $admin_tls_port ]] || fail "no free loopback ports found"
 
 wait_for() { # wait_for WHAT COMMAND...: poll for up to $WAIT seconds
     local what=$1 deadline=$((SECONDS + WAIT))
@@ -138,6 +168,25 @@ wait_for() { # wait_for WHAT COMMAND...: poll for up to $WAIT seconds
         sleep 0.2
     done
 }
+
+# --- certificates: a CA, Postfix's and mailmoat's, ECDSA P-256 ------------------------
+tls="$tmp/tls"
+mkdir -p "$tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=mailmoat interop CA" -keyout "$tls/ca.key" -out "$tls/ca.pem" \
+    >"$tls/openssl.log" 2>&1 || fail "openssl (CA): $(cat "$tls/openssl.log")"
+issue() { # issue NAME FILE: a server certificate for NAME signed by the CA
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -subj "/CN=$1" -keyout "$tls/$2.key" -out "$tls/$2.csr" >"$tls/openssl.log" 2>&1 &&
+        printf 'subjectAltName=DNS:%s\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' \
+            "$1" >"$tls/$2.ext" &&
+        openssl x509 -req -in "$tls/$2.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
+            -CAcreateserial -days 2 -extfile "$tls/$2.ext" -out "$tls/$2.pem" \
+            >>"$tls/openssl.log" 2>&1 || fail "openssl ($1): $(cat "$tls/openssl.log")"
+    chmod 600 "$tls/$2.key"
+}
+issue mx.interop.test postfix
+issue moat.interop.test mailmoat
 
 # --- private Postfix ---------------------------------------------------------------
 cat >"$pf/main.cf" <<CF
@@ -175,6 +224,13 @@ cat >"$pf/master.cf" <<CF
 # service type  private unpriv  chroot  wakeup  maxproc command + args
 127.0.0.1:$pf_port inet n - n - - smtpd
   -o smtpd_upstream_proxy_protocol=haproxy
+127.0.0.1:$pf_tls_port inet n - n - - smtpd
+  -o smtpd_upstream_proxy_protocol=haproxy
+  -o smtpd_tls_security_level=may
+  -o smtpd_tls_cert_file=$tls/postfix.pem
+  -o smtpd_tls_key_file=$tls/postfix.key
+  -o smtpd_tls_loglevel=1
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -201,6 +257,7 @@ postfix_started=1
 timeout "$WAIT" postfix -c "$pf" start >"$tmp/postfix-start.log" 2>&1 ||
     fail "postfix start: $(cat "$tmp/postfix-start.log")"
 wait_for "Postfix to listen on $pf_port" listening "$pf_port"
+wait_for "Postfix to listen on $pf_tls_port" listening "$pf_tls_port"
 
 # --- mailmoat in front -----------------------------------------------------------
 cat >"$tmp/mailmoat.toml" <<TOML
@@ -269,11 +326,11 @@ fi
 
 # --- and what mailmoat counted -----------------------------------------------------------
 # GET /metrics from the admin listener (bash's /dev/tcp: no curl needed).
-scrape() {
+scrape() { # scrape [ADMIN_PORT]
     timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" &&
-        printf "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" >&3 && cat <&3' _ "$admin_port"
+        printf "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" >&3 && cat <&3' _ "${1:-$admin_port}"
 }
-metric() { scrape 2>/dev/null | grep -E "^$1\$" || true; }
+metric() { scrape "${2:-$admin_port}" 2>/dev/null | grep -E "^$1\$" || true; }
 # The receiver check agrees with this Postfix: /readyz is 200.
 readyz() {
     timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" &&
@@ -286,5 +343,111 @@ wait_for "mailmoat to count the accepted message" eval '[[ -n $(metric "mailmoat
 
 echo "--- Postfix log for $queue_id"
 grep -E "connect from [^ ]*\[127\.0\.0\.2\]|$queue_id" "$tmp/maillog"
+say "PASS: plaintext (Postfix $postfix_version logged 127.0.0.2 as the client of $queue_id)"
+
+# === TLS terminated by mailmoat, STARTTLS to Postfix ==================================
+cat >"$tmp/mailmoat-tls.toml" <<TOML
+[server]
+listen = []
+hostname = "moat.interop.test"
+shutdown_grace = "2s"
+
+# Clients' STARTTLS ends here: mailmoat reads (and shapes) the session.
+[[listener]]
+address = "127.0.0.1:$mm_tls_port"
+protocol = "smtp"
+tls = "starttls"
+
+[tls]
+certificate = "$tls/mailmoat.pem"
+key = "$tls/mailmoat.key"
+
+# And mailmoat's own STARTTLS to Postfix, verifying its certificate.
+[upstream]
+servers = ["127.0.0.1:$pf_tls_port"]
+connect_timeout = "5s"
+proxy_protocol = "v2"
+tls = "starttls"
+ca_file = "$tls/ca.pem"
+server_name = "mx.interop.test"
+
+[limits]
+message_rate = "2/hour"
+message_burst = 2
+
+[blocklist]
+files = []
+
+[admin]
+listen = "127.0.0.1:$admin_tls_port"
+TOML
+
+"$mailmoat" check-config -c "$tmp/mailmoat-tls.toml" >/dev/null 2>"$tmp/check-config.log" ||
+    fail "mailmoat check-config (TLS): $(cat "$tmp/check-config.log")"
+say "starting mailmoat on 127.0.0.1:$mm_tls_port (tls = starttls) -> 127.0.0.1:$pf_tls_port (upstream.tls = starttls, PROXY v2)"
+"$mailmoat" run -c "$tmp/mailmoat-tls.toml" >"$tmp/mailmoat-tls.log" 2>&1 &
+mailmoat_tls_pid=$!
+mailmoat_tls_up() {
+    kill -0 "$mailmoat_tls_pid" 2>/dev/null || fail "mailmoat (TLS) exited early"
+    listening "$mm_tls_port"
+}
+wait_for "mailmoat (TLS) to listen on $mm_tls_port" mailmoat_tls_up
+
+send_tls() { # send_tls N: message N from 127.0.0.3 with STARTTLS; swaks's exit code
+    local rc=0
+    timeout 60 swaks --server 127.0.0.1 --port "$mm_tls_port" --local-interface 127.0.0.3 \
+        --protocol ESMTP --tls --helo tls-client.example.org --timeout 20 \
+        --from sender@example.org --to user@interop.test \
+        --header "Subject: mailmoat TLS interop test $1" \
+        --body "Message $1, inside TLS terminated by mailmoat." \
+        >"$tmp/swaks-tls-$1.log" 2>&1 || rc=$?
+    return $rc
+}
+tls_ids=()
+for n in 1 2; do
+    say "sending message $n from 127.0.0.3 with swaks --tls"
+    rc=0
+    send_tls "$n" || rc=$?
+    ((rc == 0)) || fail "swaks --tls (message $n) exited with $rc"
+    grep -qE "^=== TLS started with cipher" "$tmp/swaks-tls-$n.log" ||
+        fail "swaks did not start TLS with mailmoat (message $n)"
+    id=$(sed -n 's/^<[-~] *250 .*queued as \([0-9A-Za-z]\{1,\}\).*/\1/p' "$tmp/swaks-tls-$n.log" | head -n1)
+    [[ -n $id ]] || fail "no '250 ... queued as' reply inside TLS (message $n)"
+    tls_ids+=("$id")
+    say "client got 250 inside TLS for queue id $id"
+done
+
+for id in "${tls_ids[@]}"; do
+    wait_for "Postfix to log 127.0.0.3 as the client of $id" in_log "postfix/smtpd\[[0-9]+\]: $id: client=[^ ]*\[127\.0\.0\.3\]"
+    wait_for "Postfix to deliver (discard) $id" in_log "$id: to=<user@interop.test>.* status=sent"
+done
+# smtpd_tls_loglevel = 1: "Anonymous TLS connection established from
+# unknown[127.0.0.3]: TLSv1.3 with cipher ...": TLS from mailmoat, and the
+# client address from the PROXY header.
+wait_for "Postfix to log a TLS connection for 127.0.0.3" in_log "postfix/smtpd\[[0-9]+\]: (Anonymous |Untrusted |Trusted |Verified )?TLS connection established from [^ ]*\[127\.0\.0\.3\]"
+if in_log "postfix/smtpd\[[0-9]+\]: [0-9A-Za-z]+: client=[^ ]*\[127\.0\.0\.1\]"; then
+    fail "Postfix took a message from mailmoat's own address 127.0.0.1 in the TLS scenario"
+fi
+
+say "sending message 3 from 127.0.0.3 with swaks --tls: mailmoat must refuse it (message_burst = 2)"
+rc=0
+send_tls 3 || rc=$?
+((rc != 0)) || fail "the third message inside TLS was accepted: message_rate not enforced inside TLS"
+grep -qE "^=== TLS started with cipher" "$tmp/swaks-tls-3.log" ||
+    fail "swaks did not start TLS with mailmoat (message 3): the refusal would not be inside TLS"
+# swaks marks a refusal "<** " in plaintext, "<~* " inside TLS.
+grep -qE "^<~\* +450 4\.7\.1 message rate limit exceeded" "$tmp/swaks-tls-3.log" ||
+    fail "the third message inside TLS did not get mailmoat's 450 (swaks exit $rc)"
+wait_for "mailmoat to count the message_rate refusal" eval \
+    '[[ -n $(metric "mailmoat_messages_refused_total\{limit=\"message_rate\"\} 1" "$admin_tls_port") ]]'
+wait_for "mailmoat to count 2 accepted messages" eval \
+    '[[ -n $(metric "mailmoat_messages_total\{result=\"accepted\"\} 2" "$admin_tls_port") ]]'
+delivered=$(grep -cE "postfix/smtpd\[[0-9]+\]: [0-9A-Za-z]+: client=[^ ]*\[127\.0\.0\.3\]" "$tmp/maillog" || true)
+((delivered == 2)) || fail "Postfix took $delivered messages from 127.0.0.3, expected 2"
+
+echo "--- Postfix log for 127.0.0.3 (TLS)"
+grep -E "\[127\.0\.0\.3\]|${tls_ids[0]}|${tls_ids[1]}" "$tmp/maillog"
+echo "--- swaks, message 3"
+grep -E "^(=== TLS started|<~\*)" "$tmp/swaks-tls-3.log"
 passed=1
-echo "postfix-interop: PASS (Postfix $postfix_version logged 127.0.0.2 as the client of $queue_id, relayed by mailmoat with PROXY v2)"
+echo "postfix-interop: PASS (Postfix $postfix_version logged 127.0.0.2 as the client of $queue_id, relayed by mailmoat with PROXY v2; with TLS terminated by mailmoat and STARTTLS to Postfix, ${tls_ids[*]} from 127.0.0.3 were delivered over TLS and the third message got 450 inside TLS)"
