@@ -91,7 +91,7 @@ pub async fn accept_loop(
                 // then its clients keep what it was.
                 let settings = config
                     .listener_at(configured)
-                    .unwrap_or_else(|| ListenerSettings::plain(configured));
+                    .unwrap_or_else(|| ListenerSettings::passthrough(configured));
                 tracker.spawn(async move {
                     handle(stream, addr, settings, config, shared).await;
                     drop(slot);

@@ -137,7 +137,7 @@ pub struct ListenerSettings {
 impl ListenerSettings {
     /// A `server.listen` entry: SMTP, the receiver's STARTTLS relayed
     /// unread, as before listeners had modes.
-    pub fn plain(address: SocketAddr) -> ListenerSettings {
+    pub fn passthrough(address: SocketAddr) -> ListenerSettings {
         ListenerSettings {
             address,
             protocol: Protocol::Smtp,
@@ -482,14 +482,14 @@ impl Config {
             .server
             .listen
             .iter()
-            .map(|&a| ListenerSettings::plain(a));
+            .map(|&a| ListenerSettings::passthrough(a));
         plain.chain(self.listeners.iter().cloned()).collect()
     }
 
     /// The listener configured at `address`, if any.
     pub fn listener_at(&self, address: SocketAddr) -> Option<ListenerSettings> {
         if self.server.listen.contains(&address) {
-            return Some(ListenerSettings::plain(address));
+            return Some(ListenerSettings::passthrough(address));
         }
         self.listeners
             .iter()

@@ -79,7 +79,7 @@ async fn untrusted_proxy_header_is_refused_at_the_door_before_any_receiver_conne
             let (ours, mut theirs) = tokio::io::duplex(4096);
             theirs.write_all(header).await.unwrap();
             let remote: SocketAddr = "127.0.20.1:4000".parse().unwrap();
-            let listener = ListenerSettings::plain(local);
+            let listener = ListenerSettings::passthrough(local);
             let serve = session::serve(ours, remote, local, &listener, config.clone(), &shared);
             let reason = timeout(WAIT, serve).await.expect("session ends");
             let mut said = Vec::new();
