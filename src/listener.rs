@@ -85,13 +85,15 @@ pub async fn accept_loop(
                     tracing::info!("accepting clients again");
                 }
                 let live = live.load();
+                // A reload that removed this listener stops the loop soon;
+                // a client accepted meanwhile is closed, never served under
+                // settings it was not configured with.
+                let Some(settings) = live.config.listener_at(configured) else {
+                    tracing::debug!(listener = %configured, "listener removed by a reload; closing a client it accepted");
+                    continue;
+                };
                 live.shared.metrics.connections.inc();
                 let (config, shared) = (live.config.clone(), live.shared.clone());
-                // A reload that removes this listener stops the loop; until
-                // then its clients keep what it was.
-                let settings = config
-                    .listener_at(configured)
-                    .unwrap_or_else(|| ListenerSettings::passthrough(configured));
                 tracker.spawn(async move {
                     handle(stream, addr, settings, config, shared).await;
                     drop(slot);

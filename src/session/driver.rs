@@ -221,26 +221,28 @@ where
             tracing::error!("STARTTLS accepted on a listener without certificates");
             return Err(CloseReason::TlsFailed);
         };
-        let handshake = tokio::select! {
-            done = self.client.start_tls(terminator) => done,
-            reason = self.ctx.stop.stopped() => return Err(reason),
-        };
-        match handshake {
+        if self.client_eof {
+            // Gone after asking: nothing to handshake with.
+            return Err(CloseReason::ClientClosed);
+        }
+        let (mode, metrics, stop) = (self.ctx.tls_mode, self.ctx.metrics, self.ctx.stop);
+        match self
+            .client
+            .start_tls(terminator, mode, metrics, stop.stopped())
+            .await
+        {
             Ok(facts) => {
-                self.ctx
-                    .metrics
-                    .tls
-                    .session(self.ctx.tls_mode, facts.version);
                 let now = Instant::now();
                 self.last_activity = now;
                 self.tls = Some(facts.version);
                 self.protocol.tls_started(&facts, now);
                 Ok(())
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "client TLS handshake failed");
-                self.protocol.tls_failed();
-                Err(CloseReason::TlsFailed)
+            Err(refused) => {
+                if refused.client_fault {
+                    self.protocol.tls_failed();
+                }
+                Err(refused.reason)
             }
         }
     }

@@ -353,6 +353,24 @@ where
         TlsMode::Starttls | TlsMode::Implicit => shared.tls.as_deref(),
         TlsMode::None | TlsMode::Passthrough => None,
     };
+    // Registered before any TLS work, so a ban reaches a client still
+    // handshaking or waiting for its receiver.
+    let registration = shared.registry.register(ip, &shared.abort);
+    // A list swapped in since admission has not seen this session.
+    let lists = shared.blocklist.load();
+    // Decided once, from the lists as the session starts, like the config
+    // snapshot: a list change mid-session does not lift or impose per-IP
+    // limits on a session already relaying.
+    let allowlisted = lists.is_allowed(ip);
+    // A proxy's health check passes a listed proxy address (see `admit`).
+    if config.blocklist.kill_on_block
+        && !peer.proxy_check
+        && !config.server.shadow
+        && lists.is_blocked(ip)
+        && !allowlisted
+    {
+        registration.stop.stop(CloseReason::Blocked);
+    }
     let mut tls = None;
     let implicit = listener.tls == TlsMode::Implicit;
     // On an implicit listener, what the door read starts the handshake.
@@ -363,41 +381,43 @@ where
     };
     let mut client = Transport::plain(client, unread);
     if implicit {
-        match implicit_handshake(&mut client, terminator, ip, shared).await {
+        let Some(terminator) = terminator else {
+            // Config validation requires a certificate for this mode.
+            tracing::error!(listener = %listener.address, "implicit-TLS listener without a loaded certificate; set tls.certificate and tls.key and restart");
+            return (CloseReason::TlsFailed, SessionFacts::default());
+        };
+        let stop = registration.stop.stopped();
+        match client
+            .start_tls(terminator, TlsMode::Implicit, metrics, stop)
+            .await
+        {
             Ok(facts) => tls = Some(facts),
-            Err(reason) => return (reason, SessionFacts::default()),
+            Err(refused) => {
+                if refused.client_fault {
+                    metrics.protocol_errors.inc();
+                    shared.shaping.event(ip, BanEvent::ProtocolError);
+                }
+                return (refused.reason, SessionFacts::default());
+            }
         }
     }
-    match upstream::connect(
+    let connect = upstream::connect(
         shared.upstreams.for_listener(listener),
         peer.client,
         peer.local,
         tls.as_ref(),
         config.timeouts.write,
         metrics,
-    )
-    .await
-    {
+    );
+    let connected = tokio::select! {
+        connected = connect => connected,
+        reason = registration.stop.stopped() => return (reason, SessionFacts::default()),
+    };
+    match connected {
         Ok(upstream::Connected {
             stream: mut upstream,
             greeting,
         }) => {
-            let registration = shared.registry.register(ip, &shared.abort);
-            // A list swapped in since admission has not seen this session.
-            let lists = shared.blocklist.load();
-            // Decided once, from the lists as the session starts, like the
-            // config snapshot: a list change mid-session does not lift or
-            // impose per-IP limits on a session already relaying.
-            let allowlisted = lists.is_allowed(ip);
-            // A proxy's health check passes a listed proxy address (see `admit`).
-            if config.blocklist.kill_on_block
-                && !peer.proxy_check
-                && !config.server.shadow
-                && lists.is_blocked(ip)
-                && !allowlisted
-            {
-                registration.stop.stop(CloseReason::Blocked);
-            }
             let implicit_version = tls.as_ref().map(|t| t.version);
             let smtp = Smtp::new(
                 SmtpContext {
@@ -436,36 +456,6 @@ where
             );
             write_refusal(&mut client, reply.as_bytes(), config.timeouts.write).await;
             (CloseReason::UpstreamError, SessionFacts::default())
-        }
-    }
-}
-
-/// The handshake of an implicit-TLS listener. A failed one is the client's
-/// protocol error, toward a ban: handshakes cost the proxy, not the client.
-async fn implicit_handshake<C: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut Transport<C>,
-    terminator: Option<&Terminator>,
-    ip: std::net::IpAddr,
-    shared: &Shared,
-) -> Result<crate::tls::TlsFacts, CloseReason> {
-    let Some(terminator) = terminator else {
-        tracing::error!("implicit-TLS listener without certificates");
-        return Err(CloseReason::TlsFailed);
-    };
-    let handshake = tokio::select! {
-        done = client.start_tls(terminator) => done,
-        () = shared.abort.cancelled() => return Err(CloseReason::Shutdown),
-    };
-    match handshake {
-        Ok(facts) => {
-            shared.metrics.tls.session(TlsMode::Implicit, facts.version);
-            Ok(facts)
-        }
-        Err(e) => {
-            tracing::debug!(client = %ip, error = %e, "client TLS handshake failed");
-            shared.metrics.protocol_errors.inc();
-            shared.shaping.event(ip, BanEvent::ProtocolError);
-            Err(CloseReason::TlsFailed)
         }
     }
 }

@@ -123,6 +123,8 @@ pub struct Smtp<'a> {
     replies: ReplyAssembler,
     /// Between an accepted MAIL and the end of its message or RSET.
     in_transaction: bool,
+    /// The receiver accepted an AUTH (`235`): its identity is settled.
+    authenticated: bool,
     quit_sent: bool,
     /// Skipping the rest of an over-long line.
     discarding_line: bool,
@@ -158,6 +160,7 @@ impl<'a> Smtp<'a> {
             pending: VecDeque::from([Pending::Upstream(Expect::Greeting)]),
             replies: ReplyAssembler::new(MAX_REPLY),
             in_transaction: false,
+            authenticated: false,
             quit_sent: false,
             discarding_line: false,
             closing: None,
@@ -268,8 +271,8 @@ impl<'a> Smtp<'a> {
             && proxy_protocol::sniff(&io.client_in) == Sniff::Undecided
     }
 
-    /// TLS is, or can no longer be, in force for this client: a terminating
-    /// listener's plaintext client is the one `require_tls` refuses.
+    /// MAIL and AUTH must wait for STARTTLS: the listener requires TLS and
+    /// this client has not started it.
     fn needs_tls_first(&self) -> bool {
         self.require_tls && self.tls.is_none()
     }
@@ -356,7 +359,10 @@ impl<'a> Smtp<'a> {
             Verb::Auth => Expect::Auth,
             Verb::StartTls => match self.tls_mode {
                 TlsMode::Passthrough => Expect::StartTls,
-                _ => return self.starttls(io),
+                _ => {
+                    let bare = crate::smtp::command::strip_line_ending(command.args).is_empty();
+                    return self.starttls(io, bare);
+                }
             },
             Verb::Quit => {
                 self.quit_sent = true;
@@ -378,10 +384,14 @@ impl<'a> Smtp<'a> {
     /// STARTTLS on a listener that terminates TLS (or offers none): the
     /// proxy answers it. Its `220` waits its turn behind earlier replies,
     /// and nothing more is read until the handshake.
-    fn starttls(&mut self, io: &mut Buffers) {
+    fn starttls(&mut self, io: &mut Buffers, bare: bool) {
         let refusal: &[u8] = match self.tls_mode {
             TlsMode::None | TlsMode::Passthrough => b"502 5.5.1 STARTTLS not offered here\r\n",
             _ if self.tls.is_some() => b"503 5.5.1 TLS already active\r\n",
+            _ if !bare => b"501 5.5.4 Syntax: STARTTLS\r\n",
+            // The receiver keeps an identity settled in the clear; RFC 3207
+            // would have it forgotten. Refused rather than carried into TLS.
+            _ if self.authenticated => b"503 5.5.1 already authenticated\r\n",
             // RFC 3207 drops a transaction's state; its receiver would not.
             _ if self.message.is_some() || self.in_transaction => {
                 b"503 5.5.1 MAIL transaction in progress\r\n"
@@ -561,6 +571,7 @@ impl<'a> Smtp<'a> {
                 self.phase = Phase::Command;
                 match reply.code {
                     334 => self.phase = Phase::SaslResponse,
+                    235 => self.authenticated = true,
                     535 => self.shaping.event(BanEvent::AuthFailure),
                     _ => {}
                 }
@@ -712,8 +723,9 @@ impl Protocol for Smtp<'_> {
 
     fn tls_started(&mut self, facts: &TlsFacts, _now: Instant) {
         // RFC 3207: the client starts over with EHLO, knowing nothing from
-        // before; the receiver's transaction state is already empty (the
-        // proxy refuses STARTTLS inside a transaction).
+        // before. The receiver forgets nothing, but there is nothing it
+        // could carry over: the proxy refuses STARTTLS inside a
+        // transaction and after AUTH, and the next EHLO resets the rest.
         self.tls = Some(facts.clone());
         self.phase = Phase::Command;
         self.helo = String::new();
@@ -991,6 +1003,30 @@ mod tests {
             s.client(b"MAIL FROM:<a@b.test>\r\n").0,
             "MAIL FROM:<a@b.test>\r\n"
         );
+    }
+
+    #[test]
+    fn starttls_after_a_successful_auth_is_refused() {
+        let f = Fixture::new("");
+        let mut s = Session::new(f.smtp(TlsMode::Starttls, false));
+        s.client(b"AUTH PLAIN AGFAYg==\r\n");
+        s.receiver(b"235 2.7.0 Authentication successful\r\n");
+        assert_eq!(
+            s.client(b"STARTTLS\r\n").1,
+            "503 5.5.1 already authenticated\r\n"
+        );
+        assert_eq!(s.smtp.next(), Next::Relay);
+    }
+
+    #[test]
+    fn starttls_with_an_argument_is_a_syntax_error() {
+        let f = Fixture::new("");
+        let mut s = Session::new(f.smtp(TlsMode::Starttls, false));
+        assert_eq!(
+            s.client(b"STARTTLS now\r\n").1,
+            "501 5.5.4 Syntax: STARTTLS\r\n"
+        );
+        assert_eq!(s.smtp.next(), Next::Relay);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The client's side of a session: plain TCP, or TLS upgraded in place.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -7,6 +8,9 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
 
+use super::CloseReason;
+use crate::config::TlsMode;
+use crate::metrics::Metrics;
 use crate::tls::{HandshakeError, Terminator, TlsFacts};
 
 /// A stream that first yields bytes already read from it (a TLS
@@ -52,6 +56,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
+/// Why a client's TLS did not start.
+#[derive(Debug)]
+pub struct TlsRefused {
+    pub reason: CloseReason,
+    /// The client's bytes broke the handshake: a protocol error of its own,
+    /// toward a ban.
+    pub client_fault: bool,
+}
+
 /// The client's stream as the driver reads and writes it.
 pub enum Transport<S> {
     Plain(Rewind<S>),
@@ -66,17 +79,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
         Transport::Plain(Rewind { unread, inner })
     }
 
-    /// Handshakes as the server and goes on as TLS. On failure the stream
-    /// is lost: the session ends.
-    pub async fn start_tls(&mut self, terminator: &Terminator) -> Result<TlsFacts, HandshakeError> {
+    /// Handshakes as the server (bounded by the terminator's deadline and
+    /// its handshakes in flight) and goes on as TLS, unless `stop` comes
+    /// first; counts the session by mode and version. On failure the
+    /// stream is lost: the session ends.
+    pub async fn start_tls(
+        &mut self,
+        terminator: &Terminator,
+        mode: TlsMode,
+        metrics: &Metrics,
+        stop: impl Future<Output = CloseReason>,
+    ) -> Result<TlsFacts, TlsRefused> {
         let Transport::Plain(plain) = std::mem::replace(self, Transport::Lost) else {
-            return Err(HandshakeError::Failed(io::Error::other(
-                "TLS already started",
-            )));
+            return Err(TlsRefused {
+                reason: CloseReason::TlsFailed,
+                client_fault: false,
+            });
         };
-        let (tls, facts) = terminator.accept(plain).await?;
-        *self = Transport::Tls(Box::new(tls));
-        Ok(facts)
+        let handshake = tokio::select! {
+            done = terminator.accept(plain) => done,
+            reason = stop => return Err(TlsRefused { reason, client_fault: false }),
+        };
+        match handshake {
+            Ok((tls, facts)) => {
+                *self = Transport::Tls(Box::new(tls));
+                metrics.tls.session(mode, facts.version);
+                Ok(facts)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "client TLS handshake failed");
+                Err(TlsRefused {
+                    reason: CloseReason::TlsFailed,
+                    // A full server, or a deadline spent waiting for a
+                    // slot, is not the client's doing: counting it toward
+                    // a ban would let an attacker who holds the slots get
+                    // honest senders banned.
+                    client_fault: matches!(e, HandshakeError::Failed(_)),
+                })
+            }
+        }
     }
 
     pub fn is_tls(&self) -> bool {

@@ -170,8 +170,10 @@ impl Reply {
 
 fn names_extension(line: &[u8], keyword: &str) -> bool {
     let text = line.get(4..).unwrap_or_default();
+    // `AUTH=PLAIN LOGIN` is the old-client spelling of AUTH (Postfix's
+    // broken_sasl_auth_clients): the keyword ends at `=` too.
     let word = text
-        .split(|&b| b == b' ' || b == b'\r' || b == b'\n')
+        .split(|&b| matches!(b, b' ' | b'=' | b'\r' | b'\n'))
         .next()
         .unwrap_or_default();
     word.eq_ignore_ascii_case(keyword.as_bytes())
@@ -180,6 +182,15 @@ fn names_extension(line: &[u8], keyword: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hiding_auth_also_hides_its_old_equals_spelling() {
+        let reply = assemble(
+            b"250-mx.test\r\n250-AUTH PLAIN LOGIN\r\n250-AUTH=PLAIN LOGIN\r\n250 8BITMIME\r\n",
+        );
+        let hidden = reply[0].without_extensions(&["AUTH"]);
+        assert_eq!(hidden.raw, b"250-mx.test\r\n250 8BITMIME\r\n");
+    }
 
     fn assemble(text: &[u8]) -> Vec<Reply> {
         let mut a = ReplyAssembler::new(4096);
