@@ -106,7 +106,11 @@ fn main() {
     let mut handshakes = [Totals::default(); 3];
     let mut bulk = [Totals::default(); 3];
     let mut ciphers: [String; 3] = Default::default();
-    for round in 0..rounds {
+    // `cargo bench --bench tls -- bulk` (or `-- handshake`) runs one part,
+    // e.g. to profile it alone.
+    let run_handshakes = common::selected("tls", &["handshake"]);
+    let run_bulk = common::selected("tls", &["bulk"]);
+    for round in (0..rounds).filter(|_| run_handshakes) {
         for path in (0..3).map(|k| (round + k) % 3) {
             let Some(process) = paths[path] else { continue };
             let first = round * handshakes_per_round;
@@ -119,7 +123,7 @@ fn main() {
             ciphers[path] = cipher;
         }
     }
-    for round in 0..rounds {
+    for round in (0..rounds).filter(|_| run_bulk) {
         for path in (0..3).map(|k| (round + k) % 3) {
             let Some(process) = paths[path] else { continue };
             let totals = client_rt.block_on(bulk_round(
@@ -145,12 +149,16 @@ fn main() {
         None => println!("  HAProxy: not installed (apt install haproxy): its column is skipped"),
     }
     for (path, cipher) in ciphers.iter().enumerate() {
-        if paths[path].is_some() {
+        if paths[path].is_some() && !cipher.is_empty() {
             println!("    {:<24} negotiated {cipher}", NAMES[path]);
         }
     }
-    report_handshakes(&handshakes, &paths);
-    report_bulk(message_size, &bulk, &paths);
+    if run_handshakes {
+        report_handshakes(&handshakes, &paths);
+    }
+    if run_bulk {
+        report_bulk(message_size, &bulk, &paths);
+    }
 
     drop(mailmoat);
     drop(haproxy);

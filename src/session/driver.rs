@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::io::{read_into, write_all_within, WriteError};
+use super::io::{read_bulk_into, read_into, write_all_within, WriteError, BULK_READ, READ_CHUNK};
 use super::protocol::{Buffers, Farewell, Next, Protocol, SessionFacts};
 use super::registry::Stop;
 use super::transport::Transport;
@@ -63,6 +63,8 @@ pub struct Driver<'a, C, U, P> {
     bytes_from_client: u64,
     bytes_to_client: u64,
     tls: Option<TlsVersion>,
+    /// A client read error that came after bytes, for the next read.
+    client_error: Option<std::io::Error>,
 }
 
 impl<'a, C, U, P> Driver<'a, C, U, P>
@@ -99,6 +101,7 @@ where
             bytes_from_client: 0,
             bytes_to_client: 0,
             tls: None,
+            client_error: None,
         }
     }
 
@@ -162,8 +165,13 @@ where
 
         let read_client = !self.client_eof && self.protocol.wants_client_bytes();
         let (deadline, expiry) = self.next_deadline();
+        let max = if self.protocol.mid_message() {
+            BULK_READ
+        } else {
+            READ_CHUNK
+        };
         tokio::select! {
-            read = read_into(&mut self.client, &mut self.io.client_in), if read_client => {
+            read = read_bulk_into(&mut self.client, &mut self.io.client_in, max, &mut self.client_error), if read_client => {
                 match read {
                     Ok(0) => self.client_eof = true,
                     Ok(n) => {

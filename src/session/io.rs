@@ -2,35 +2,100 @@
 //!
 //! An idle session must cost almost nothing (SPEC: 3 KiB waiting for its
 //! greeting, 16 KiB relayed), so no read buffer lives in the session between
-//! reads: each read lands in a stack buffer for the length of one poll and
-//! only the bytes that arrived are copied to the heap, and a buffer that has
-//! been consumed is freed.
+//! reads: each read lands straight in the spare capacity of the session's
+//! buffer (no zeroing, no copy), which is trimmed to the bytes that arrived
+//! before the read returns, and a buffer that has been consumed is freed.
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::io::poll_read_buf;
 
-/// Bytes per read; lives on the stack only while a read is polled.
-const READ_CHUNK: usize = 16 * 1024;
+/// Bytes per read outside a message.
+pub const READ_CHUNK: usize = 16 * 1024;
+/// Bytes per read while a message streams: fewer, larger writes to the
+/// receiver, so fewer wakeups on both sides.
+pub const BULK_READ: usize = 64 * 1024;
 
-/// Reads what is available into `buf`; `Ok(0)` is end of stream.
-/// Cancel-safe: nothing is consumed unless it is appended.
+/// Reads what is available into `buf` (one read, up to 16 KiB); `Ok(0)` is
+/// end of stream. Cancel-safe: nothing is consumed unless it is appended.
 pub async fn read_into<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
 ) -> io::Result<usize> {
+    let mut reader = Pin::new(reader);
     poll_fn(|cx| {
-        let mut chunk = [0u8; READ_CHUNK];
-        let mut read_buf = ReadBuf::new(&mut chunk);
-        ready!(Pin::new(&mut *reader).poll_read(cx, &mut read_buf))?;
-        buf.extend_from_slice(read_buf.filled());
-        Poll::Ready(Ok(read_buf.filled().len()))
+        buf.reserve_exact(READ_CHUNK);
+        let read = poll_read_buf(reader.as_mut(), cx, buf);
+        fit(buf);
+        read
     })
     .await
+}
+
+/// Reads what is available into `buf`, up to `max` bytes in as many reads
+/// as are ready without waiting (a TLS stream yields one record per read);
+/// `Ok(0)` is end of stream. An error that follows bytes is kept in
+/// `deferred` and returned by the next call, so the bytes before it are
+/// handled first, as with one read at a time. Cancel-safe, like
+/// [`read_into`].
+pub async fn read_bulk_into<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+    deferred: &mut Option<io::Error>,
+) -> io::Result<usize> {
+    if let Some(e) = deferred.take() {
+        return Err(e);
+    }
+    let mut reader = Pin::new(reader);
+    poll_fn(|cx| {
+        let start = buf.len();
+        buf.reserve_exact(max);
+        let read = read_ready(reader.as_mut(), cx, buf, start + max, deferred);
+        fit(buf);
+        read
+    })
+    .await
+}
+
+fn read_ready<R: AsyncRead>(
+    mut reader: Pin<&mut R>,
+    cx: &mut Context<'_>,
+    buf: &mut Vec<u8>,
+    limit: usize,
+    deferred: &mut Option<io::Error>,
+) -> Poll<io::Result<usize>> {
+    let mut total = 0;
+    // Within the capacity reserved: past it, `Vec` as a `BufMut` grows.
+    while buf.len() < limit.min(buf.capacity()) {
+        match poll_read_buf(reader.as_mut(), cx, buf) {
+            Poll::Ready(Ok(0)) => break,
+            Poll::Ready(Ok(n)) => total += n,
+            Poll::Ready(Err(e)) if total == 0 => return Poll::Ready(Err(e)),
+            Poll::Ready(Err(e)) => {
+                *deferred = Some(e);
+                break;
+            }
+            Poll::Pending if total == 0 => return Poll::Pending,
+            Poll::Pending => break,
+        }
+    }
+    Poll::Ready(Ok(total))
+}
+
+/// Gives back the capacity a read reserved and did not use, so a session
+/// waiting with a few bytes (or none) holds only those.
+fn fit(buf: &mut Vec<u8>) {
+    if buf.is_empty() {
+        *buf = Vec::new();
+    } else if buf.capacity() > buf.len() {
+        buf.shrink_to_fit();
+    }
 }
 
 /// Drops the first `n` bytes; frees the allocation once nothing is left.
