@@ -52,6 +52,12 @@ struct Tally {
     brute_attempts: AtomicU64,
     /// The brute force's sessions that completed a TLS handshake.
     brute_tls_sessions: AtomicU64,
+    /// Its TLS sessions in which mailmoat answered an AUTH with `535`: the
+    /// brute force seen inside TLS.
+    brute_auth_sessions: AtomicU64,
+    /// Refused with `554 5.7.1` after such a session: banned (a `421` rate
+    /// refusal or a dropped connection is not a ban).
+    brute_banned: std::sync::atomic::AtomicBool,
     brute_banned_after: AtomicU64,
     push_refused_ms: AtomicU64,
     push_killed_ms: AtomicU64,
@@ -63,7 +69,14 @@ pub struct DemoOptions {
     pub duration: Duration,
 }
 
-pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
+/// What the demo showed.
+pub struct DemoOutcome {
+    /// The report's headline claims that did not hold, one sentence each;
+    /// empty when all held.
+    pub failed_claims: Vec<String>,
+}
+
+pub async fn run(options: DemoOptions) -> anyhow::Result<DemoOutcome> {
     let dir = std::env::temp_dir().join(format!("mailmoat-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).context("creating the demo's temp dir")?;
     let blocklist = dir.join("blocklist.txt");
@@ -136,11 +149,53 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     .await;
     actors.shutdown().await;
     report(started, &metrics, &tally, &sink);
+    let failed_claims = failed_claims(&tally);
+    if failed_claims.is_empty() {
+        println!("  every claim above held");
+    }
+    for claim in &failed_claims {
+        println!("  CLAIM FAILED: {claim}");
+    }
 
     let _ = stop_tx.send(());
     let _ = timeout(Duration::from_secs(15), proxy_task).await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(DemoOutcome { failed_claims })
+}
+
+/// The report's headlines, checked: legitimate mail all delivered, the
+/// brute force seen inside TLS and banned, the pushed block enforced.
+fn failed_claims(tally: &Tally) -> Vec<String> {
+    let mut failed = Vec::new();
+    let sent = tally.legit_sent.load(Ordering::Relaxed);
+    let delivered = tally.legit_delivered.load(Ordering::Relaxed);
+    if sent == 0 || delivered < sent {
+        failed.push(format!(
+            "legitimate mail not all delivered ({delivered} of {sent})"
+        ));
+    }
+    if tally.brute_auth_sessions.load(Ordering::Relaxed) == 0 {
+        failed.push(
+            "the AUTH brute force was not seen inside TLS (no STARTTLS session got a 535)".into(),
+        );
+    } else if !tally.brute_banned.load(Ordering::Relaxed) {
+        failed.push(
+            "the AUTH brute force inside TLS was not banned (never refused with 554 5.7.1)".into(),
+        );
+    }
+    if tally.push_refused_ms.load(Ordering::Relaxed) == 0 {
+        failed.push(
+            "the pushed block was not enforced: new connections not refused with 554 within 10 s"
+                .into(),
+        );
+    } else if !tally.push_held_lost.load(Ordering::Relaxed)
+        && tally.push_killed_ms.load(Ordering::Relaxed) == 0
+    {
+        failed.push(
+            "the pushed block was not enforced: the open session was not closed within 10 s".into(),
+        );
+    }
+    failed
 }
 
 fn demo_config(
@@ -149,7 +204,17 @@ fn demo_config(
     dir: &std::path::Path,
     certificate: &DemoCertificate,
 ) -> anyhow::Result<Config> {
-    let toml = format!(
+    let toml = demo_toml(blocklist, sink, dir, certificate);
+    Ok(Config::from_toml(&toml, std::path::Path::new("<demo>"))?)
+}
+
+fn demo_toml(
+    blocklist: &std::path::Path,
+    sink: SocketAddr,
+    dir: &std::path::Path,
+    certificate: &DemoCertificate,
+) -> String {
+    format!(
         r#"
 [server]
 listen = []
@@ -188,8 +253,7 @@ level = "error"
         bans = dir.join("bans.txt").display(),
         cert = certificate.cert.display(),
         key = certificate.key.display(),
-    );
-    Ok(Config::from_toml(&toml, std::path::Path::new("<demo>"))?)
+    )
 }
 
 async fn connect_from(ip: Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
@@ -359,12 +423,20 @@ async fn brute_force(
             sleep(Duration::from_millis(200)).await;
             continue;
         };
-        if !read_reply(&mut stream).await.starts_with("220") {
+        let banner = read_reply(&mut stream).await;
+        if banner.starts_with("554 5.7.1") && tally.brute_auth_sessions.load(Ordering::Relaxed) > 0
+        {
             tally.brute_banned_after.store(
                 tally.brute_attempts.load(Ordering::Relaxed),
                 Ordering::Relaxed,
             );
+            tally.brute_banned.store(true, Ordering::Relaxed);
             return;
+        }
+        // A rate refusal (421) or a dropped connection: try again later.
+        if !banner.starts_with("220") {
+            sleep(Duration::from_millis(300)).await;
+            continue;
         }
         let _ = stream.write_all(b"EHLO brute.example\r\n").await;
         let _ = read_reply(&mut stream).await;
@@ -381,6 +453,7 @@ async fn brute_force(
         // RFC 3207: after the handshake the client starts over with EHLO.
         let _ = tls.write_all(b"EHLO brute.example\r\n").await;
         let _ = read_reply(&mut tls).await;
+        let mut refused_inside_tls = false;
         for _ in 0..3 {
             guess += 1;
             let creds =
@@ -396,6 +469,10 @@ async fn brute_force(
             if !read_reply(&mut tls).await.starts_with("535") {
                 break;
             }
+            refused_inside_tls = true;
+        }
+        if refused_inside_tls {
+            tally.brute_auth_sessions.fetch_add(1, Ordering::Relaxed);
         }
         sleep(Duration::from_millis(300)).await;
     }
@@ -438,16 +515,22 @@ async fn push_block(proxy: SocketAddr, blocklist: PathBuf, tally: Arc<Tally>, af
     let pushed = Instant::now();
     let killed = async {
         let mut rest = [0u8; 256];
-        // The held session ends (421 then EOF) when the block reaches it.
-        while let Ok(Ok(n)) = timeout(Duration::from_secs(10), held.read(&mut rest)).await {
-            if n == 0 {
-                break;
+        // The held session ends (421 then EOF) when the block reaches it;
+        // still open after 10 s, it was not closed, and nothing is stored.
+        let closed = timeout(Duration::from_secs(10), async {
+            while let Ok(n) = held.read(&mut rest).await {
+                if n == 0 {
+                    break;
+                }
             }
+        })
+        .await;
+        if closed.is_ok() {
+            tally.push_killed_ms.store(
+                pushed.elapsed().as_millis().max(1) as u64,
+                Ordering::Relaxed,
+            );
         }
-        tally.push_killed_ms.store(
-            pushed.elapsed().as_millis().max(1) as u64,
-            Ordering::Relaxed,
-        );
     };
     let refused = async {
         while pushed.elapsed() < Duration::from_secs(10) {
@@ -559,13 +642,15 @@ fn report(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
         "  open sessions of clients blocked while connected, closed: {}",
         closed(metrics, "blocked")
     );
-    let banned_after = tally.brute_banned_after.load(Ordering::Relaxed);
     println!(
         "  AUTH brute force:  inside TLS ({} STARTTLS sessions, terminated by mailmoat): {} failures seen; {}",
         tally.brute_tls_sessions.load(Ordering::Relaxed),
         value(metrics, "mailmoat_auth_failures_total"),
-        if banned_after > 0 {
-            format!("banned after {banned_after} attempts, refused since; the encryption hid nothing from mailmoat")
+        if tally.brute_banned.load(Ordering::Relaxed) {
+            format!(
+                "banned after {} attempts (refused with 554 5.7.1 since); the encryption hid nothing from mailmoat",
+                tally.brute_banned_after.load(Ordering::Relaxed)
+            )
         } else {
             "not banned (raise the duration?)".into()
         }
@@ -584,4 +669,101 @@ fn report(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
         sink.peak_active(),
         sink.busy_refusals()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo's setup with autoban's AUTH counting off and a connection
+    /// rate the brute force exceeds at its second connection: what refuses
+    /// it then is a `421`, which is not a ban.
+    #[tokio::test]
+    async fn brute_force_refused_for_its_rate_is_not_reported_banned() {
+        let dir =
+            std::env::temp_dir().join(format!("mailmoat-demo-test-{}-rate", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let blocklist = dir.join("blocklist.txt");
+        std::fs::write(&blocklist, "").unwrap();
+        let certificate = DemoCertificate::generate(&dir).unwrap();
+        let sink = Sink::start(
+            "127.0.0.1:0".parse().unwrap(),
+            SinkOptions {
+                auth: Some(("user".into(), "correct horse".into())),
+                ..SinkOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let demo = demo_toml(&blocklist, sink.addr(), &dir, &certificate);
+        let toml = [
+            ("auth_failures = 5", "auth_failures = 0"),
+            (
+                "connection_rate = \"60/min\"",
+                "connection_rate = \"1/min\"",
+            ),
+            ("connection_burst = 10", "connection_burst = 1"),
+        ]
+        .iter()
+        .fold(demo, |toml, (from, to)| {
+            assert!(toml.contains(from), "the demo's config sets {from}");
+            toml.replace(from, to)
+        });
+        let config = Config::from_toml(&toml, std::path::Path::new("<test>")).unwrap();
+        let server = Server::bind(config).await.unwrap();
+        let proxy = server.listen_addrs()[0];
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let proxy_task = tokio::spawn(server.run(async {
+            let _ = stop_rx.await;
+        }));
+
+        let tally = Arc::new(Tally::default());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        brute_force(
+            proxy,
+            certificate.connector().unwrap(),
+            tally.clone(),
+            deadline,
+        )
+        .await;
+
+        assert!(
+            tally.brute_auth_sessions.load(Ordering::Relaxed) >= 1,
+            "the first session reached AUTH inside TLS"
+        );
+        assert!(
+            !tally.brute_banned.load(Ordering::Relaxed),
+            "a rate refusal was taken for a ban"
+        );
+        let failed = failed_claims(&tally);
+        assert!(
+            failed.iter().any(|c| c.contains("was not banned")),
+            "{failed:?}"
+        );
+        let _ = stop_tx.send(());
+        let _ = timeout(Duration::from_secs(10), proxy_task).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn claims_hold_only_when_every_headline_does() {
+        let tally = Tally::default();
+        tally.legit_sent.store(10, Ordering::Relaxed);
+        tally.legit_delivered.store(10, Ordering::Relaxed);
+        tally.brute_auth_sessions.store(2, Ordering::Relaxed);
+        tally.brute_banned.store(true, Ordering::Relaxed);
+        tally.push_refused_ms.store(150, Ordering::Relaxed);
+        tally.push_killed_ms.store(150, Ordering::Relaxed);
+        assert!(failed_claims(&tally).is_empty());
+
+        tally.legit_delivered.store(9, Ordering::Relaxed);
+        tally.push_killed_ms.store(0, Ordering::Relaxed);
+        let failed = failed_claims(&tally);
+        assert_eq!(failed.len(), 2, "{failed:?}");
+        assert!(failed[0].contains("9 of 10"), "{failed:?}");
+        assert!(
+            failed[1].contains("open session was not closed"),
+            "{failed:?}"
+        );
+    }
 }

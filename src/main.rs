@@ -32,6 +32,9 @@ enum Cmd {
     },
     /// Run the proxy before a built-in receiver on loopback with a legitimate
     /// sender and the attacks mailmoat exists for; print a report.
+    #[command(
+        after_help = "Exit status: 0 every claim of the report held, 2 one failed (named on stderr) or the demo could not run."
+    )]
     Demo {
         /// How long the traffic runs.
         #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
@@ -190,10 +193,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             raise_open_file_limit();
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            runtime.block_on(mailmoat::demo::run(mailmoat::demo::DemoOptions {
+            let outcome = runtime.block_on(mailmoat::demo::run(mailmoat::demo::DemoOptions {
                 duration,
             }))?;
-            Ok(ExitCode::SUCCESS)
+            for claim in &outcome.failed_claims {
+                eprintln!("mailmoat demo: claim failed: {claim}");
+            }
+            Ok(if outcome.failed_claims.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
         Cmd::Run { config: path } => {
             let config = load(path.as_deref())?;

@@ -8,6 +8,7 @@ mod blocklist;
 mod certificates;
 mod cli;
 mod clients;
+mod demo;
 mod descriptors;
 mod door;
 mod fuzz_corpus;

@@ -1,0 +1,41 @@
+//! `mailmoat demo` through the built binary: a short run whose report's
+//! claims are checked by the demo itself, so a claim that stops holding
+//! fails here and in CI, not only in a reader's eyes.
+
+use std::time::Duration;
+
+use tokio::time::timeout;
+
+use crate::harness::mailmoat;
+
+#[tokio::test]
+async fn demo_brute_force_inside_tls_is_banned_and_every_claim_holds() {
+    // 8 s of traffic, up to 10 s for stragglers, the proxy's shutdown.
+    let output = timeout(
+        Duration::from_secs(40),
+        mailmoat()
+            .args(["demo", "--duration", "8s"])
+            .env_remove("RUST_LOG")
+            .output(),
+    )
+    .await
+    .expect("the demo ends in time")
+    .expect("mailmoat runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let brute = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("AUTH brute force:"))
+        .unwrap_or_else(|| panic!("no brute-force line in the report:\n{stdout}"));
+    assert!(brute.contains("inside TLS"), "{brute}");
+    assert!(
+        brute.contains("banned after") && brute.contains("554 5.7.1"),
+        "{brute}"
+    );
+    assert!(stdout.contains("every claim above held"), "{stdout}");
+}
