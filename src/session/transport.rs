@@ -78,10 +78,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
         *self = Transport::Tls(Box::new(tls));
         Ok(facts)
     }
-
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Transport::Tls(_))
-    }
 }
 
 fn lost() -> io::Error {
