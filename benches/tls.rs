@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Cpu, Mode, WAIT};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -481,13 +481,7 @@ impl Certificates {
     fn connector(&self) -> TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.clone()).expect("CA into the root store");
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut config = Arc::unwrap_or_clone(mailmoat::tls::client_config(roots));
         config.resumption = rustls::client::Resumption::disabled();
         TlsConnector::from(Arc::new(config))
     }
@@ -728,24 +722,10 @@ mod receiver {
     }
 
     fn acceptor(cert: &Path, key: &Path) -> TlsAcceptor {
-        let chain: Vec<CertificateDer<'static>> =
-            rustls::pki_types::pem::PemObject::pem_file_iter(cert)
-                .expect("read the certificate")
-                .collect::<Result<_, _>>()
-                .expect("parse the certificate");
-        let key = PrivatePkcs8KeyDer::from_pem_file(key).expect("read the key");
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, PrivateKeyDer::Pkcs8(key))
-        .expect("certificate and key");
-        TlsAcceptor::from(Arc::new(config))
+        let loaded = mailmoat::tls::certs::load(cert, key).expect("certificate and key");
+        let single = rustls::sign::SingleCertAndKey::from(loaded.key);
+        TlsAcceptor::from(mailmoat::tls::server_config(Arc::new(single)))
     }
-
-    use rustls::pki_types::pem::PemObject;
 
     /// SMTP that accepts every message and discards it.
     async fn serve<S: AsyncRead + AsyncWrite + Unpin>(

@@ -13,7 +13,8 @@
 //! Around it: [`config`] (file → validated settings), [`server`]
 //! (wiring and graceful shutdown) over [`state`] (the shared state, built
 //! once), [`supervisor`] (background tasks restarted when they die),
-//! [`descriptors`] (the SMTP side's open-file budget), [`admin`] (HTTP
+//! [`descriptors`] (the SMTP side's open-file budget), [`files`] (bounded
+//! reads of operators' files), [`admin`] (HTTP
 //! metrics and health), [`metrics`], [`tls`] (certificates and the
 //! bounded handshake), [`watch`] (file watching for lists and
 //! certificates), and [`sink`], a built-in receiver for the demo and tests.
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod descriptors;
+pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;

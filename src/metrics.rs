@@ -363,9 +363,8 @@ impl Metrics {
 #[derive(Clone)]
 pub struct TlsMetrics {
     handshake_ok: IntCounter,
-    handshake_failed: IntCounter,
-    handshake_timeout: IntCounter,
-    handshake_busy: IntCounter,
+    /// By result; the failures labelled by [`HandshakeError::as_str`].
+    handshakes: IntCounterVec,
     handshake_duration: Histogram,
     /// `[starttls, implicit] × [TLSv1.2, TLSv1.3]`.
     sessions: [[IntCounter; 2]; 2],
@@ -429,11 +428,13 @@ impl TlsMetrics {
         }
         let session =
             |mode: &str, version: TlsVersion| sessions.with_label_values(&[mode, version.as_str()]);
+        // Every result shows from the start, at 0.
+        for result in ["failed", "timeout", "busy"] {
+            handshakes.with_label_values(&[result]);
+        }
         TlsMetrics {
             handshake_ok: handshakes.with_label_values(&["ok"]),
-            handshake_failed: handshakes.with_label_values(&["failed"]),
-            handshake_timeout: handshakes.with_label_values(&["timeout"]),
-            handshake_busy: handshakes.with_label_values(&["busy"]),
+            handshakes,
             handshake_duration,
             sessions: [
                 [
@@ -457,12 +458,7 @@ impl TlsMetrics {
     }
 
     pub fn handshake_failed(&self, error: &HandshakeError) {
-        match error {
-            HandshakeError::Busy => &self.handshake_busy,
-            HandshakeError::TimedOut => &self.handshake_timeout,
-            HandshakeError::Failed(_) => &self.handshake_failed,
-        }
-        .inc();
+        self.handshakes.with_label_values(&[error.as_str()]).inc();
     }
 
     /// A session now runs inside TLS that mailmoat terminated. Listeners

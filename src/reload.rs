@@ -172,7 +172,12 @@ impl Reloader {
             return Err(errors);
         }
 
-        let upstreams = crate::upstream::Connector::new(&config).map_err(|e| e.problems)?;
+        let upstreams = crate::upstream::Connector::new(&config).map_err(|e| {
+            e.problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })?;
         let shared = &running.shared;
         let next = Shared {
             metrics: shared.metrics.clone(),

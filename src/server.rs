@@ -43,7 +43,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// A configured certificate or key that does not load (`[tls]`).
-    #[error("[tls]: {0}")]
+    #[error("{0}")]
     Tls(#[from] tls::TlsError),
     #[error("{0}")]
     Upstream(#[from] upstream::ConnectorError),

@@ -22,6 +22,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
 
 use crate::proxy_protocol::HeaderTls;
+use crate::tls;
+use crate::tls::generate::{Authority, GenerateError};
 
 /// The connection: plain, or TLS after STARTTLS.
 type SinkStream = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
@@ -75,35 +77,14 @@ pub struct SinkCertificate {
 }
 
 impl SinkCertificate {
-    pub fn generate(names: &[&str]) -> Result<SinkCertificate, String> {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        let fail = |e: &dyn std::fmt::Display| format!("generating the sink's certificate: {e}");
-        let ca_key = KeyPair::generate().map_err(|e| fail(&e))?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail(&e))?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "mailmoat sink test CA");
-        let ca = ca_params.self_signed(&ca_key).map_err(|e| fail(&e))?;
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().map_err(|e| fail(&e))?;
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let leaf = CertificateParams::new(names)
-            .and_then(|p| p.signed_by(&key, &issuer))
-            .map_err(|e| fail(&e))?;
-        let private = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| fail(&e))?
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone(), ca.der().clone()], private)
-        .map_err(|e| fail(&e))?;
+    pub fn generate(names: &[&str]) -> Result<SinkCertificate, GenerateError> {
+        let authority = Authority::new()?;
+        let leaf = authority.issue(names)?;
+        let single = rustls::sign::SingleCertAndKey::from(leaf.certified_key()?);
         Ok(SinkCertificate {
-            ca_pem: ca.pem(),
+            ca_pem: authority.cert_pem().to_owned(),
             leaf: leaf.der().clone(),
-            server_config: Arc::new(server_config),
+            server_config: tls::server_config(Arc::new(single)),
         })
     }
 }

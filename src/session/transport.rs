@@ -119,10 +119,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
             }
         }
     }
-
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Transport::Tls(_))
-    }
 }
 
 fn lost() -> io::Error {

@@ -3,16 +3,17 @@
 //!
 //! Whatever the files hold, loading returns an error naming the file and
 //! saying what to give instead; it never panics. Files are read whole but
-//! bounded ([`MAX_PEM_BYTES`]): a chain is a few kilobytes, and a path
-//! pointing at a log or a disk image must not fill the memory.
+//! bounded ([`MAX_PEM_BYTES`], [`files::read_bounded`]): a chain is a few
+//! kilobytes.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
+
+use crate::files::{self, ReadError};
 
 /// The largest certificate or key file read. Long chains with big RSA keys
 /// stay under 20 KiB.
@@ -102,8 +103,7 @@ pub fn load(certificate: &Path, key: &Path) -> Result<Loaded, CertError> {
         }
         Err(e) => return Err(bad_pem(key, e)),
     };
-    let provider = rustls::crypto::ring::default_provider();
-    let signing = provider
+    let signing = super::configs::provider()
         .key_provider
         .load_private_key(private)
         .map_err(|e| CertError::UnusableKey {
@@ -135,23 +135,15 @@ pub fn load(certificate: &Path, key: &Path) -> Result<Loaded, CertError> {
 }
 
 fn read_bounded(path: &Path) -> Result<Vec<u8>, CertError> {
-    let read = |path: &Path| -> std::io::Result<Vec<u8>> {
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)?
-            .take(MAX_PEM_BYTES + 1)
-            .read_to_end(&mut bytes)?;
-        Ok(bytes)
-    };
-    let bytes = read(path).map_err(|source| CertError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(CertError::TooLarge {
+    files::read_bounded(path, MAX_PEM_BYTES).map_err(|e| match e {
+        ReadError::Io(source) => CertError::Read {
             path: path.to_path_buf(),
-        });
-    }
-    Ok(bytes)
+            source,
+        },
+        ReadError::TooLarge { .. } => CertError::TooLarge {
+            path: path.to_path_buf(),
+        },
+    })
 }
 
 fn bad_pem(path: &Path, e: pem::Error) -> CertError {

@@ -6,16 +6,28 @@
 //! from an hour ago (clock skew) for [`VALIDITY`].
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
 
 /// How long a generated certificate is valid.
 pub const VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// Generating a certificate, or making it usable by rustls, failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("cannot generate a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("cannot use a generated certificate: {0}")]
+    Use(#[from] rustls::Error),
+}
 
 /// A certificate and its key, as PEM.
 #[derive(Clone, Debug)]
@@ -24,9 +36,41 @@ pub struct GeneratedCert {
     pub key_pem: String,
     /// The certificate's notAfter, Unix seconds.
     pub not_after: i64,
+    cert_der: CertificateDer<'static>,
+    /// PKCS#8, as rcgen serializes it.
+    key_der: Vec<u8>,
 }
 
 impl GeneratedCert {
+    fn new(cert: &rcgen::Certificate, key: &KeyPair, not_after: i64) -> GeneratedCert {
+        GeneratedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            not_after,
+            cert_der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        }
+    }
+
+    /// The certificate, DER: what a client's root store or a pin takes.
+    pub fn der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// The certificate and its key as rustls presents them, for
+    /// [`server_config`](super::server_config) through
+    /// [`rustls::sign::SingleCertAndKey`].
+    pub fn certified_key(&self) -> Result<Arc<CertifiedKey>, rustls::Error> {
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
+        let signing = super::configs::provider()
+            .key_provider
+            .load_private_key(key)?;
+        Ok(Arc::new(CertifiedKey::new(
+            vec![self.cert_der.clone()],
+            signing,
+        )))
+    }
+
     /// Writes `<stem>.crt` and `<stem>.key` in `dir`, each replaced whole
     /// (written aside, then renamed over), as certbot's links change: a
     /// watcher never reads half a file. Returns their paths.
@@ -52,11 +96,7 @@ pub fn self_signed(names: &[&str]) -> Result<GeneratedCert, rcgen::Error> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let (params, not_after) = leaf_params(names)?;
     let cert = params.self_signed(&key)?;
-    Ok(GeneratedCert {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        not_after,
-    })
+    Ok(GeneratedCert::new(&cert, &key, not_after))
 }
 
 /// A certificate authority that lives as long as the test: its certificate
@@ -95,11 +135,7 @@ impl Authority {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let (params, not_after) = leaf_params(names)?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(GeneratedCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            not_after,
-        })
+        Ok(GeneratedCert::new(&cert, &key, not_after))
     }
 
     /// The authority's certificate, PEM: the CA file of a verifier.

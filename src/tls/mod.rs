@@ -1,9 +1,11 @@
 //! TLS towards clients: certificates ([`certs`], [`store`], reloaded by
 //! [`reload`]), the bounded handshake ([`Terminator`]), and what a
-//! handshake negotiated ([`TlsFacts`]). [`generate`] makes certificates for
-//! tests, benches and the demo.
+//! handshake negotiated ([`TlsFacts`]), the rustls configurations
+//! ([`configs`]). [`generate`] makes certificates for tests, benches and
+//! the demo.
 
 pub mod certs;
+pub mod configs;
 pub mod generate;
 pub mod reload;
 pub mod store;
@@ -16,6 +18,7 @@ mod tests;
 use rustls::{CommonState, ProtocolVersion};
 
 pub use certs::CertError;
+pub use configs::{client_config, server_config};
 pub use store::CertStore;
 pub use terminator::{HandshakeError, Terminator, TlsError};
 

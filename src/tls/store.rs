@@ -21,6 +21,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use super::certs::{self, CertError};
+use super::TlsError;
 use crate::config::TlsSettings;
 use crate::metrics::TlsMetrics;
 
@@ -32,8 +33,24 @@ pub const DEFAULT_LABEL: &str = "default";
 struct Entry {
     /// `default`, or the first name of an SNI entry: bounded by the config.
     label: String,
+    /// Where the entry is in the config: `tls` or `tls.sni[N]` (from 1).
+    setting: String,
     certificate: PathBuf,
     key: PathBuf,
+}
+
+impl Entry {
+    /// The setting naming the file `error` is about.
+    fn key_of(&self, error: &CertError) -> String {
+        let which = match error {
+            CertError::NoKey { .. }
+            | CertError::UnusableKey { .. }
+            | CertError::KeyMismatch { .. } => "key",
+            _ if error.path() == self.certificate => "certificate",
+            _ => "key",
+        };
+        format!("{}.{which}", self.setting)
+    }
 }
 
 pub struct CertStore {
@@ -61,11 +78,12 @@ impl std::fmt::Debug for CertStore {
 impl CertStore {
     /// Loads every configured certificate; `None` without a default
     /// certificate (no listener terminates TLS). Any file that fails to
-    /// load is an error: at start there is no old certificate to keep.
+    /// load is an error naming its setting and file: at start there is
+    /// no old certificate to keep.
     pub fn load(
         settings: &TlsSettings,
         metrics: TlsMetrics,
-    ) -> Result<Option<CertStore>, CertError> {
+    ) -> Result<Option<CertStore>, TlsError> {
         let Some(certificate) = settings.certificate.clone() else {
             return Ok(None);
         };
@@ -74,12 +92,13 @@ impl CertStore {
         let key = settings.key.clone().unwrap_or_else(|| certificate.clone());
         let mut entries = vec![Entry {
             label: DEFAULT_LABEL.into(),
+            setting: "tls".into(),
             certificate,
             key,
         }];
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
-        for sni in &settings.sni {
+        for (i, sni) in settings.sni.iter().enumerate() {
             let index = entries.len();
             entries.push(Entry {
                 label: sni
@@ -87,6 +106,7 @@ impl CertStore {
                     .first()
                     .map(|n| normalize(n))
                     .unwrap_or_else(|| sni.certificate.display().to_string()),
+                setting: format!("tls.sni[{}]", i + 1),
                 certificate: sni.certificate.clone(),
                 key: sni.key.clone(),
             });
@@ -101,7 +121,12 @@ impl CertStore {
         }
         let mut loaded = Vec::with_capacity(entries.len());
         for entry in &entries {
-            let cert = certs::load(&entry.certificate, &entry.key)?;
+            let cert = certs::load(&entry.certificate, &entry.key).map_err(|source| {
+                TlsError::Certificate {
+                    key: entry.key_of(&source),
+                    source,
+                }
+            })?;
             metrics.certificate_expiry(&entry.label, cert.not_after);
             warn_if_expired(entry, cert.not_after);
             loaded.push(cert.key);
@@ -137,6 +162,7 @@ impl CertStore {
                     self.metrics.certificate_reload(false);
                     tracing::error!(
                         certificate = entry.label.as_str(),
+                        setting = entry.key_of(&e),
                         file = %e.path().display(),
                         error = %e,
                         "certificate reload failed; the previous certificate stays in force"

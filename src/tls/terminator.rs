@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -49,10 +48,13 @@ impl HandshakeError {
 /// A configuration error found at start.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error(transparent)]
-    Certificate(#[from] super::CertError),
-    #[error("cannot build the TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
+    /// A configured certificate or key that does not load; `key` is the
+    /// setting naming the file (`tls.certificate`, `tls.sni[2].key`).
+    #[error("{key}: {source}")]
+    Certificate {
+        key: String,
+        source: super::CertError,
+    },
 }
 
 /// Terminates TLS from clients: built once at start, shared by every
@@ -77,16 +79,12 @@ impl Terminator {
             return Ok(None);
         };
         let certificates = Arc::new(store);
-        let config =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-                .with_no_client_auth()
-                .with_cert_resolver(certificates.clone());
+        let config = super::server_config(certificates.clone());
         // The config refuses 0; a semaphore with no permit would only ever
         // say busy, and one above its maximum panics.
         let max_handshakes = settings.max_handshakes.clamp(1, Semaphore::MAX_PERMITS);
         Ok(Some(Terminator {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            acceptor: TlsAcceptor::from(config),
             certificates,
             slots: Semaphore::new(max_handshakes),
             max_handshakes,
@@ -103,10 +101,6 @@ impl Terminator {
     /// Handshakes holding a slot now.
     pub fn handshakes_in_flight(&self) -> usize {
         self.max_handshakes - self.slots.available_permits()
-    }
-
-    pub fn server_config(&self) -> Arc<ServerConfig> {
-        self.acceptor.config().clone()
     }
 
     /// Handshakes as the server on `stream` (after STARTTLS's `220`, or at

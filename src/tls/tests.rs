@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -43,31 +42,17 @@ fn terminator(settings: &TlsSettings, metrics: &Metrics) -> Terminator {
         .expect("a certificate is configured")
 }
 
-/// A client trusting `trusted`, speaking `versions`.
-fn client(
-    trusted: &[&GeneratedCert],
-    versions: &[&'static rustls::SupportedProtocolVersion],
-) -> TlsConnector {
+/// mailmoat's client config trusting `trusted`.
+fn client(trusted: &[&GeneratedCert]) -> TlsConnector {
     let mut roots = RootCertStore::empty();
     for cert in trusted {
-        roots
-            .add(CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap())
-            .unwrap();
+        roots.add(cert.der().clone()).unwrap();
     }
-    let mut config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(versions)
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let mut config = Arc::unwrap_or_clone(super::client_config(roots));
     // A resumed session shows the certificate of the session it resumes:
     // each handshake here must show the one presented now.
     config.resumption = rustls::client::Resumption::disabled();
     TlsConnector::from(Arc::new(config))
-}
-
-fn both_versions() -> Vec<&'static rustls::SupportedProtocolVersion> {
-    vec![&rustls::version::TLS13, &rustls::version::TLS12]
 }
 
 type Accepted = Result<(tokio_rustls::server::TlsStream<DuplexStream>, TlsFacts), HandshakeError>;
@@ -93,7 +78,7 @@ fn presented(client: &ClientStream<DuplexStream>) -> CertificateDer<'static> {
 }
 
 fn der(cert: &GeneratedCert) -> CertificateDer<'static> {
-    CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap()
+    cert.der().clone()
 }
 
 fn metric(metrics: &Metrics, series: &str) -> Option<f64> {
@@ -139,7 +124,7 @@ async fn a_handshake_gives_the_negotiated_facts_and_is_counted() {
     let metrics = Metrics::new();
     let terminator = terminator(&settings(&dir, &cert), &metrics);
 
-    let (client, accepted) = handshake(&terminator, &client(&[&cert], &both_versions()), MX).await;
+    let (client, accepted) = handshake(&terminator, &client(&[&cert]), MX).await;
     let (server, facts) = accepted.unwrap();
     let mut client = client.unwrap();
     assert_eq!(facts.version, TlsVersion::V1_3);
@@ -149,7 +134,7 @@ async fn a_handshake_gives_the_negotiated_facts_and_is_counted() {
     echo(server);
     round_trip(&mut client, b"EHLO client.example\r\n").await;
 
-    let tls12 = client_with(&cert, &[&rustls::version::TLS12]);
+    let tls12 = tls12_client(&cert);
     let (_, accepted) = handshake(&terminator, &tls12, MX).await;
     let (_, facts) = accepted.unwrap();
     assert_eq!(facts.version, TlsVersion::V1_2);
@@ -169,11 +154,16 @@ async fn a_handshake_gives_the_negotiated_facts_and_is_counted() {
     assert_eq!(metric(&metrics, expiry), Some(cert.not_after as f64));
 }
 
-fn client_with(
-    cert: &GeneratedCert,
-    versions: &[&'static rustls::SupportedProtocolVersion],
-) -> TlsConnector {
-    client(&[cert], versions)
+/// A client trusting `cert` that speaks TLS 1.2 only.
+fn tls12_client(cert: &GeneratedCert) -> TlsConnector {
+    let mut roots = RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let config = ClientConfig::builder_with_provider(configs::provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
 }
 
 #[tokio::test]
@@ -213,7 +203,7 @@ async fn sni_picks_the_entry_for_the_name_and_a_wildcard_covers_one_label() {
     ];
     let metrics = Metrics::new();
     let terminator = terminator(&settings, &metrics);
-    let connector = client(&[&default, &net, &wild], &both_versions());
+    let connector = client(&[&default, &net, &wild]);
 
     for (name, expected) in [
         (MX, &default),
@@ -263,7 +253,7 @@ async fn after_a_reload_new_handshakes_get_the_new_certificate_while_open_sessio
     let settings = settings(&dir, &old);
     let metrics = Metrics::new();
     let terminator = terminator(&settings, &metrics);
-    let connector = client(&[&old, &new], &both_versions());
+    let connector = client(&[&old, &new]);
 
     let (client, accepted) = handshake(&terminator, &connector, MX).await;
     let mut open = client.unwrap();
@@ -291,7 +281,7 @@ async fn a_bad_new_file_keeps_the_old_certificate_and_counts_a_failed_reload() {
     settings.sni = vec![sni_entry(&dir, "net", &["smtp.example.net"], &net_old)];
     let metrics = Metrics::new();
     let terminator = terminator(&settings, &metrics);
-    let connector = client(&[&old, &net_old, &net_new], &both_versions());
+    let connector = client(&[&old, &net_old, &net_new]);
     let key = settings.key.clone().unwrap();
 
     // A renewal caught half way: the new certificate with the old key for
@@ -392,7 +382,7 @@ async fn with_every_handshake_slot_taken_the_next_is_busy_at_its_deadline_and_a_
     drop(stalled_client);
 
     // The slot went with the stalled handshake.
-    let (client, accepted) = handshake(&terminator, &client(&[&cert], &both_versions()), MX).await;
+    let (client, accepted) = handshake(&terminator, &client(&[&cert]), MX).await;
     assert!(client.is_ok() && accepted.is_ok());
     for (result, n) in [("busy", 1.0), ("timeout", 1.0), ("ok", 1.0)] {
         let series = format!(r#"mailmoat_tls_handshakes_total{{result="{result}"}}"#);
@@ -416,8 +406,9 @@ fn a_key_not_matching_the_certificate_refuses_the_start_naming_the_key_file() {
     let text = err.to_string();
     assert!(text.contains(&other_key.display().to_string()), "{text}");
     assert!(text.contains("does not match"), "{text}");
+    assert!(text.starts_with("tls.key: "), "{text}");
 
-    // And a bad SNI entry too.
+    // And a bad SNI entry too, naming its entry.
     let mut settings = self::settings(&dir, &cert);
     settings.sni = vec![SniCertificate {
         names: vec!["smtp.example.net".into()],
@@ -428,6 +419,10 @@ fn a_key_not_matching_the_certificate_refuses_the_start_naming_the_key_file() {
         .map(|_| ())
         .unwrap_err();
     assert!(err.to_string().contains("missing.crt"), "{err}");
+    assert!(
+        err.to_string().starts_with("tls.sni[1].certificate: "),
+        "{err}"
+    );
 }
 
 #[test]
@@ -448,7 +443,7 @@ async fn the_reload_task_presents_replaced_files_within_two_seconds() {
     let settings = settings(&dir, &old);
     let metrics = Metrics::new();
     let terminator = terminator(&settings, &metrics);
-    let connector = client(&[&old, &new], &both_versions());
+    let connector = client(&[&old, &new]);
     let task = tokio::spawn(reload::watch(terminator.certificates().clone()));
     // The task's first reload says its watch has taken hold.
     let ok = r#"mailmoat_tls_certificate_reloads_total{result="ok"}"#;

@@ -27,7 +27,7 @@ pub use check::{
     check, check_loop, warn_if_clients_look_local, Health, Problem, Verdict, CHECK_INTERVAL,
     CHECK_REPLY_TIMEOUT,
 };
-pub use starttls::{StarttlsError, TlsClient};
+pub use starttls::{StarttlsError, TlsClient, TlsClientError};
 pub use stream::{UpstreamStream, UPSTREAM_LINGER};
 
 use crate::config::{Config, ListenerSettings, ProxyProtocol, UpstreamSettings, UpstreamTls};
@@ -56,7 +56,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(key: &str, settings: &UpstreamSettings, hostname: &str) -> Result<Upstream, String> {
+    pub fn new(
+        key: &str,
+        settings: &UpstreamSettings,
+        hostname: &str,
+    ) -> Result<Upstream, TlsClientError> {
         let tls = match settings.tls {
             UpstreamTls::None => None,
             UpstreamTls::Starttls => Some(TlsClient::new(settings, key)?),
@@ -81,10 +85,15 @@ pub struct Connector {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("{}", .problems.join("\n"))]
+#[error("{}", one_per_line(.problems))]
 pub struct ConnectorError {
-    /// One line each, naming the key and file.
-    pub problems: Vec<String>,
+    /// Each names its key and file.
+    pub problems: Vec<TlsClientError>,
+}
+
+fn one_per_line(problems: &[TlsClientError]) -> String {
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    lines.join("\n")
 }
 
 impl Connector {
@@ -125,11 +134,6 @@ impl Connector {
     /// The upstream `listener` relays to.
     pub fn for_listener(&self, listener: &ListenerSettings) -> &Arc<Upstream> {
         pick(&self.default, &self.named, listener)
-    }
-
-    /// `[upstream]`.
-    pub fn default_upstream(&self) -> &Arc<Upstream> {
-        &self.default
     }
 
     /// The upstreams some listener relays to, each once.

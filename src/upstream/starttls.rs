@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::ServerName;
-use rustls::version::{TLS12, TLS13};
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,9 +15,10 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::verify::{self, PinVerifier};
+use super::verify::{self, CaFileError, PinVerifier};
 use crate::config::UpstreamSettings;
 use crate::smtp::{Reply, ReplyAssembler};
+use crate::tls;
 
 /// Longest reply read from the receiver (a Postfix EHLO reply is ~200 bytes).
 const MAX_REPLY: usize = 16 * 1024;
@@ -34,18 +34,53 @@ pub struct TlsClient {
     key: String,
 }
 
+/// An upstream whose TLS client cannot be built: a config error.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsClientError {
+    #[error(transparent)]
+    CaFile(#[from] CaFileError),
+    /// The upstream's table (`upstream`, `upstreams.NAME`).
+    #[error(
+        "{0}.tls = \"starttls\" needs {0}.ca_file (the CA that signs the receiver's \
+         certificate) or {0}.pin_sha256 (its SHA-256): mailmoat never talks TLS to an \
+         unverified receiver"
+    )]
+    NoTrust(String),
+    #[error(
+        "{0}.servers: none to take a TLS name from; list the receiver's servers or set \
+         {0}.server_name to the name in its certificate"
+    )]
+    NoServers(String),
+    /// `setting` is `upstream.server_name` or `upstream.servers`.
+    #[error(
+        "{setting}: {host:?} is not a name to verify the receiver's certificate against \
+         ({detail}); set {table}.server_name to the name in its certificate"
+    )]
+    BadName {
+        setting: String,
+        table: String,
+        host: String,
+        detail: rustls::pki_types::InvalidDnsNameError,
+    },
+}
+
 impl TlsClient {
     /// The client for `settings`; `key` is the table's name in the file
     /// (`upstream`, `upstreams.NAME`), for errors.
-    pub fn new(settings: &UpstreamSettings, key: &str) -> Result<TlsClient, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+    pub fn new(settings: &UpstreamSettings, key: &str) -> Result<TlsClient, TlsClientError> {
+        let provider = tls::configs::provider();
         let chain = match &settings.ca_file {
             Some(path) => {
-                let roots = verify::root_store(path, &format!("{key}.ca_file"))?;
+                let setting = format!("{key}.ca_file");
+                let roots = verify::root_store(path, &setting)?;
                 let verifier =
                     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                         .build()
-                        .map_err(|e| format!("{key}.ca_file {}: {e}", path.display()))?;
+                        .map_err(|e| CaFileError {
+                            key: setting,
+                            path: path.clone(),
+                            problem: e.into(),
+                        })?;
                 Some(verifier)
             }
             None => None,
@@ -65,9 +100,7 @@ impl TlsClient {
                  CERT -outform DER | sha256sum`)"
             ));
         }
-        let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&TLS13, &TLS12])
-            .map_err(|e| format!("{key}.tls: {e}"))?;
+        let builder = tls::configs::client_builder(provider.clone());
         let config = match (&settings.pin_sha256, chain) {
             (Some(pin), chain) => builder
                 .dangerous()
@@ -78,13 +111,7 @@ impl TlsClient {
                     provider,
                 ))),
             (None, Some(chain)) => builder.with_webpki_verifier(chain),
-            (None, None) => {
-                return Err(format!(
-                    "{key}.tls = \"starttls\" needs {key}.ca_file (the CA that signs the \
-                     receiver's certificate) or {key}.pin_sha256 (its SHA-256): mailmoat never \
-                     talks TLS to an unverified receiver"
-                ))
-            }
+            (None, None) => return Err(TlsClientError::NoTrust(key.to_string())),
         }
         .with_no_client_auth();
         Ok(TlsClient {
@@ -97,7 +124,10 @@ impl TlsClient {
 }
 
 /// `server_name`, else the host of the first server as written.
-fn server_name(settings: &UpstreamSettings, key: &str) -> Result<ServerName<'static>, String> {
+fn server_name(
+    settings: &UpstreamSettings,
+    key: &str,
+) -> Result<ServerName<'static>, TlsClientError> {
     let (host, which) = match (&settings.server_name, settings.servers.first()) {
         (Some(name), _) => (name.clone(), "server_name"),
         (None, Some(first)) => {
@@ -111,13 +141,13 @@ fn server_name(settings: &UpstreamSettings, key: &str) -> Result<ServerName<'sta
             };
             (host, "servers")
         }
-        (None, None) => return Err(format!("{key}.servers: none to take a TLS name from")),
+        (None, None) => return Err(TlsClientError::NoServers(key.to_string())),
     };
-    ServerName::try_from(host.clone()).map_err(|e| {
-        format!(
-            "{key}.{which}: {host:?} is not a name to verify the receiver's certificate \
-             against ({e}); set {key}.server_name to the name in its certificate"
-        )
+    ServerName::try_from(host.clone()).map_err(|detail| TlsClientError::BadName {
+        setting: format!("{key}.{which}"),
+        table: key.to_string(),
+        host,
+        detail,
     })
 }
 

@@ -36,10 +36,6 @@ impl UpstreamStream {
         };
         let _ = tokio::time::timeout(UPSTREAM_LINGER, linger).await;
     }
-
-    pub fn is_tls(&self) -> bool {
-        matches!(self, UpstreamStream::Tls(_))
-    }
 }
 
 impl AsyncRead for UpstreamStream {

@@ -96,7 +96,7 @@ async fn starttls_verified_by_the_ca_file_keeps_the_greeting_and_talks_inside_tl
         .await
         .unwrap();
     assert_eq!(connected.greeting, b"220 sink.test ESMTP ready\r\n");
-    assert!(connected.stream.is_tls());
+    assert!(matches!(connected.stream, UpstreamStream::Tls(_)));
     // The sink offers AUTH only inside TLS: its EHLO reply says where we are.
     let mut replies = Replies::new(connected.stream);
     let ehlo = say(&mut replies, "EHLO client.test").await;
@@ -132,7 +132,7 @@ async fn a_pinned_receiver_certificate_is_accepted_without_a_ca_file() {
     let connected = connect_to(&settings(&sink, None, Some(pin)), None)
         .await
         .unwrap();
-    assert!(connected.stream.is_tls());
+    assert!(matches!(connected.stream, UpstreamStream::Tls(_)));
     let mut replies = Replies::new(connected.stream);
     assert!(say(&mut replies, "EHLO client.test")
         .await
@@ -236,6 +236,26 @@ fn an_unusable_ca_file_is_a_config_error_naming_the_file() {
     config.upstream.ca_file = None;
     let error = Connector::new(&config).unwrap_err().to_string();
     assert!(error.contains("upstream.pin_sha256"), "{error}");
+}
+
+#[test]
+fn a_ca_file_with_no_size_that_never_ends_is_refused_at_the_limit() {
+    // A device (or a file still growing) says nothing true in its
+    // metadata; only a bounded read stops it.
+    let endless = std::path::Path::new("/dev/zero");
+    let error = verify::root_store(endless, "upstream.ca_file").unwrap_err();
+    assert!(
+        matches!(
+            error.problem,
+            verify::CaFileProblem::Read(crate::files::ReadError::TooLarge { .. })
+        ),
+        "{error}"
+    );
+    let text = error.to_string();
+    assert!(
+        text.starts_with("upstream.ca_file: cannot use /dev/zero: larger than"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

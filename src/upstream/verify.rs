@@ -2,43 +2,68 @@
 //! leaf (`pin_sha256`), or both. Built once per upstream, when the config is
 //! loaded, so a bad CA file is an error at start or reload, not per client.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{VerifierBuilderError, WebPkiServerVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
 
+use crate::files::{self, ReadError};
+
 /// A CA file larger than this is not a CA file.
 const MAX_CA_FILE: u64 = 4 * 1024 * 1024;
 
+/// An upstream's CA file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{key}: cannot use {}: {problem}; give a PEM file with the CA certificates that sign the \
+     receiver's certificate",
+    path.display()
+)]
+pub struct CaFileError {
+    /// The setting: `upstream.ca_file`, `upstreams.NAME.ca_file`.
+    pub key: String,
+    pub path: PathBuf,
+    pub problem: CaFileProblem,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileProblem {
+    #[error("{0}")]
+    Read(#[from] ReadError),
+    #[error("{0}")]
+    Pem(#[from] pem::Error),
+    #[error("no CERTIFICATE block in it")]
+    NoCertificate,
+    #[error("{0}")]
+    Certificate(#[from] rustls::Error),
+    #[error("{0}")]
+    Verifier(#[from] VerifierBuilderError),
+}
+
 /// The roots in a PEM file; `key` names the setting in errors.
-pub fn root_store(path: &Path, key: &str) -> Result<RootCertStore, String> {
-    let what = |e: &dyn std::fmt::Display| {
-        format!(
-            "{key}: cannot use {}: {e}; give a PEM file with the CA certificates that sign \
-             the receiver's certificate",
-            path.display()
-        )
-    };
-    let size = std::fs::metadata(path).map_err(|e| what(&e))?.len();
-    if size > MAX_CA_FILE {
-        return Err(what(&format!("larger than {MAX_CA_FILE} bytes")));
-    }
-    let pem = std::fs::read(path).map_err(|e| what(&e))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| what(&e))?;
+pub fn root_store(path: &Path, key: &str) -> Result<RootCertStore, CaFileError> {
+    roots_in(path).map_err(|problem| CaFileError {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        problem,
+    })
+}
+
+fn roots_in(path: &Path) -> Result<RootCertStore, CaFileProblem> {
+    let pem = files::read_bounded(path, MAX_CA_FILE)?;
+    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>()?;
     if certs.is_empty() {
-        return Err(what(&"no CERTIFICATE block in it"));
+        return Err(CaFileProblem::NoCertificate);
     }
     let mut roots = RootCertStore::empty();
     for cert in certs {
-        roots.add(cert).map_err(|e| what(&e))?;
+        roots.add(cert)?;
     }
     Ok(roots)
 }

@@ -200,19 +200,13 @@ impl Raw {
     }
 }
 
-/// A TLS client config trusting exactly `roots` (ring, TLS 1.2 and 1.3).
+/// mailmoat's TLS client config trusting exactly `roots`.
 pub fn tls_client_config(roots: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
     let mut store = rustls::RootCertStore::empty();
     for root in roots {
         store.add(root.clone()).expect("a usable root");
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    Arc::new(config)
+    mailmoat::tls::client_config(store)
 }
 
 /// A client handshake for "localhost" over `stream`, within `WAIT`.

@@ -10,13 +10,15 @@ use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParam
 use lettre::transport::smtp::extension::ClientId;
 use mailmoat::config::{Config, ListenerSettings, Protocol, TlsMode};
 use mailmoat::sink::SinkOptions;
+use mailmoat::tls::generate;
 use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncWriteExt;
 use tokio::time::{timeout, Instant};
 
 use crate::harness::*;
 
-/// A certificate and key for "localhost" in a temporary directory.
+/// A self-signed certificate and key for "localhost" in a temporary
+/// directory.
 struct TlsKit {
     dir: TempDir,
     cert: PathBuf,
@@ -27,29 +29,19 @@ struct TlsKit {
 impl TlsKit {
     fn new(test: &str) -> TlsKit {
         let dir = TempDir::new(test);
-        let (cert, key, root) = write_certificate(&dir, "mx");
+        let generated = generate::self_signed(&["localhost"]).expect("certificate");
+        let (cert, key) = generated.write_in(dir.path(), "mx").expect("written");
         TlsKit {
             dir,
             cert,
             key,
-            root,
+            root: generated.der().clone(),
         }
     }
 
     fn roots(&self) -> Vec<CertificateDer<'static>> {
         vec![self.root.clone()]
     }
-}
-
-/// A fresh self-signed certificate for "localhost", written as `name.crt`
-/// and `name.key` in `dir`.
-fn write_certificate(dir: &TempDir, name: &str) -> (PathBuf, PathBuf, CertificateDer<'static>) {
-    let key = rcgen::KeyPair::generate().expect("key");
-    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-    let cert = params.self_signed(&key).expect("certificate");
-    let cert_path = dir.write(&format!("{name}.crt"), &cert.pem());
-    let key_path = dir.write(&format!("{name}.key"), &key.serialize_pem());
-    (cert_path, key_path, cert.der().clone())
 }
 
 /// A proxy config whose listeners are exactly `modes` (in order), with
@@ -336,10 +328,11 @@ async fn replaced_certificate_files_are_presented_within_2s_while_an_open_sessio
     let mut open = tls_session(Ipv4Addr::new(127, 0, 90, 9), proxy.addr, &kit).await;
 
     // certbot's way: new files written, then moved over the old ones.
-    let (new_cert, new_key, new_root) = write_certificate(&kit.dir, "renewed");
+    let generated = generate::self_signed(&["localhost"]).expect("certificate");
+    let (new_cert, new_key) = generated.write_in(kit.dir.path(), "renewed").unwrap();
     std::fs::rename(&new_key, &kit.key).unwrap();
     std::fs::rename(&new_cert, &kit.cert).unwrap();
-    let renewed = vec![new_root];
+    let renewed = vec![generated.der().clone()];
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let mut raw = session(Ipv4Addr::new(127, 0, 90, 10), proxy.addr).await;
