@@ -289,13 +289,9 @@ impl DemoCertificate {
     fn connector(&self) -> anyhow::Result<tokio_rustls::TlsConnector> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.clone())?;
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        Ok(tokio_rustls::TlsConnector::from(crate::tls::client_config(
+            roots,
+        )))
     }
 }
 
