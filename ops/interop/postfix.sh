@@ -278,16 +278,25 @@ files = []
 listen = "127.0.0.1:$admin_port"
 TOML
 
-"$mailmoat" check-config -c "$tmp/mailmoat.toml" >/dev/null 2>"$tmp/check-config.log" ||
-    fail "mailmoat check-config: $(cat "$tmp/check-config.log")"
-say "starting mailmoat on 127.0.0.1:$mm_port -> 127.0.0.1:$pf_port (PROXY v2)"
-"$mailmoat" run -c "$tmp/mailmoat.toml" >"$tmp/mailmoat.log" 2>&1 &
-mailmoat_pid=$!
-mailmoat_up() {
-    kill -0 "$mailmoat_pid" 2>/dev/null || fail "mailmoat exited early"
-    listening "$mm_port"
+# start_mailmoat NAME PORT WHAT: checks $tmp/NAME.toml, runs mailmoat on it
+# (log in $tmp/NAME.log) and waits until it listens on PORT; its PID is
+# left in $started_pid.
+start_mailmoat() {
+    local name=$1 port=$2 what=$3
+    "$mailmoat" check-config -c "$tmp/$name.toml" >/dev/null 2>"$tmp/check-config.log" ||
+        fail "mailmoat check-config ($name): $(cat "$tmp/check-config.log")"
+    say "starting mailmoat on 127.0.0.1:$port $what"
+    "$mailmoat" run -c "$tmp/$name.toml" >"$tmp/$name.log" 2>&1 &
+    started_pid=$!
+    # shellcheck disable=SC2317 # called through wait_for
+    up() {
+        kill -0 "$started_pid" 2>/dev/null || fail "mailmoat ($name) exited early"
+        listening "$port"
+    }
+    wait_for "mailmoat ($name) to listen on $port" up
 }
-wait_for "mailmoat to listen on $mm_port" mailmoat_up
+start_mailmoat mailmoat "$mm_port" "-> 127.0.0.1:$pf_port (PROXY v2)"
+mailmoat_pid=$started_pid
 
 # --- one message from 127.0.0.2 ------------------------------------------------------
 say "sending a message from 127.0.0.2 with swaks"
@@ -382,16 +391,9 @@ files = []
 listen = "127.0.0.1:$admin_tls_port"
 TOML
 
-"$mailmoat" check-config -c "$tmp/mailmoat-tls.toml" >/dev/null 2>"$tmp/check-config.log" ||
-    fail "mailmoat check-config (TLS): $(cat "$tmp/check-config.log")"
-say "starting mailmoat on 127.0.0.1:$mm_tls_port (tls = starttls) -> 127.0.0.1:$pf_tls_port (upstream.tls = starttls, PROXY v2)"
-"$mailmoat" run -c "$tmp/mailmoat-tls.toml" >"$tmp/mailmoat-tls.log" 2>&1 &
-mailmoat_tls_pid=$!
-mailmoat_tls_up() {
-    kill -0 "$mailmoat_tls_pid" 2>/dev/null || fail "mailmoat (TLS) exited early"
-    listening "$mm_tls_port"
-}
-wait_for "mailmoat (TLS) to listen on $mm_tls_port" mailmoat_tls_up
+start_mailmoat mailmoat-tls "$mm_tls_port" \
+    "(tls = starttls) -> 127.0.0.1:$pf_tls_port (upstream.tls = starttls, PROXY v2)"
+mailmoat_tls_pid=$started_pid
 
 send_tls() { # send_tls N: message N from 127.0.0.3 with STARTTLS; swaks's exit code
     local rc=0
