@@ -445,7 +445,7 @@ where
             let mut facts = driver.facts();
             facts.tls = facts.tls.or(implicit_version);
             drop(driver);
-            upstream.close().await;
+            upstream::close(upstream).await;
             (reason, facts)
         }
         Err(e) => {

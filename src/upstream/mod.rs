@@ -28,7 +28,8 @@ pub use check::{
     CHECK_REPLY_TIMEOUT,
 };
 pub use starttls::{StarttlsError, TlsClient, TlsClientError};
-pub use stream::{UpstreamStream, UPSTREAM_LINGER};
+pub use stream::{close, UpstreamStream, UPSTREAM_LINGER};
+use tokio_util::either::Either;
 
 use crate::config::{Config, ListenerSettings, ProxyProtocol, UpstreamSettings, UpstreamTls};
 use crate::metrics::Metrics;
@@ -215,7 +216,7 @@ async fn connect_one(
     }
     let Some(tls) = &upstream.tls else {
         return Ok(Connected {
-            stream: UpstreamStream::Plain(stream),
+            stream: Either::Left(stream),
             greeting: Vec::new(),
         });
     };
@@ -228,7 +229,7 @@ async fn connect_one(
     }
     let stream = starttls::upgrade(replies, tls, &upstream.hostname, deadline).await?;
     Ok(Connected {
-        stream: UpstreamStream::Tls(Box::new(stream)),
+        stream: Either::Right(Box::new(stream)),
         greeting: greeting.raw,
     })
 }

@@ -96,7 +96,10 @@ async fn starttls_verified_by_the_ca_file_keeps_the_greeting_and_talks_inside_tl
         .await
         .unwrap();
     assert_eq!(connected.greeting, b"220 sink.test ESMTP ready\r\n");
-    assert!(matches!(connected.stream, UpstreamStream::Tls(_)));
+    assert!(matches!(
+        connected.stream,
+        tokio_util::either::Either::Right(_)
+    ));
     // The sink offers AUTH only inside TLS: its EHLO reply says where we are.
     let mut replies = Replies::new(connected.stream);
     let ehlo = say(&mut replies, "EHLO client.test").await;
@@ -132,7 +135,10 @@ async fn a_pinned_receiver_certificate_is_accepted_without_a_ca_file() {
     let connected = connect_to(&settings(&sink, None, Some(pin)), None)
         .await
         .unwrap();
-    assert!(matches!(connected.stream, UpstreamStream::Tls(_)));
+    assert!(matches!(
+        connected.stream,
+        tokio_util::either::Either::Right(_)
+    ));
     let mut replies = Replies::new(connected.stream);
     assert!(say(&mut replies, "EHLO client.test")
         .await
