@@ -31,6 +31,7 @@ pub mod config;
 pub mod demo;
 pub mod descriptors;
 pub mod files;
+pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub bans_evicted: IntCounter,
     /// Handshakes, TLS sessions and certificates.
     pub tls: TlsMetrics,
+    /// The fleet's store: its health, round trips, shared bans and rates.
+    pub fleet: FleetMetrics,
 }
 
 impl Metrics {
@@ -234,9 +236,11 @@ impl Metrics {
         );
 
         let tls = TlsMetrics::register(&registry);
+        let fleet = FleetMetrics::register(&registry);
 
         Metrics {
             tls,
+            fleet,
             limit_hits: Limit::ALL
                 .iter()
                 .map(|l| match l.kind() {
@@ -494,5 +498,195 @@ impl TlsMetrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// What the fleet's store costs and what it carries. Registered whether or
+/// not `[fleet]` is configured, so dashboards and alerts see zeros, not
+/// gaps.
+pub struct FleetMetrics {
+    /// 1 while the store answers (breaker closed), 0 while this node
+    /// enforces from local state alone.
+    pub up: IntGauge,
+    /// Nodes heard within three heartbeats, this one included.
+    pub live_nodes: IntGauge,
+    /// Times the breaker opened.
+    pub breaker_opened: IntCounter,
+    /// Shared-rate decisions taken from the local share because the store
+    /// was down, by limit.
+    fallback: IntCounterVec,
+    /// Refusals because the fleet-wide count was spent, by limit.
+    limited: IntCounterVec,
+    /// Failed or timed-out store operations, by operation.
+    store_errors: IntCounterVec,
+    pub round_trip: Histogram,
+    /// Ban changes sent to and received from the fleet, by change.
+    sent: IntCounterVec,
+    received: IntCounterVec,
+    /// Shared-rate takes not sent (queue full or store down); the local
+    /// buckets still held.
+    pub takes_dropped: IntCounter,
+    /// Full reconciliations of the bans with the store.
+    pub resyncs: IntCounter,
+}
+
+impl FleetMetrics {
+    fn register(registry: &Registry) -> FleetMetrics {
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, label: &str, values: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            for value in values {
+                c.with_label_values(&[value]);
+            }
+            c
+        };
+        let rates: Vec<&str> = crate::config::SharedRate::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .collect();
+        let round_trip = Histogram::with_opts(
+            HistogramOpts::new(
+                "mailmoat_fleet_round_trip_seconds",
+                "Round trip of one batch of commands to the fleet's store.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(round_trip.clone()))
+            .expect("unique metric");
+        FleetMetrics {
+            up: gauge(
+                "mailmoat_fleet_up",
+                "1 while the fleet's store (Redis) answers; 0 while this node enforces from its local state alone (breaker open or not configured).",
+            ),
+            live_nodes: gauge(
+                "mailmoat_fleet_live_nodes",
+                "Fleet nodes heard within three heartbeats, this one included.",
+            ),
+            breaker_opened: counter(
+                "mailmoat_fleet_breaker_opened_total",
+                "Times the fleet's circuit breaker opened after failed store operations.",
+            ),
+            fallback: counter_vec(
+                "mailmoat_fleet_fallback_total",
+                "Shared-rate decisions taken from this node's local share because the store was down, by limit.",
+                "limit",
+                &rates,
+            ),
+            limited: counter_vec(
+                "mailmoat_fleet_limited_total",
+                "Refusals because the fleet-wide count of a shared rate was spent, by limit.",
+                "limit",
+                &rates,
+            ),
+            store_errors: counter_vec(
+                "mailmoat_fleet_store_errors_total",
+                "Failed or timed-out operations on the fleet's store, by operation.",
+                "op",
+                StoreOp::ALL_STR,
+            ),
+            round_trip,
+            sent: counter_vec(
+                "mailmoat_fleet_bans_sent_total",
+                "Ban changes this node wrote to the fleet's store, by change (ban, lift).",
+                "change",
+                &["ban", "lift"],
+            ),
+            received: counter_vec(
+                "mailmoat_fleet_bans_received_total",
+                "Ban changes this node applied from other nodes, by change (ban, lift).",
+                "change",
+                &["ban", "lift"],
+            ),
+            takes_dropped: counter(
+                "mailmoat_fleet_takes_dropped_total",
+                "Shared-rate takes not sent to the store (queue full or store down); the local buckets still applied.",
+            ),
+            resyncs: counter(
+                "mailmoat_fleet_resyncs_total",
+                "Full reconciliations of the bans with the fleet's store.",
+            ),
+        }
+    }
+
+    pub fn fallback(&self, rate: crate::config::SharedRate) {
+        self.fallback.with_label_values(&[rate.as_str()]).inc();
+    }
+
+    pub fn limited(&self, rate: crate::config::SharedRate) {
+        self.limited.with_label_values(&[rate.as_str()]).inc();
+    }
+
+    pub fn store_error(&self, op: StoreOp) {
+        self.store_errors.with_label_values(&[op.as_str()]).inc();
+    }
+
+    pub fn sent(&self, lift: bool) {
+        self.sent
+            .with_label_values(&[if lift { "lift" } else { "ban" }])
+            .inc();
+    }
+
+    pub fn received(&self, lift: bool) {
+        self.received
+            .with_label_values(&[if lift { "lift" } else { "ban" }])
+            .inc();
+    }
+}
+
+/// An operation on the fleet's store, the `op` label of
+/// `mailmoat_fleet_store_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    Connect,
+    Subscribe,
+    Ban,
+    Lift,
+    Take,
+    Resync,
+    Heartbeat,
+}
+
+impl StoreOp {
+    const ALL_STR: &'static [&'static str] = &[
+        "connect",
+        "subscribe",
+        "ban",
+        "lift",
+        "take",
+        "resync",
+        "heartbeat",
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreOp::Connect => "connect",
+            StoreOp::Subscribe => "subscribe",
+            StoreOp::Ban => "ban",
+            StoreOp::Lift => "lift",
+            StoreOp::Take => "take",
+            StoreOp::Resync => "resync",
+            StoreOp::Heartbeat => "heartbeat",
+        }
     }
 }

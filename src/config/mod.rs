@@ -57,6 +57,10 @@ pub struct Config {
     pub autoban: AutobanSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
+    /// `[fleet]`: bans and rate counters shared through Redis; none: this
+    /// node is on its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetSettings>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -211,6 +215,68 @@ pub struct Limits {
     pub max_message_size: u64,
     #[serde(serialize_with = "ser_big_int")]
     pub max_line_length: usize,
+}
+
+/// A per-IP rate that a fleet can count in Redis, across its nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedRate {
+    ConnectionRate,
+    MessageRate,
+    RecipientRate,
+}
+
+impl SharedRate {
+    pub const ALL: [SharedRate; 3] = [
+        SharedRate::ConnectionRate,
+        SharedRate::MessageRate,
+        SharedRate::RecipientRate,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SharedRate::ConnectionRate => "connection_rate",
+            SharedRate::MessageRate => "message_rate",
+            SharedRate::RecipientRate => "recipient_rate",
+        }
+    }
+}
+
+/// `[fleet]`: the Redis (or Valkey) the nodes share bans and rate counters
+/// through, and how this node behaves when it is slow or gone.
+#[derive(Clone, Debug, Serialize)]
+pub struct FleetSettings {
+    /// `redis://host:port/db` or `rediss://` (TLS); no password in it.
+    pub url: String,
+    /// The Redis password (AUTH), read once at start; trailing newline dropped.
+    pub password_file: Option<PathBuf>,
+    /// PEM roots for `rediss://`; none: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Prepended to every key and channel, so fleets can share one Redis.
+    pub key_prefix: String,
+    /// This node's name in the fleet (default: the host name).
+    pub node: String,
+    /// The fleet's size, for each node's local share of a shared rate while
+    /// Redis is down; 0: learned from the nodes heard.
+    pub nodes: u32,
+    /// The per-IP rates counted fleet-wide.
+    pub shared_rates: Vec<SharedRate>,
+    /// One Redis command's deadline.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// Failed commands in a row that open the breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker waits before it tries Redis again.
+    #[serde(serialize_with = "ser_duration")]
+    pub breaker_cooldown: Duration,
+    /// How often this node says it is alive (and learns who else is).
+    #[serde(serialize_with = "ser_duration")]
+    pub heartbeat: Duration,
+    /// How often the bans are reconciled with Redis in full (anti-entropy).
+    #[serde(serialize_with = "ser_duration")]
+    pub resync: Duration,
 }
 
 /// Abuse triggers: events per IP within `window`; 0 disables a trigger.
@@ -747,6 +813,7 @@ impl Validator<'_> {
                     }
                 },
             },
+            fleet: None,
             log: LogSettings {
                 format: self.parse("log.format", raw.log.format, "text", |s| match s {
                     "text" => Ok(LogFormat::Text),
