@@ -5,7 +5,9 @@
 //! success closes the breaker, its failure opens it again.
 //!
 //! `is_up` is what the data path reads (one atomic load): whether to trust
-//! the fleet's counts or enforce the local share.
+//! the fleet's counts or enforce the local share. Any failure puts it down
+//! at once, before the breaker opens: between a store's death and the
+//! breaker opening, a shared rate would otherwise hold only per node.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -56,8 +58,7 @@ impl Breaker {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// True when the store's answers stand (the last operation succeeded
-    /// and the breaker is closed).
+    /// True when the store's answers stand: the last operation succeeded.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
@@ -88,6 +89,8 @@ impl Breaker {
     }
 
     pub fn failure(&self, now: Instant, metrics: &FleetMetrics) -> Turned {
+        self.up.store(false, Ordering::Relaxed);
+        metrics.up.set(0);
         let mut state = self.state();
         let opens = match *state {
             State::Closed { failures } => {
@@ -106,8 +109,6 @@ impl Breaker {
             until: now + self.cooldown,
         };
         drop(state);
-        self.up.store(false, Ordering::Relaxed);
-        metrics.up.set(0);
         if was_closed {
             metrics.breaker_opened.inc();
             return Turned::Down;
@@ -132,8 +133,9 @@ mod tests {
         assert_eq!(breaker.success(m), Turned::Up);
         assert!(breaker.is_up());
         assert_eq!(breaker.failure(t0, m), Turned::Unchanged);
+        assert!(!breaker.is_up(), "down at the first failure");
         assert_eq!(breaker.failure(t0, m), Turned::Unchanged);
-        assert!(breaker.allows(t0) && breaker.is_up());
+        assert!(breaker.allows(t0), "still tried until the breaker opens");
         assert_eq!(breaker.failure(t0, m), Turned::Down);
         assert!(!breaker.is_up());
         assert!(!breaker.allows(t0 + Duration::from_secs(4)));
@@ -154,8 +156,8 @@ mod tests {
         let now = Instant::now();
         breaker.success(&metrics.fleet);
         breaker.failure(now, &metrics.fleet);
-        breaker.success(&metrics.fleet);
+        assert_eq!(breaker.success(&metrics.fleet), Turned::Up);
         assert_eq!(breaker.failure(now, &metrics.fleet), Turned::Unchanged);
-        assert!(breaker.is_up());
+        assert!(breaker.allows(now));
     }
 }
