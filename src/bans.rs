@@ -34,6 +34,7 @@ use std::fmt::Write as _;
 use std::io::Read as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -146,9 +147,11 @@ struct Window {
 struct Table {
     by_net: BTreeMap<IpNet, Ban>,
     by_expiry: BTreeSet<(u64, IpNet)>,
-    /// Recent lifts (Unix milliseconds), so a fleet node that missed one
-    /// does not bring the ban back; as bounded as the bans.
+    /// Recent lifts (fleet-clock milliseconds), so a fleet node that
+    /// missed one does not bring the ban back; as bounded as the bans, and
+    /// forgotten after `autoban.max_ttl` (no ban they could undo is left).
     lifts: BTreeMap<IpNet, u64>,
+    lifts_by_at: BTreeSet<(u64, IpNet)>,
     /// Bumped by every change; compared with what is on disk.
     changes: u64,
     /// Bumped when the set of networks changes; compared with the lists.
@@ -161,6 +164,14 @@ impl Table {
     fn insert(&mut self, net: IpNet, ban: Ban, cap: usize, now: u64) -> (Banned, usize) {
         if let Some(old) = self.by_net.get_mut(&net) {
             if old.until > now {
+                // The newer ban's stamp and maker stand, so a lift made
+                // between the two cannot undo the second.
+                if ban.since_ms > old.since_ms {
+                    old.since_ms = ban.since_ms;
+                    old.origin = ban.origin;
+                    old.reason = ban.reason;
+                    self.changes += 1;
+                }
                 if ban.until <= old.until {
                     return (Banned::Unchanged, 0);
                 }
@@ -195,31 +206,42 @@ impl Table {
         Some(ban)
     }
 
-    fn expire(&mut self, now: u64) {
+    /// Drops the bans expired at `now` (Unix s) and the lifts made before
+    /// `lifts_before` (ms).
+    fn expire(&mut self, now: u64, lifts_before: u64) {
         while let Some(&(until, net)) = self.by_expiry.first() {
             if until > now {
                 break;
             }
             self.remove(net);
         }
+        while let Some(&(at, net)) = self.lifts_by_at.first() {
+            if at >= lifts_before {
+                break;
+            }
+            self.lifts_by_at.remove(&(at, net));
+            self.lifts.remove(&net);
+        }
     }
 
     /// Remembers that `net` was lifted at `at_ms`, keeping at most `cap`
     /// lifts (the oldest go first).
     fn remember_lift(&mut self, net: IpNet, at_ms: u64, cap: usize) {
-        let at = self.lifts.entry(net).or_insert(at_ms);
-        *at = (*at).max(at_ms);
+        if let Some(old) = self.lifts.get(&net).copied() {
+            if old >= at_ms {
+                return;
+            }
+            self.lifts_by_at.remove(&(old, net));
+        }
+        self.lifts.insert(net, at_ms);
+        self.lifts_by_at.insert((at_ms, net));
         while self.lifts.len() > cap.max(1) {
-            let Some(oldest) = self
-                .lifts
-                .iter()
-                .min_by_key(|(_, at)| **at)
-                .map(|(n, _)| *n)
-            else {
+            let Some((_, oldest)) = self.lifts_by_at.pop_first() else {
                 break;
             };
             self.lifts.remove(&oldest);
         }
+        self.changes += 1;
     }
 
     /// True when a lift of `net` came after `ban` was made.
@@ -242,8 +264,13 @@ impl Table {
     }
 }
 
-/// Bans in the blocklist text format, expiry and reason in comments.
-fn export_text(bans: &[(IpNet, Ban)]) -> String {
+/// A remembered lift, as a comment line of the state file (a blocklist
+/// reading the file skips it).
+const LIFTED: &str = "# lifted ";
+
+/// Bans in the blocklist text format, expiry and reason in comments; then
+/// the lifts remembered, as comments.
+fn export_text(bans: &[(IpNet, Ban)], lifts: &[(IpNet, u64)]) -> String {
     let mut text = String::from(
         "# mailmoat automatic bans: IP or CIDR, then until=<unix time> reason=<trigger>\n",
     );
@@ -257,6 +284,9 @@ fn export_text(bans: &[(IpNet, Ban)]) -> String {
             let _ = write!(text, " node={node}");
         }
         text.push('\n');
+    }
+    for (net, at_ms) in lifts {
+        let _ = writeln!(text, "{LIFTED}{net} at={at_ms}");
     }
     text
 }
@@ -285,9 +315,13 @@ pub struct Bans {
     disk: Mutex<Disk>,
     sources: Arc<Sources>,
     metrics: Arc<Metrics>,
-    /// Where this node's own changes go to reach the fleet; unset without
-    /// `[fleet]`.
-    announce: OnceLock<mpsc::Sender<BanChange>>,
+    /// Where this node's own changes go to reach the fleet, and whom to
+    /// ask for a full reconciliation when that queue is full; unset
+    /// without `[fleet]`.
+    announce: OnceLock<(mpsc::Sender<BanChange>, Arc<Notify>)>,
+    /// Milliseconds to add to this host's clock to read the fleet's (the
+    /// store's): ban and lift stamps from different hosts are compared.
+    clock_offset_ms: AtomicI64,
 }
 
 pub fn source() -> Source {
@@ -350,6 +384,13 @@ pub(crate) fn clean_reason(reason: &str) -> Arc<str> {
     clean.into()
 }
 
+/// A `# lifted NET at=MS` line's rest.
+fn parse_lift(rest: &[u8]) -> Option<(IpNet, u64)> {
+    let text = std::str::from_utf8(rest).ok()?;
+    let (net, at) = text.trim().split_once(" at=")?;
+    Some((parse_net(net).ok()?, at.parse().ok()?))
+}
+
 /// The state file's bytes; `None` when there is none.
 fn read_state(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     let file = match std::fs::File::open(path) {
@@ -397,6 +438,7 @@ impl Bans {
             sources,
             metrics,
             announce: OnceLock::new(),
+            clock_offset_ms: AtomicI64::new(0),
         };
         bans.restore();
         bans
@@ -468,6 +510,13 @@ impl Bans {
         let mut loaded = Loaded::default();
         let mut table = lock(&self.table);
         for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+            if let Some(lift) = raw.strip_prefix(LIFTED.as_bytes()) {
+                match parse_lift(lift) {
+                    Some((net, at_ms)) => table.remember_lift(net, at_ms, self.settings.max_bans),
+                    None => loaded.bad += 1,
+                }
+                continue;
+            }
             let parsed = std::str::from_utf8(raw)
                 .map_err(|_| "not UTF-8".to_string())
                 .and_then(|line| self.parse_line(line, now, default_until));
@@ -622,16 +671,22 @@ impl Bans {
             });
         }
         let reason = clean_reason(reason);
-        let ban = Ban {
-            until: unix_after(ttl.max(Duration::from_secs(1))),
-            reason: reason.clone(),
-            since_ms: unix_now_ms(),
-            origin: None,
-        };
-        let (banned, evicted, stored) = {
+        let (banned, evicted, stored, restamped) = {
             let mut table = lock(&self.table);
+            // Made after any lift this node knows of, whatever the clocks.
+            let since_ms = self
+                .fleet_now_ms()
+                .max(table.lifts.get(&net).map_or(0, |at| at.saturating_add(1)));
+            let ban = Ban {
+                until: unix_after(ttl.max(Duration::from_secs(1))),
+                reason: reason.clone(),
+                since_ms,
+                origin: None,
+            };
             let (banned, evicted) = table.insert(net, ban, self.settings.max_bans, unix_now());
-            (banned, evicted, table.by_net.get(&net).cloned())
+            let stored = table.by_net.get(&net).cloned();
+            let restamped = stored.as_ref().is_some_and(|b| b.since_ms == since_ms);
+            (banned, evicted, stored, restamped)
         };
         match banned {
             Banned::New if evicted > 0 => {
@@ -642,11 +697,13 @@ impl Bans {
             Banned::Extended => {
                 tracing::debug!(net = %net, reason = %reason, ttl = ?ttl, "ban extended")
             }
-            Banned::Unchanged => return Ok(banned),
+            Banned::Unchanged => {}
         }
-        self.dirty.notify_one();
-        if let Some(ban) = stored {
-            self.tell_fleet(BanChange::Banned { net, ban });
+        if banned != Banned::Unchanged || restamped {
+            self.dirty.notify_one();
+            if let Some(ban) = stored {
+                self.tell_fleet(BanChange::Banned { net, ban });
+            }
         }
         Ok(banned)
     }
@@ -656,11 +713,17 @@ impl Bans {
     /// drops it.
     pub fn lift(&self, net: IpNet) -> bool {
         let net = net.trunc();
-        let at_ms = unix_now_ms();
-        let lifted = {
+        let (lifted, at_ms) = {
             let mut table = lock(&self.table);
+            // After the ban it lifts, whatever the clocks.
+            let at_ms = self.fleet_now_ms().max(
+                table
+                    .by_net
+                    .get(&net)
+                    .map_or(0, |ban| ban.since_ms.saturating_add(1)),
+            );
             table.remember_lift(net, at_ms, self.settings.max_bans);
-            table.remove(net).is_some()
+            (table.remove(net).is_some(), at_ms)
         };
         if lifted {
             tracing::info!(net = %net, "ban lifted");
@@ -673,18 +736,28 @@ impl Bans {
     /// Sends this node's own changes to the fleet from now on. The queue is
     /// bounded: a change that does not fit is still in force here and
     /// reaches the store at the next full reconciliation.
-    pub fn announce_to(&self, changes: mpsc::Sender<BanChange>) {
-        let _ = self.announce.set(changes);
+    pub fn announce_to(&self, changes: mpsc::Sender<BanChange>, resync: Arc<Notify>) {
+        let _ = self.announce.set((changes, resync));
     }
 
     fn tell_fleet(&self, change: BanChange) {
-        if let Some(changes) = self.announce.get() {
+        if let Some((changes, resync)) = self.announce.get() {
             if changes.try_send(change).is_err() {
-                tracing::debug!(
-                    "fleet queue full: the ban change waits for the next reconciliation"
-                );
+                tracing::debug!("fleet queue full: the ban change goes with a reconciliation");
+                resync.notify_one();
             }
         }
+    }
+
+    /// Sets how far the fleet's clock (the store's) is from this host's.
+    pub fn set_clock_offset(&self, offset_ms: i64) {
+        self.clock_offset_ms.store(offset_ms, Ordering::Relaxed);
+    }
+
+    /// Now on the fleet's clock (Unix ms), for stamps other nodes compare.
+    fn fleet_now_ms(&self) -> u64 {
+        let offset = self.clock_offset_ms.load(Ordering::Relaxed);
+        unix_now_ms().saturating_add_signed(offset)
     }
 
     /// Applies a ban another node made (never told back to the fleet).
@@ -751,14 +824,9 @@ impl Bans {
         self.settings.max_ttl
     }
 
-    /// Bans in force now.
+    /// Bans held (the maintenance task drops them as they expire).
     pub fn count(&self) -> usize {
-        let now = unix_now();
-        lock(&self.table)
-            .by_net
-            .values()
-            .filter(|ban| ban.until > now)
-            .count()
+        lock(&self.table).by_net.len()
     }
 
     /// The ban in force on `net` exactly, if any.
@@ -781,8 +849,8 @@ impl Bans {
 
     /// The bans in the blocklist text format, expiry and reason in comments.
     pub fn export(&self) -> String {
-        let bans = lock(&self.table).snapshot(unix_now());
-        export_text(&bans)
+        let (bans, lifts) = self.fleet_snapshot();
+        export_text(&bans, &lifts)
     }
 
     /// Pushes the bans to the lists and writes them to `autoban.state`
@@ -854,7 +922,10 @@ impl Bans {
             let mut applied = lock(&self.applied);
             let (nets, count, next) = {
                 let mut table = lock(&self.table);
-                table.expire(unix_now());
+                let lifts_before = self.fleet_now_ms().saturating_sub(
+                    u64::try_from(self.settings.max_ttl.as_millis()).unwrap_or(u64::MAX),
+                );
+                table.expire(unix_now(), lifts_before);
                 let nets = (*applied != Some(table.net_changes)).then(|| {
                     let nets: Vec<IpNet> = table.by_net.keys().copied().collect();
                     (nets, table.net_changes)
@@ -881,9 +952,10 @@ impl Bans {
             if disk.written.is_some_and(|written| written >= table.changes) {
                 return Ok(());
             }
-            (table.snapshot(unix_now()), table.changes)
+            let lifts: Vec<(IpNet, u64)> = table.lifts.iter().map(|(n, at)| (*n, *at)).collect();
+            ((table.snapshot(unix_now()), lifts), table.changes)
         };
-        crate::blocklist::api::persist(path, &export_text(&bans))?;
+        crate::blocklist::api::persist(path, &export_text(&bans.0, &bans.1))?;
         disk.written = Some(changes);
         Ok(())
     }

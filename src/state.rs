@@ -72,7 +72,7 @@ impl Core {
             metrics.clone(),
         ));
         if let Some(fleet) = fleet {
-            bans.announce_to(fleet.changes());
+            bans.announce_to(fleet.changes(), fleet.resync_handle());
         }
         let shared_rates = fleet.map(|f| f.rates.clone());
         let shaping = Arc::new(

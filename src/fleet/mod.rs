@@ -106,6 +106,11 @@ impl Fleet {
         self.changes_tx.clone()
     }
 
+    /// What asks for a full reconciliation now.
+    pub fn resync_handle(&self) -> Arc<Notify> {
+        self.resync.clone()
+    }
+
     fn live_window(&self) -> Duration {
         (self.settings.heartbeat * 3).max(Duration::from_secs(3))
     }
@@ -115,39 +120,60 @@ impl Fleet {
     /// task.
     pub async fn listen(self: Arc<Self>, bans: Arc<Bans>) {
         loop {
+            // Counted, but the data connection and the breaker are the
+            // data path's: a subscription failing is no reason to drop them.
+            let error = self.subscription(&bans).await;
+            self.store.metrics.fleet.store_error(StoreOp::Subscribe);
+            tracing::warn!(error = %error, "fleet events: subscription lost; other nodes' bans wait for the next reconciliation until it is back");
             let wait = self.store.breaker.wait(Instant::now());
-            tokio::time::sleep(wait.max(self.settings.heartbeat.min(Duration::from_secs(1)))).await;
-            match self.subscription(&bans).await {
-                Ok(()) => tracing::warn!(
-                    "fleet events: the store closed the subscription; subscribing again"
-                ),
-                Err(e) => self.store.failed(StoreOp::Subscribe, &e),
-            }
+            let pace = self.settings.heartbeat.min(Duration::from_secs(1));
+            tokio::time::sleep(wait.max(pace)).await;
         }
     }
 
-    async fn subscription(&self, bans: &Bans) -> Result<(), StoreError> {
+    /// One subscription, until it fails. It is pinged every heartbeat, so
+    /// a connection that died without a word (a dropped NAT entry, a paused
+    /// store) is noticed within a heartbeat and a timeout.
+    async fn subscription(&self, bans: &Bans) -> StoreError {
         let deadline = self.settings.connect_timeout + self.settings.timeout;
         let subscribe = async {
             let mut pubsub = self.store.client().get_async_pubsub().await?;
             pubsub.subscribe(&self.store.keys.events).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
-        let pubsub = tokio::time::timeout(deadline, subscribe)
-            .await
-            .map_err(|_| StoreError::TimedOut(deadline))??;
+        let pubsub = match tokio::time::timeout(deadline, subscribe).await {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(e)) => return e.into(),
+            Err(_) => return StoreError::TimedOut(deadline),
+        };
         self.resync.notify_one();
-        let mut messages = pubsub.into_on_message();
-        while let Some(message) = messages.next().await {
-            let Ok(text) = std::str::from_utf8(message.get_payload_bytes()) else {
-                continue;
-            };
-            match sync::Event::parse(text) {
-                Some(event) => sync::apply_event(bans, &self.store, &self.node, event),
-                None => tracing::debug!(message = text, "ignored a message on the fleet channel"),
+        let (mut sink, mut messages) = pubsub.split();
+        let mut ping = tokio::time::interval(self.settings.heartbeat);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = messages.next() => {
+                    let Some(message) = message else {
+                        return StoreError::Closed;
+                    };
+                    let Ok(text) = std::str::from_utf8(message.get_payload_bytes()) else {
+                        continue;
+                    };
+                    match sync::Event::parse(text) {
+                        Some(event) => sync::apply_event(bans, &self.store, &self.node, event),
+                        None => tracing::debug!(message = text, "ignored a message on the fleet channel"),
+                    }
+                }
+                _ = ping.tick() => {
+                    let pong = sink.ping::<redis::Value>();
+                    match tokio::time::timeout(self.settings.timeout, pong).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return e.into(),
+                        Err(_) => return StoreError::TimedOut(self.settings.timeout),
+                    }
+                }
             }
         }
-        Ok(())
     }
 
     /// Writes this node's ban changes. Run as a task.
@@ -167,8 +193,14 @@ impl Fleet {
     pub async fn keep_in_touch(self: Arc<Self>, bans: Arc<Bans>) {
         let mut wanted = true;
         let mut last = Instant::now();
+        // A reconciliation that keeps failing is retried less and less
+        // often (a heartbeat, doubling up to `fleet.resync`), never in a
+        // loop.
+        let mut failures = 0u32;
+        let mut next_try = Instant::now();
         loop {
-            let due = wanted || last.elapsed() >= self.settings.resync;
+            let due =
+                (wanted || last.elapsed() >= self.settings.resync) && Instant::now() >= next_try;
             if self.store.breaker.allows(Instant::now())
                 && self.heartbeat(&bans).await.is_ok()
                 && due
@@ -176,9 +208,20 @@ impl Fleet {
                 match sync::reconcile(&self.store, &bans, &self.node).await {
                     Ok(()) => {
                         wanted = false;
+                        failures = 0;
                         last = Instant::now();
                     }
-                    Err(e) => tracing::debug!(error = %e, "fleet reconciliation failed; retrying"),
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        let backoff = self
+                            .settings
+                            .heartbeat
+                            .saturating_mul(1 << failures.min(10))
+                            .min(self.settings.resync);
+                        next_try = Instant::now() + backoff;
+                        wanted = true;
+                        tracing::warn!(error = %e, failures, retry_in = ?backoff, "fleet reconciliation failed");
+                    }
                 }
             }
             tokio::select! {
@@ -197,6 +240,7 @@ impl Fleet {
             .call(&[&self.store.keys.nodes])
             .arg(&*self.node)
             .arg(bans.count())
+            .arg(MAX_NODES)
             .to_owned();
         let reply: Vec<String> = self
             .store
@@ -206,6 +250,14 @@ impl Fleet {
             .await?;
         let mut fields = reply.into_iter();
         let now_ms: u64 = fields.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        if now_ms > 0 {
+            let offset = i128::from(now_ms) - i128::from(crate::bans::unix_now_ms());
+            let offset = i64::try_from(offset).unwrap_or(0);
+            if offset.abs() > 1000 {
+                tracing::warn!(offset_ms = offset, "this host's clock is off the fleet store's by over a second: ban expiries are Unix times; keep every node on NTP");
+            }
+            bans.set_clock_offset(offset);
+        }
         let mut seen = Vec::new();
         while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
             if seen.len() >= MAX_NODES {
@@ -214,7 +266,11 @@ impl Fleet {
             let mut parts = value.split(' ');
             let heard: u64 = parts.next().and_then(|h| h.parse().ok()).unwrap_or(0);
             let count: u64 = parts.next().and_then(|b| b.parse().ok()).unwrap_or(0);
-            seen.push((name, now_ms.saturating_sub(heard), count));
+            seen.push((
+                crate::bans::clean_node(&name).to_string(),
+                now_ms.saturating_sub(heard),
+                count,
+            ));
         }
         seen.sort();
         let window = u64::try_from(self.live_window().as_millis()).unwrap_or(u64::MAX);

@@ -27,17 +27,21 @@ use super::breaker::{Breaker, Turned};
 use crate::config::FleetSettings;
 use crate::metrics::{Metrics, StoreOp};
 
-/// Records a ban unless a later lift or a longer ban is stored; publishes
-/// it when stored. 0: lifted since, 1: a ban at least as long is there,
-/// 2: stored.
+/// Records a ban unless a later lift, or a ban as long and as recent, is
+/// stored; publishes it when stored. The longer expiry and the later stamp
+/// win. 0: lifted since, 1: nothing newer, 2: stored.
 const BAN_SCRIPT: &str = r"
 local lifted = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if lifted and tonumber(lifted) >= tonumber(ARGV[3]) then return 0 end
-local cur = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if cur and tonumber(cur) >= tonumber(ARGV[2]) then return 1 end
-local value = ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. ARGV[5]
+local until = tonumber(ARGV[2])
+local cur = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local old_since = old and tonumber(string.match(old, '^%S+ (%S+)')) or 0
+if cur >= until and old_since >= tonumber(ARGV[3]) then return 1 end
+if cur > until then until = cur end
+local value = string.format('%.0f', until) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. ARGV[5]
 redis.call('HSET', KEYS[1], ARGV[1], value)
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[2], until, ARGV[1])
 redis.call('PUBLISH', KEYS[4], 'ban ' .. ARGV[1] .. ' ' .. value)
 return 2
 ";
@@ -106,9 +110,9 @@ local all = redis.call('HGETALL', KEYS[1])
 local out = {string.format('%.0f', now)}
 for i = 1, #all, 2 do
   local heard = tonumber(string.match(all[i + 1], '^(%S+)'))
-  if heard and now - heard > 86400000 then
+  if (not heard) or now - heard > 86400000 then
     redis.call('HDEL', KEYS[1], all[i])
-  else
+  elseif #out <= 2 * tonumber(ARGV[3]) then
     table.insert(out, all[i])
     table.insert(out, all[i + 1])
   end
@@ -196,6 +200,8 @@ pub enum StoreError {
     BreakerOpen,
     #[error("no answer within {0:?}")]
     TimedOut(Duration),
+    #[error("the store closed the connection")]
+    Closed,
     #[error("{0}")]
     Redis(#[from] redis::RedisError),
 }
@@ -203,8 +209,8 @@ pub enum StoreError {
 pub struct Store {
     client: Client,
     connection: Mutex<Option<MultiplexedConnection>>,
-    /// Connecting is serialised, so an outage is one connect timeout, not
-    /// one per waiting caller.
+    /// Connecting is serialised: callers arriving while a connection is
+    /// being made wait for it rather than each dialling.
     connecting: tokio::sync::Mutex<()>,
     pub keys: Keys,
     pub scripts: Scripts,
@@ -315,8 +321,6 @@ impl Store {
             .await
             .map_err(|_| StoreError::TimedOut(deadline))??;
         self.set_current(Some(connection.clone()));
-        // A new connection may be to a store that restarted empty.
-        self.came_back.notify_one();
         Ok(connection)
     }
 
