@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bans::{Bans, Saved};
 use crate::blocklist::Blocklist;
 use crate::config::Config;
+use crate::fleet::Fleet;
 use crate::lookup::Lookup;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
@@ -78,6 +79,8 @@ pub struct AdminState {
     pub upstream: Arc<upstream::Health>,
     /// `POST /admin/reload`; `None` where nothing can be reloaded.
     pub reloader: Option<Arc<Reloader>>,
+    /// `/admin/fleet`; `None` without `[fleet]`.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -87,6 +90,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/readyz", get(ready))
         .route("/admin/lookup", get(lookup))
         .route("/admin/top", get(top))
+        .route("/admin/fleet", get(fleet))
         .route("/admin/reload", axum::routing::post(reload))
         .route(
             "/admin/bans",
@@ -276,7 +280,11 @@ async fn lookup(
         .get(&ip.to_canonical())
         .copied()
         .unwrap_or(0);
-    let answer = Lookup::new(&state.blocklist.load(), ip, Some(sessions));
+    let mut answer = Lookup::new(&state.blocklist.load(), ip, Some(sessions));
+    answer.origin = answer
+        .ban_entry()
+        .and_then(|net| state.bans.get(net)?.origin)
+        .map(|node| node.to_string());
     match q.format.as_deref() {
         Some("json") => (
             [(header::CONTENT_TYPE, "application/json")],
@@ -287,6 +295,23 @@ async fn lookup(
         Some(_) => (
             StatusCode::BAD_REQUEST,
             "format= must be \"text\" or \"json\"\n",
+        )
+            .into_response(),
+    }
+}
+
+/// The fleet as this node sees it: the store's state and every node the
+/// last heartbeat heard, with their ban counts (JSON).
+async fn fleet(State(state): State<Arc<AdminState>>) -> axum::response::Response {
+    match &state.fleet {
+        Some(fleet) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_string(&fleet.view()).unwrap_or_default(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "no fleet: this node has no [fleet] section, so it shares nothing\n",
         )
             .into_response(),
     }
@@ -497,7 +522,7 @@ mod tests {
         let config = Arc::new(Config::default());
         let metrics = Arc::new(Metrics::new());
         let upstreams = Arc::new(crate::upstream::Connector::new(&config).unwrap());
-        let core = Core::build(&config, metrics.clone(), None, upstreams).await;
+        let core = Core::build(&config, metrics.clone(), None, upstreams, None).await;
         let tasks = Arc::new(Supervisor::new(metrics.registry()));
         let stop = CancellationToken::new();
         tasks.spawn(Task::BanMaintenance, stop.clone(), || async {
@@ -513,6 +538,7 @@ mod tests {
             tasks: tasks.clone(),
             upstream: Default::default(),
             reloader: None,
+            fleet: None,
         })));
         // Paused time: the task stays down through its first backoff.
         for _ in 0..10_000 {

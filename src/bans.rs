@@ -34,12 +34,12 @@ use std::fmt::Write as _;
 use std::io::Read as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use ipnet::IpNet;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::blocklist::sources::Sources;
@@ -85,6 +85,21 @@ pub struct Ban {
     pub until: u64,
     /// Shared, so a snapshot of every ban is cheap to take under the lock.
     pub reason: Arc<str>,
+    /// When the ban was made (Unix milliseconds; 0 when unknown): a lift
+    /// made later wins over it, one made earlier does not.
+    pub since_ms: u64,
+    /// The fleet node that made it; `None`: this node.
+    pub origin: Option<Arc<str>>,
+}
+
+/// The bans in force and the lifts remembered (Unix ms).
+pub type FleetSnapshot = (Vec<(IpNet, Ban)>, Vec<(IpNet, u64)>);
+
+/// A change to the bans, as the fleet hears of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BanChange {
+    Banned { net: IpNet, ban: Ban },
+    Lifted { net: IpNet, at_ms: u64 },
 }
 
 /// Why a ban was refused; the text names the config key to change.
@@ -131,6 +146,9 @@ struct Window {
 struct Table {
     by_net: BTreeMap<IpNet, Ban>,
     by_expiry: BTreeSet<(u64, IpNet)>,
+    /// Recent lifts (Unix milliseconds), so a fleet node that missed one
+    /// does not bring the ban back; as bounded as the bans.
+    lifts: BTreeMap<IpNet, u64>,
     /// Bumped by every change; compared with what is on disk.
     changes: u64,
     /// Bumped when the set of networks changes; compared with the lists.
@@ -186,6 +204,29 @@ impl Table {
         }
     }
 
+    /// Remembers that `net` was lifted at `at_ms`, keeping at most `cap`
+    /// lifts (the oldest go first).
+    fn remember_lift(&mut self, net: IpNet, at_ms: u64, cap: usize) {
+        let at = self.lifts.entry(net).or_insert(at_ms);
+        *at = (*at).max(at_ms);
+        while self.lifts.len() > cap.max(1) {
+            let Some(oldest) = self
+                .lifts
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(n, _)| *n)
+            else {
+                break;
+            };
+            self.lifts.remove(&oldest);
+        }
+    }
+
+    /// True when a lift of `net` came after `ban` was made.
+    fn lifted_after(&self, net: IpNet, ban: &Ban) -> bool {
+        self.lifts.get(&net).is_some_and(|at| *at >= ban.since_ms)
+    }
+
     fn next_expiry(&self) -> Option<u64> {
         self.by_expiry.first().map(|&(until, _)| until)
     }
@@ -207,7 +248,15 @@ fn export_text(bans: &[(IpNet, Ban)]) -> String {
         "# mailmoat automatic bans: IP or CIDR, then until=<unix time> reason=<trigger>\n",
     );
     for (net, ban) in bans {
-        let _ = writeln!(text, "{net} # until={} reason={}", ban.until, ban.reason);
+        let _ = write!(
+            text,
+            "{net} # until={} reason={} since={}",
+            ban.until, ban.reason, ban.since_ms
+        );
+        if let Some(node) = &ban.origin {
+            let _ = write!(text, " node={node}");
+        }
+        text.push('\n');
     }
     text
 }
@@ -236,6 +285,9 @@ pub struct Bans {
     disk: Mutex<Disk>,
     sources: Arc<Sources>,
     metrics: Arc<Metrics>,
+    /// Where this node's own changes go to reach the fleet; unset without
+    /// `[fleet]`.
+    announce: OnceLock<mpsc::Sender<BanChange>>,
 }
 
 pub fn source() -> Source {
@@ -261,6 +313,10 @@ fn unix_now() -> u64 {
     since_epoch().as_secs()
 }
 
+pub(crate) fn unix_now_ms() -> u64 {
+    u64::try_from(since_epoch().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The whole Unix second by which `ttl` from now has passed: a ban lasts
 /// at least its TTL, never up to a second less.
 fn unix_after(ttl: Duration) -> u64 {
@@ -274,8 +330,18 @@ fn time_until(until: u64) -> Duration {
     Duration::from_secs(until).saturating_sub(since_epoch())
 }
 
+/// A node name as it may appear in the state file and the logs.
+pub(crate) fn clean_node(node: &str) -> Arc<str> {
+    let clean: String = node
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    clean.into()
+}
+
 /// A reason as it may appear in the state file and the logs.
-fn clean_reason(reason: &str) -> Arc<str> {
+pub(crate) fn clean_reason(reason: &str) -> Arc<str> {
     let clean: String = reason
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
@@ -330,6 +396,7 @@ impl Bans {
             disk: Mutex::new(Disk::default()),
             sources,
             metrics,
+            announce: OnceLock::new(),
         };
         bans.restore();
         bans
@@ -456,7 +523,22 @@ impl Bans {
             return Ok(None);
         }
         let reason = field("reason").map_or_else(|| Arc::from("loaded"), clean_reason);
-        Ok(Some((net, Ban { until, reason })))
+        let since_ms = match field("since") {
+            None => 0,
+            Some(s) => s
+                .parse()
+                .map_err(|_| format!("since={s:?} is not a Unix time in milliseconds"))?,
+        };
+        let origin = field("node").map(clean_node).filter(|n| !n.is_empty());
+        Ok(Some((
+            net,
+            Ban {
+                until,
+                reason,
+                since_ms,
+                origin,
+            },
+        )))
     }
 
     fn threshold(&self, event: BanEvent) -> u32 {
@@ -543,9 +625,14 @@ impl Bans {
         let ban = Ban {
             until: unix_after(ttl.max(Duration::from_secs(1))),
             reason: reason.clone(),
+            since_ms: unix_now_ms(),
+            origin: None,
         };
-        let (banned, evicted) =
-            lock(&self.table).insert(net, ban, self.settings.max_bans, unix_now());
+        let (banned, evicted, stored) = {
+            let mut table = lock(&self.table);
+            let (banned, evicted) = table.insert(net, ban, self.settings.max_bans, unix_now());
+            (banned, evicted, table.by_net.get(&net).cloned())
+        };
         match banned {
             Banned::New if evicted > 0 => {
                 self.metrics.bans_evicted.inc_by(evicted as u64);
@@ -558,17 +645,130 @@ impl Bans {
             Banned::Unchanged => return Ok(banned),
         }
         self.dirty.notify_one();
+        if let Some(ban) = stored {
+            self.tell_fleet(BanChange::Banned { net, ban });
+        }
         Ok(banned)
     }
 
-    /// Lifts a ban; false when there was none.
+    /// Lifts a ban; false when there was none. The lift is remembered (and
+    /// told to the fleet) either way, so a node that still has the ban
+    /// drops it.
     pub fn lift(&self, net: IpNet) -> bool {
-        let lifted = lock(&self.table).remove(net.trunc()).is_some();
+        let net = net.trunc();
+        let at_ms = unix_now_ms();
+        let lifted = {
+            let mut table = lock(&self.table);
+            table.remember_lift(net, at_ms, self.settings.max_bans);
+            table.remove(net).is_some()
+        };
         if lifted {
             tracing::info!(net = %net, "ban lifted");
             self.dirty.notify_one();
         }
+        self.tell_fleet(BanChange::Lifted { net, at_ms });
         lifted
+    }
+
+    /// Sends this node's own changes to the fleet from now on. The queue is
+    /// bounded: a change that does not fit is still in force here and
+    /// reaches the store at the next full reconciliation.
+    pub fn announce_to(&self, changes: mpsc::Sender<BanChange>) {
+        let _ = self.announce.set(changes);
+    }
+
+    fn tell_fleet(&self, change: BanChange) {
+        if let Some(changes) = self.announce.get() {
+            if changes.try_send(change).is_err() {
+                tracing::debug!(
+                    "fleet queue full: the ban change waits for the next reconciliation"
+                );
+            }
+        }
+    }
+
+    /// Applies a ban another node made (never told back to the fleet).
+    /// Refused when it is wider than this node allows; ignored when this
+    /// node lifted it after it was made. Its expiry is cut to
+    /// `autoban.max_ttl`.
+    pub fn apply_remote(&self, net: IpNet, mut ban: Ban) -> Result<Banned, BanError> {
+        let net = net.trunc();
+        self.check_prefix(net)?;
+        ban.until = ban.until.min(unix_after(self.settings.max_ttl));
+        let now = unix_now();
+        if ban.until <= now {
+            return Ok(Banned::Unchanged);
+        }
+        let (node, reason) = (ban.origin.clone(), ban.reason.clone());
+        let (banned, evicted) = {
+            let mut table = lock(&self.table);
+            if table.lifted_after(net, &ban) {
+                return Ok(Banned::Unchanged);
+            }
+            table.insert(net, ban, self.settings.max_bans, now)
+        };
+        self.metrics.bans_evicted.inc_by(evicted as u64);
+        if banned == Banned::New {
+            let node = node.as_deref().unwrap_or("?");
+            tracing::warn!(net = %net, reason = %reason, node = node, "banned by another node");
+        }
+        if banned != Banned::Unchanged {
+            self.dirty.notify_one();
+        }
+        Ok(banned)
+    }
+
+    /// Applies a lift another node made at `at_ms`: drops the ban unless
+    /// it was made after the lift. True when a ban was dropped.
+    pub fn lift_remote(&self, net: IpNet, at_ms: u64) -> bool {
+        let net = net.trunc();
+        let lifted = {
+            let mut table = lock(&self.table);
+            table.remember_lift(net, at_ms, self.settings.max_bans);
+            let older = table
+                .by_net
+                .get(&net)
+                .is_some_and(|ban| ban.since_ms <= at_ms);
+            older && table.remove(net).is_some()
+        };
+        if lifted {
+            tracing::info!(net = %net, "ban lifted by another node");
+            self.dirty.notify_one();
+        }
+        lifted
+    }
+
+    /// The bans in force and the lifts remembered, for a reconciliation
+    /// with the fleet.
+    pub fn fleet_snapshot(&self) -> FleetSnapshot {
+        let table = lock(&self.table);
+        let lifts = table.lifts.iter().map(|(n, at)| (*n, *at)).collect();
+        (table.snapshot(unix_now()), lifts)
+    }
+
+    /// The longest a ban may last (`autoban.max_ttl`).
+    pub fn max_ttl(&self) -> Duration {
+        self.settings.max_ttl
+    }
+
+    /// Bans in force now.
+    pub fn count(&self) -> usize {
+        let now = unix_now();
+        lock(&self.table)
+            .by_net
+            .values()
+            .filter(|ban| ban.until > now)
+            .count()
+    }
+
+    /// The ban in force on `net` exactly, if any.
+    pub fn get(&self, net: IpNet) -> Option<Ban> {
+        let now = unix_now();
+        lock(&self.table)
+            .by_net
+            .get(&net.trunc())
+            .filter(|ban| ban.until > now)
+            .cloned()
     }
 
     pub fn is_banned(&self, ip: IpAddr) -> bool {

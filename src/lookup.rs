@@ -30,6 +30,9 @@ pub struct Lookup {
     pub explain: Vec<String>,
     /// Sessions open from the address; only the running proxy knows.
     pub sessions: Option<usize>,
+    /// The fleet node whose ban decided, when another node made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 impl Lookup {
@@ -46,7 +49,16 @@ impl Lookup {
             entry,
             explain: lists.explain(ip),
             sessions,
+            origin: None,
         }
+    }
+
+    /// The entry that decided, when the automatic bans hold it.
+    pub fn ban_entry(&self) -> Option<IpNet> {
+        let source = self.source.as_deref()?;
+        (source == crate::bans::source().name.as_str())
+            .then_some(self.entry)
+            .flatten()
     }
 
     pub fn is_blocked(&self) -> bool {
@@ -58,6 +70,9 @@ impl Lookup {
         let mut text = format!("{}\n", self.ip);
         for line in &self.explain {
             let _ = writeln!(text, "  {line}");
+        }
+        if let Some(node) = &self.origin {
+            let _ = writeln!(text, "  banned by node {node} (shared through the fleet)");
         }
         if let Some(sessions) = self.sessions {
             let _ = writeln!(text, "  open sessions: {sessions}");

@@ -647,6 +647,10 @@ impl FleetMetrics {
             .inc();
     }
 
+    pub fn received_many(&self, bans: u64) {
+        self.received.with_label_values(&["ban"]).inc_by(bans);
+    }
+
     pub fn received(&self, lift: bool) {
         self.received
             .with_label_values(&[if lift { "lift" } else { "ban" }])

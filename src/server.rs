@@ -26,6 +26,7 @@ use crate::admin::{self, AdminState};
 use crate::blocklist;
 use crate::config::Config;
 use crate::descriptors::{self, Budget};
+use crate::fleet::Fleet;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::reload::{Live, Reloader, StartListener};
@@ -47,6 +48,9 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("{0}")]
     Upstream(#[from] upstream::ConnectorError),
+    /// `[fleet]` that cannot be set up (URL, password or CA file).
+    #[error("{0}")]
+    Fleet(anyhow::Error),
 }
 
 pub struct Server {
@@ -60,6 +64,8 @@ pub struct Server {
     /// The file a reload re-reads (`run -c FILE`).
     reload_from: Option<PathBuf>,
     upstreams: Arc<upstream::Connector>,
+    /// Bans and rates shared through Redis; `None` without `[fleet]`.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl Server {
@@ -92,7 +98,9 @@ impl Server {
             metrics.declare_upstream(&server.to_string());
         }
         let tls = Terminator::from_settings(&config.tls, metrics.tls.clone())?.map(Arc::new);
+        let fleet = Fleet::new(&config, metrics.clone()).map_err(ServerError::Fleet)?;
         Ok(Server {
+            fleet,
             config: Arc::new(config),
             listeners,
             admin,
@@ -134,6 +142,7 @@ impl Server {
             self.metrics.clone(),
             self.tls.clone(),
             self.upstreams.clone(),
+            self.fleet.as_ref(),
         )
         .await;
         let shared = core.sessions.clone();
@@ -207,6 +216,7 @@ impl Server {
                 tasks: tasks.clone(),
                 upstream: health.clone(),
                 reloader: Some(reloader.clone()),
+                fleet: self.fleet.clone(),
             }));
             let stop = stop_background.clone();
             tasks.spawn(Task::Admin, stop_background.clone(), move || {
@@ -239,6 +249,9 @@ impl Server {
             tasks.spawn(Task::BanMaintenance, stop_background.clone(), move || {
                 bans.clone().maintain(state.clone())
             });
+        }
+        if let Some(fleet) = &self.fleet {
+            spawn_fleet(&tasks, &stop_background, fleet, &core.bans);
         }
         {
             let live = live.clone();
@@ -302,6 +315,31 @@ async fn reload_on_hangup(reloader: Arc<Reloader>) {
 
 /// Evicts idle per-IP state every `every`, in the generation in force (a
 /// replaced generation's tables go with its last session).
+/// The fleet's four tasks, each supervised.
+fn spawn_fleet(
+    tasks: &Arc<Supervisor>,
+    stop: &CancellationToken,
+    fleet: &Arc<Fleet>,
+    bans: &Arc<crate::bans::Bans>,
+) {
+    let (f, b) = (fleet.clone(), bans.clone());
+    tasks.spawn(Task::FleetEvents, stop.clone(), move || {
+        f.clone().listen(b.clone())
+    });
+    let (f, b) = (fleet.clone(), bans.clone());
+    tasks.spawn(Task::FleetSync, stop.clone(), move || {
+        f.clone().keep_in_touch(b.clone())
+    });
+    let (f, b) = (fleet.clone(), bans.clone());
+    tasks.spawn(Task::FleetPublish, stop.clone(), move || {
+        f.clone().publish(b.clone())
+    });
+    let rates = fleet.rates.clone();
+    tasks.spawn(Task::FleetRates, stop.clone(), move || {
+        rates.clone().send_takes()
+    });
+}
+
 async fn sweep(live: Arc<ArcSwap<Live>>, every: Duration) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

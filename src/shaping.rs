@@ -19,7 +19,8 @@ use governor::Quota;
 
 use crate::admission::{quota, RateCheck, RateTable};
 use crate::bans::{BanEvent, Bans};
-use crate::config::Config;
+use crate::config::{Config, SharedRate};
+use crate::fleet::SharedRates;
 use crate::metrics::Metrics;
 
 /// The limits a client can hit: the `limit` label of
@@ -86,6 +87,8 @@ pub struct Shaping {
     /// would refuse every client behind it and fail its health checks: an
     /// outage. Metrics still count what it did.
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// The fleet's count of the message and recipient rates, when shared.
+    fleet: Option<Arc<SharedRates>>,
 }
 
 impl Shaping {
@@ -102,7 +105,14 @@ impl Shaping {
             recent_refusals: Arc::new(DashMap::new()),
             max_tracked: max,
             trusted_proxies: config.server.trusted_proxies.clone(),
+            fleet: None,
         }
+    }
+
+    /// Counts the message and recipient rates across the fleet too.
+    pub fn with_fleet(mut self, fleet: Option<Arc<SharedRates>>) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// Shaping whose bans feed lists nobody reads: the SMTP module driven
@@ -131,6 +141,9 @@ impl Shaping {
     /// refusals are shared; `server.shadow` and `server.max_tracked_ips`
     /// need a restart and are kept.
     pub fn reconfigured(&self, config: &Config) -> Shaping {
+        if let Some(fleet) = &self.fleet {
+            fleet.reshape(config);
+        }
         let l = &config.limits;
         let table = |q: Quota, old: &(Quota, Arc<RateTable>)| {
             if q == old.0 {
@@ -148,6 +161,7 @@ impl Shaping {
             recent_refusals: self.recent_refusals.clone(),
             max_tracked: self.max_tracked,
             trusted_proxies: config.server.trusted_proxies.clone(),
+            fleet: self.fleet.clone(),
         }
     }
 
@@ -214,6 +228,9 @@ impl Shaping {
         self.messages.1.sweep();
         self.recipients.1.sweep();
         self.bans.sweep();
+        if let Some(fleet) = &self.fleet {
+            fleet.sweep();
+        }
         self.recent_refusals.retain(|_, n| {
             *n /= 2;
             *n > 0
@@ -240,20 +257,33 @@ pub struct ClientShaping<'a> {
 impl ClientShaping<'_> {
     /// Takes a message token (at MAIL).
     pub fn message(&self) -> Verdict {
-        self.take(&self.shaping.messages.1, Limit::MessageRate)
+        self.take(
+            &self.shaping.messages.1,
+            Limit::MessageRate,
+            SharedRate::MessageRate,
+        )
     }
 
     /// Takes a recipient token (at RCPT).
     pub fn recipient(&self) -> Verdict {
-        self.take(&self.shaping.recipients.1, Limit::RecipientRate)
+        self.take(
+            &self.shaping.recipients.1,
+            Limit::RecipientRate,
+            SharedRate::RecipientRate,
+        )
     }
 
-    fn take(&self, table: &RateTable, limit: Limit) -> Verdict {
+    fn take(&self, table: &RateTable, limit: Limit, shared: SharedRate) -> Verdict {
         if self.allowlisted {
             return Verdict::Pass;
         }
         match table.check(self.ip) {
-            RateCheck::Allowed => Verdict::Pass,
+            RateCheck::Allowed => match &self.shaping.fleet {
+                Some(fleet) if fleet.check(shared, self.ip) == RateCheck::Limited => {
+                    self.over(limit)
+                }
+                _ => Verdict::Pass,
+            },
             RateCheck::Untracked => {
                 self.shaping.metrics.rate_untracked.inc();
                 Verdict::Pass

@@ -15,6 +15,7 @@ use crate::bans::Bans;
 use crate::blocklist::sources::{SourceMetrics, Sources};
 use crate::blocklist::{self, Blocklist, Lists};
 use crate::config::Config;
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::session::registry::Registry;
 use crate::session::{CloseReason, Shared};
@@ -46,6 +47,7 @@ impl Core {
         metrics: Arc<Metrics>,
         tls: Option<Arc<Terminator>>,
         upstreams: Arc<crate::upstream::Connector>,
+        fleet: Option<&Arc<Fleet>>,
     ) -> Core {
         let live_lists = Arc::new(Blocklist::default());
         let registry = Arc::new(Registry::default());
@@ -69,8 +71,16 @@ impl Core {
             sources.clone(),
             metrics.clone(),
         ));
-        let shaping = Arc::new(Shaping::new(config, bans.clone(), metrics.clone()));
-        let admission = Arc::new(Admission::new(config, live_lists.clone(), metrics.clone()));
+        if let Some(fleet) = fleet {
+            bans.announce_to(fleet.changes());
+        }
+        let shared_rates = fleet.map(|f| f.rates.clone());
+        let shaping = Arc::new(
+            Shaping::new(config, bans.clone(), metrics.clone()).with_fleet(shared_rates.clone()),
+        );
+        let admission = Arc::new(
+            Admission::new(config, live_lists.clone(), metrics.clone()).with_fleet(shared_rates),
+        );
         let sessions = Arc::new(Shared {
             metrics: metrics.clone(),
             admission: admission.clone(),

@@ -40,10 +40,18 @@ pub enum Task {
     ConfigReload,
     /// Reloads the TLS certificates when their files change and on SIGHUP.
     CertificateReload,
+    /// The other fleet nodes' ban changes, by subscription.
+    FleetEvents,
+    /// Heartbeat, fleet view and reconciliation of the bans.
+    FleetSync,
+    /// This node's ban changes, written to the fleet's store.
+    FleetPublish,
+    /// Shared-rate takes, sent to the fleet's store.
+    FleetRates,
 }
 
 impl Task {
-    pub const ALL: [Task; 9] = [
+    pub const ALL: [Task; 13] = [
         Task::SmtpAccept,
         Task::Admin,
         Task::BlocklistFiles,
@@ -53,6 +61,10 @@ impl Task {
         Task::UpstreamCheck,
         Task::ConfigReload,
         Task::CertificateReload,
+        Task::FleetEvents,
+        Task::FleetSync,
+        Task::FleetPublish,
+        Task::FleetRates,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +78,10 @@ impl Task {
             Task::UpstreamCheck => "upstream_check",
             Task::ConfigReload => "config_reload",
             Task::CertificateReload => "certificate_reload",
+            Task::FleetEvents => "fleet_events",
+            Task::FleetSync => "fleet_sync",
+            Task::FleetPublish => "fleet_publish",
+            Task::FleetRates => "fleet_rates",
         }
     }
 }

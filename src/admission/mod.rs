@@ -23,7 +23,8 @@ pub use rate::{quota, RateCheck, RateTable};
 pub use refusal::Refusal;
 
 use crate::blocklist::Blocklist;
-use crate::config::Config;
+use crate::config::{Config, SharedRate};
+use crate::fleet::SharedRates;
 use crate::metrics::Metrics;
 
 pub struct Admission<C: Clock = DefaultClock> {
@@ -46,6 +47,8 @@ pub struct Admission<C: Clock = DefaultClock> {
     blocklist: Arc<Blocklist>,
     metrics: Arc<Metrics>,
     clock: C,
+    /// The fleet's count of the connection rate, when it is shared.
+    fleet: Option<Arc<SharedRates>>,
 }
 
 impl Admission<DefaultClock> {
@@ -84,7 +87,14 @@ impl<C: Clock + Clone> Admission<C> {
             blocklist,
             metrics,
             clock,
+            fleet: None,
         }
+    }
+
+    /// Counts the connection rate across the fleet too.
+    pub fn with_fleet(mut self, fleet: Option<Arc<SharedRates>>) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// The admission of a reloaded `config`, keeping the state whose key
@@ -112,6 +122,7 @@ impl<C: Clock + Clone> Admission<C> {
             counts: self.counts.clone(),
             rate,
             greet_passed: self.greet_passed.clone(),
+            fleet: self.fleet.clone(),
             ..fresh
         }
     }
@@ -136,7 +147,14 @@ impl<C: Clock + Clone> Admission<C> {
             permit.add_prefix(self.prefix_of(ip), self.per_prefix, true);
         }
         match self.rate.check(ip) {
-            RateCheck::Allowed => {}
+            RateCheck::Allowed => {
+                let fleet = self.fleet.as_ref();
+                if fleet
+                    .is_some_and(|f| f.check(SharedRate::ConnectionRate, ip) == RateCheck::Limited)
+                {
+                    self.refuse(ip, Refusal::ConnectionRate)?;
+                }
+            }
             RateCheck::Limited => self.refuse(ip, Refusal::ConnectionRate)?,
             RateCheck::Untracked => self.metrics.rate_untracked.inc(),
         }

@@ -170,7 +170,7 @@ fn counts_never_exceed_caps_under_random_churn() {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        if seed % 3 == 0 && !held.is_empty() {
+        if seed.is_multiple_of(3) && !held.is_empty() {
             held.swap_remove((seed as usize / 3) % held.len());
         } else {
             let addr =
