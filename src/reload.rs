@@ -225,7 +225,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// `loaded` with every restart-only key at its running value, and the
 /// restart-only keys that differ. These keys are wired into long-lived
 /// state (the ban table, the list sources and their watchers, the admin
-/// listener, the logger, the open sessions' prefix counts).
+/// listener, the logger, the open sessions' prefix counts, the fleet).
 fn effective(running: &Config, mut loaded: Config) -> (Config, Vec<String>) {
     let mut changed = Vec::new();
     let (r, l) = (running, &mut loaded);
@@ -269,6 +269,9 @@ fn effective(running: &Config, mut loaded: Config) -> (Config, Vec<String>) {
     keep_running(&mut changed, "autoban", &r.autoban, &mut l.autoban);
     keep_running(&mut changed, "admin", &r.admin, &mut l.admin);
     keep_running(&mut changed, "log", &r.log, &mut l.log);
+    // The store connection, the node's name and the ban and rate tasks
+    // are built once at start.
+    keep_running(&mut changed, "fleet", &r.fleet, &mut l.fleet);
     (loaded, changed)
 }
 
@@ -446,5 +449,23 @@ mod tests {
             ]
         );
         assert!(terminating_without_certificate(&running).is_empty());
+    }
+
+    #[test]
+    fn fleet_waits_for_a_restart_whether_added_changed_or_removed() {
+        let none = config("");
+        let fleet = |url: &str| config(&format!("[fleet]\nurl = \"{url}\"\nnode = \"a\"\n"));
+        let one = fleet("redis://127.0.0.1:6379/0");
+        let other = fleet("redis://127.0.0.1:6379/1");
+        for (running, loaded) in [(&none, &one), (&one, &other), (&one, &none)] {
+            let (effective, restart) = effective(running, loaded.clone());
+            assert_eq!(restart, ["fleet"]);
+            assert_eq!(
+                effective.fleet.as_ref().map(|f| &f.url),
+                running.fleet.as_ref().map(|f| &f.url)
+            );
+        }
+        let (_, restart) = effective(&one, one.clone());
+        assert!(restart.is_empty(), "{restart:?}");
     }
 }

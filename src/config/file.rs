@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub autoban: AutobanFile,
     pub admin: AdminFile,
     pub log: LogFile,
+    /// `[fleet]`; absent: this node is on its own.
+    pub fleet: Option<Spanned<FleetFile>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +174,24 @@ pub struct ApiFile {
     pub timeout: Raw<Scalar>,
     pub token_file: Raw<String>,
     pub cache: Raw<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetFile {
+    pub url: Raw<String>,
+    pub password_file: Raw<String>,
+    pub ca_file: Raw<String>,
+    pub key_prefix: Raw<String>,
+    pub node: Raw<String>,
+    pub nodes: Raw<Scalar>,
+    pub shared_rates: Raw<Vec<String>>,
+    pub timeout: Raw<Scalar>,
+    pub connect_timeout: Raw<Scalar>,
+    pub breaker_failures: Raw<Scalar>,
+    pub breaker_cooldown: Raw<Scalar>,
+    pub heartbeat: Raw<Scalar>,
+    pub resync: Raw<Scalar>,
 }
 
 /// A problem found in the file: where, and what to say about it.

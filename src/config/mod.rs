@@ -14,6 +14,7 @@
 
 mod addr;
 mod file;
+mod fleet;
 mod listeners;
 pub mod units;
 
@@ -813,7 +814,7 @@ impl Validator<'_> {
                     }
                 },
             },
-            fleet: None,
+            fleet: raw.fleet.map(|f| self.fleet(f)),
             log: LogSettings {
                 format: self.parse("log.format", raw.log.format, "text", |s| match s {
                     "text" => Ok(LogFormat::Text),
@@ -1245,7 +1246,7 @@ mod tests {
                 "m.toml:6: limits.max_message_size = \"0\": must be greater than zero",
                 "m.toml:7: nonsense: unknown key `nonsense`, expected one of `server`, \
                  `listener`, `tls`, `upstream`, `upstreams`, `limits`, `timeouts`, \
-                 `blocklist`, `autoban`, `admin`, `log`",
+                 `blocklist`, `autoban`, `admin`, `log`, `fleet`",
                 "m.toml:10: timeouts.idle = \"3x\": unknown time unit \"x\", supported units: \
                  ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few \
                  variations); write a duration such as \"500ms\", \"30s\" or \"10m\"",
@@ -1400,6 +1401,20 @@ mod tests {
             [log]
             format = "json"
             level = "mailmoat=debug"
+            [fleet]
+            url = "rediss://redis.internal:6380/2"
+            password_file = "/etc/mailmoat/redis-password"
+            ca_file = "/etc/mailmoat/redis-ca.pem"
+            key_prefix = "mx-eu:"
+            node = "mx1.eu"
+            nodes = 5
+            shared_rates = ["message_rate", "connection_rate"]
+            timeout = "100ms"
+            connect_timeout = "2s"
+            breaker_failures = 5
+            breaker_cooldown = "10s"
+            heartbeat = "2s"
+            resync = "1m"
         "#;
         let config = parse(text).unwrap();
         let printed = config.to_toml();
@@ -1420,12 +1435,32 @@ mod tests {
         );
         assert_eq!(config.listeners.len(), 3);
         assert_eq!(config.tls.sni.len(), 1);
+        let fleet = config.fleet.as_ref().unwrap();
+        assert_eq!(
+            fleet.shared_rates,
+            [SharedRate::MessageRate, SharedRate::ConnectionRate]
+        );
+        assert_eq!(
+            table["fleet"].as_table().unwrap().len(),
+            13,
+            "every key printed"
+        );
         let submission = &config.upstreams["submission"];
         assert_eq!(submission.tls, UpstreamTls::Starttls, "inherited");
         assert_eq!(
             config.upstream_for(&config.listeners[0]).servers[0].name,
             "192.0.2.9:10587"
         );
+        assert_round_trips(&config);
+    }
+
+    #[test]
+    fn a_fleet_with_defaults_and_no_shared_rate_loads_back_unchanged() {
+        let config = parse("[fleet]\nurl = \"redis://127.0.0.1\"\nshared_rates = []\n").unwrap();
+        let printed = config.to_toml();
+        assert!(printed.contains("\n[fleet]\n"), "{printed}");
+        assert!(printed.contains("shared_rates = []\n"), "{printed}");
+        assert!(!printed.contains("password_file"), "{printed}");
         assert_round_trips(&config);
     }
 
