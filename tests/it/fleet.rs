@@ -12,6 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
+use mailmoat::fleet::store::Keys;
 use mailmoat::redis_server::RedisServer;
 use mailmoat::sink::Sink;
 use tokio::time::Instant;
@@ -75,6 +76,9 @@ impl Fleet {
         for node in &fleet.nodes {
             wait_joined(node, 3).await;
         }
+        // Listening too: a change then reaches the nodes as an event, not
+        // through the reconciliation each subscription starts with.
+        wait_subscribed(&fleet.redis, 3).await;
         Some(fleet)
     }
 
@@ -162,6 +166,38 @@ async fn wait_joined(node: &TestProxy, live: u64) {
         v["store"] == "up" && v["live_nodes"].as_u64() == Some(live)
     })
     .await;
+}
+
+/// Waits until `n` nodes listen on the fleet's events channel.
+async fn wait_subscribed(redis: &RedisServer, n: u64) {
+    let channel = Keys::new("mailmoat:").events;
+    let deadline = Instant::now() + WAIT;
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = subscribers(redis, &channel).await.ok();
+        if last == Some(n) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{n} nodes never listened on {channel}; last count {last:?}");
+}
+
+async fn subscribers(redis: &RedisServer, channel: &str) -> redis::RedisResult<u64> {
+    let mut con = connection(redis).await?;
+    let counts: (String, u64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(&mut con)
+        .await?;
+    Ok(counts.1)
+}
+
+async fn connection(redis: &RedisServer) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(redis.url())?;
+    tokio::time::timeout(WAIT, client.get_multiplexed_async_connection())
+        .await
+        .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))?
 }
 
 /// Waits until `node` has given up on Redis (its breaker is open).
@@ -342,9 +378,15 @@ async fn a_fleet_wide_message_rate_holds_for_one_ip_spread_over_three_nodes() {
     let client = Ipv4Addr::new(127, 0, 122, 1);
     let (accepted, refused, _) = round_robin(&fleet.nodes, client, 60).await;
     // Alone, each node would take all 20 it was sent.
+    let limited: Vec<f64> = fleet
+        .nodes
+        .iter()
+        .map(|n| n.metric(r#"mailmoat_fleet_limited_total{limit="message_rate"}"#))
+        .collect();
     assert!(
         (30..=33).contains(&accepted),
-        "{accepted} of 60 accepted at a fleet-wide 30 (refused {refused})"
+        "{accepted} of 60 accepted at a fleet-wide 30 (refused {refused}; \
+         refused on the store's word, per node: {limited:?})"
     );
     assert!(refused > 0);
     assert_eq!(fleet.sink.delivered(), accepted as u64);
@@ -474,12 +516,12 @@ async fn redis_restarted_empty_is_repopulated_with_the_nodes_active_bans() {
     refused_after(d.addr, target, Instant::now()).await;
 }
 
-/// Waits until Redis mentions `ip` under the fleet's prefix (a key, or a
-/// member of a hash, set or sorted set).
+/// Waits until Redis holds the ban of `ip` (in the bans hash and their
+/// expiry set, `mailmoat::fleet::store::Keys`).
 async fn wait_stored(redis: &RedisServer, ip: Ipv4Addr) -> bool {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
-        if stored(redis, &ip.to_string()).await.unwrap_or(false) {
+        if stored(redis, &format!("{ip}/32")).await.unwrap_or(false) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -487,45 +529,20 @@ async fn wait_stored(redis: &RedisServer, ip: Ipv4Addr) -> bool {
     false
 }
 
-async fn stored(redis: &RedisServer, needle: &str) -> redis::RedisResult<bool> {
-    let client = redis::Client::open(redis.url())?;
-    let mut con = tokio::time::timeout(WAIT, client.get_multiplexed_async_connection())
-        .await
-        .map_err(|_| {
-            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-        })??;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("mailmoat:*")
+async fn stored(redis: &RedisServer, net: &str) -> redis::RedisResult<bool> {
+    let keys = Keys::new("mailmoat:");
+    let mut con = connection(redis).await?;
+    let ban: Option<String> = redis::cmd("HGET")
+        .arg(&keys.bans)
+        .arg(net)
         .query_async(&mut con)
         .await?;
-    for key in keys {
-        if key.contains(needle) {
-            return Ok(true);
-        }
-        let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut con).await?;
-        let members: Vec<String> = match kind.as_str() {
-            "hash" => redis::cmd("HKEYS").arg(&key).query_async(&mut con).await?,
-            "set" => {
-                redis::cmd("SMEMBERS")
-                    .arg(&key)
-                    .query_async(&mut con)
-                    .await?
-            }
-            "zset" => {
-                redis::cmd("ZRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut con)
-                    .await?
-            }
-            _ => Vec::new(),
-        };
-        if members.iter().any(|m| m.contains(needle)) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    let until: Option<f64> = redis::cmd("ZSCORE")
+        .arg(&keys.until)
+        .arg(net)
+        .query_async(&mut con)
+        .await?;
+    Ok(ban.is_some() && until.is_some())
 }
 
 #[tokio::test]
@@ -572,6 +589,7 @@ async fn a_node_started_while_redis_is_down_enforces_its_persisted_bans_and_join
             .is_some_and(|nodes| nodes.iter().any(|n| n["name"] == "d" && n["live"] == true))
     })
     .await;
+    wait_subscribed(&fleet.redis, 4).await;
     let later = Ipv4Addr::new(127, 0, 126, 2);
     let posted = Instant::now();
     post_ban(fleet.node("a"), later).await;
