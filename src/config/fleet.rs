@@ -370,6 +370,35 @@ mod tests {
         assert_eq!(f.resync, Duration::from_secs(30));
     }
 
+    /// The commented-out [fleet] of the shipped file, uncommented, loads,
+    /// and each key it shows is at its default (but the example's url,
+    /// files and node).
+    #[test]
+    fn the_documented_fleet_example_is_valid_and_shows_the_defaults() {
+        let shipped = super::super::SHIPPED_CONFIG;
+        let start = shipped
+            .find("\n# [fleet]\n")
+            .expect("[fleet] is documented");
+        let example: String = shipped[start..]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let documented = load_in(&example, None)
+            .unwrap_or_else(|e| panic!("{e:?} in\n{example}"))
+            .fleet
+            .unwrap();
+        assert_eq!(example.lines().count(), 14, "every key shown:\n{example}");
+        let mut defaults = fleet(&format!("url = {:?}\nnode = \"mx1\"\n", documented.url)).unwrap();
+        defaults.password_file = documented.password_file.clone();
+        defaults.ca_file = documented.ca_file.clone();
+        assert_eq!(
+            serde_json::to_value(&documented).unwrap(),
+            serde_json::to_value(&defaults).unwrap()
+        );
+    }
+
     #[test]
     fn a_fleet_without_url_is_refused_at_the_section_line() {
         let found = load_in("[log]\nlevel = \"info\"\n\n[fleet]\nnodes = 3\n", None).unwrap_err();

@@ -189,22 +189,6 @@ impl Scripts {
     }
 }
 
-/// The password in `fleet.password_file`, its line end dropped.
-fn read_password(settings: &FleetSettings) -> anyhow::Result<Option<String>> {
-    let Some(path) = &settings.password_file else {
-        return Ok(None);
-    };
-    let bytes = crate::files::read_bounded(path, 4096).map_err(|e| {
-        anyhow::anyhow!(
-            "fleet.password_file {}: {e}; check the path and that the mailmoat user can read it",
-            path.display()
-        )
-    })?;
-    let text = String::from_utf8(bytes)
-        .map_err(|_| anyhow::anyhow!("fleet.password_file {}: not UTF-8 text", path.display()))?;
-    Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
-}
-
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -241,7 +225,7 @@ impl Store {
             .as_str()
             .into_connection_info()
             .map_err(|e| anyhow::anyhow!("fleet.url: {e}"))?;
-        if let Some(password) = read_password(settings)? {
+        if let Some(password) = settings.password().map_err(anyhow::Error::msg)? {
             let redis = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(redis);
         }
