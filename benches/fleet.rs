@@ -6,15 +6,17 @@
 //! path waits for Redis (the shared rates are taken in the background), so
 //! what the fleet may add is that background work competing for the same
 //! CPUs; the proxy CPU per transaction shows it, beside redis-server's.
+//! A third node, in the fleet for bans only (`shared_rates = []`), tells
+//! the shared rates' cost from the rest of the fleet's.
 //!
 //! - `transaction_fresh`: connect, greeting, EHLO, MAIL, RCPT, DATA with a
 //!   4 KiB body of 78-byte lines, QUIT, one connection per transaction,
 //!   each from the next of 1000 client addresses (as an MX sees them).
 //!
 //! Each criterion iteration runs the transaction once per node (fleet off,
-//! fleet on), back to back, alternating which goes first, so both see the
-//! same noise on a shared machine; criterion times the fleet-on one, and
-//! both are recorded for the printed percentiles and difference. Each node
+//! bans only, fleet on), back to back, rotating which goes first, so all
+//! see the same noise on a shared machine; criterion times the fleet-on
+//! one, and all are recorded for the printed percentiles and difference. Each node
 //! runs on its own 2-worker runtime; the receiver is the built-in sink on
 //! its own thread, Redis a real `redis-server` on loopback, the client a
 //! raw socket on the main thread. Without `redis-server` on PATH the bench
@@ -58,9 +60,12 @@ const BODY_SIZE: usize = 4096;
 const CLIENT_IPS: usize = 1000;
 
 const OFF: usize = 0;
-const ON: usize = 1;
-type Times = [Duration; 2];
-const RUNTIMES: [&str; 2] = ["bench-fleet-off", "bench-fleet-on"];
+const BANS: usize = 1;
+const ON: usize = 2;
+type Times = [Duration; 3];
+/// Thread names (15 bytes at most), for each node's CPU.
+const RUNTIMES: [&str; 3] = ["bench-fleet-off", "bench-fleet-ban", "bench-fleet-on"];
+const NAMES: [&str; 3] = ["fleet off", "bans only", "fleet on"];
 
 fn main() {
     if common::listing() {
@@ -84,8 +89,7 @@ fn main() {
     let samples = mode.pick(10, 10, 30);
 
     let sink_rt = common::runtime("bench-sink", 1);
-    let off_rt = common::runtime(RUNTIMES[OFF], 2);
-    let on_rt = common::runtime(RUNTIMES[ON], 2);
+    let runtimes = RUNTIMES.map(|name| common::runtime(name, 2));
     let sink = sink_rt
         .block_on(Sink::start(
             "127.0.0.1:0".parse().unwrap(),
@@ -97,15 +101,23 @@ fn main() {
             },
         ))
         .expect("sink binds");
-    let fleet_toml = format!(
-        "{NODE_TOML}[fleet]\nurl = \"{}\"\nnode = \"bench\"\n",
-        redis.url()
-    );
-    let nodes = [
-        InProcessProxy::start(&off_rt, NODE_TOML, sink.addr()),
-        InProcessProxy::start(&on_rt, &fleet_toml, sink.addr()),
+    let fleet_toml = |node: &str, extra: &str| {
+        format!(
+            "{NODE_TOML}[fleet]\nurl = \"{}\"\nnode = \"{node}\"\n{extra}",
+            redis.url()
+        )
+    };
+    let tomls = [
+        NODE_TOML.to_string(),
+        fleet_toml("bans", "shared_rates = []\n"),
+        fleet_toml("bench", ""),
     ];
-    let addrs = [nodes[OFF].addr, nodes[ON].addr];
+    let nodes: Vec<InProcessProxy> = tomls
+        .iter()
+        .zip(&runtimes)
+        .map(|(toml, rt)| InProcessProxy::start(rt, toml, sink.addr()))
+        .collect();
+    let addrs = [nodes[OFF].addr, nodes[BANS].addr, nodes[ON].addr];
     let message = common::big_message(BODY_SIZE);
     let commands_before = client_rt.block_on(commands_processed(&redis));
 
@@ -127,7 +139,8 @@ fn main() {
                     let ip = common::client_ip(next_ip % CLIENT_IPS, 1);
                     next_ip += 1;
                     let mut t = Times::default();
-                    for node in [(i % 2) as usize, ((i + 1) % 2) as usize] {
+                    for k in 0..3 {
+                        let node = (i as usize + k) % 3;
                         t[node] = fresh_transaction(addrs[node], ip, &message).await;
                     }
                     fresh.push(t);
@@ -159,11 +172,14 @@ fn main() {
     report_latency(&times);
     let per = |d: Duration| d / u32::try_from(n).unwrap_or(u32::MAX);
     let cpu = RUNTIMES.map(|name| per(cpu_after.since(&cpu_before, name).total));
+    let added = |node: usize| (cpu[node].as_secs_f64() - cpu[OFF].as_secs_f64()) * 1e6;
     println!(
-        "    proxy CPU per transaction: fleet off {}, fleet on {} ({:+.2} µs); over {n} transactions each",
+        "    proxy CPU per transaction: fleet off {}, bans only {} ({:+.2} µs), fleet on {} ({:+.2} µs); over {n} transactions each",
         us(cpu[OFF]),
+        us(cpu[BANS]),
+        added(BANS),
         us(cpu[ON]),
-        (cpu[ON].as_secs_f64() - cpu[OFF].as_secs_f64()) * 1e6,
+        added(ON),
     );
     println!(
         "    redis-server: {:.2} commands and {} CPU per transaction (proof the fleet was on)",
@@ -171,7 +187,7 @@ fn main() {
         redis_cpu.map_or("unknown".into(), |c| us(per(c.total))),
     );
 
-    for (node, rt) in nodes.into_iter().zip([&off_rt, &on_rt]) {
+    for (node, rt) in nodes.into_iter().zip(&runtimes) {
         node.stop(rt);
     }
     drop(sink);
@@ -231,7 +247,7 @@ fn report_latency(times: &[Times]) {
     }
     let column = |node: usize| times.iter().map(|t| t[node]).collect::<Vec<_>>();
     let p = |node: usize, q: f64| percentile(&column(node), q);
-    for (name, node) in [("fleet off", OFF), ("fleet on", ON)] {
+    for (node, name) in NAMES.iter().enumerate() {
         println!(
             "    {name:<10} p50 {}  p90 {}  p99 {}",
             ms(p(node, 50.0)),
@@ -239,18 +255,26 @@ fn report_latency(times: &[Times]) {
             ms(p(node, 99.0))
         );
     }
-    let added = p(ON, 50.0).as_secs_f64() - p(OFF, 50.0).as_secs_f64();
-    let mut paired: Vec<f64> = times
-        .iter()
-        .map(|t| t[ON].as_secs_f64() - t[OFF].as_secs_f64())
-        .collect();
-    paired.sort_by(f64::total_cmp);
+    let added = |node: usize| p(node, 50.0).as_secs_f64() - p(OFF, 50.0).as_secs_f64();
+    let paired = |node: usize| {
+        let mut d: Vec<f64> = times
+            .iter()
+            .map(|t| t[node].as_secs_f64() - t[OFF].as_secs_f64())
+            .collect();
+        d.sort_by(f64::total_cmp);
+        d[d.len() / 2]
+    };
     println!(
         "    fleet added at p50: {:+.3} ms (median of paired differences {:+.3} ms); \
          target ≤ {}: {}",
-        added * 1e3,
-        paired[paired.len() / 2] * 1e3,
+        added(ON) * 1e3,
+        paired(ON) * 1e3,
         ms(ADDED_P50_TARGET),
-        verdict(added <= ADDED_P50_TARGET.as_secs_f64()),
+        verdict(added(ON) <= ADDED_P50_TARGET.as_secs_f64()),
+    );
+    println!(
+        "    bans only (no shared rate) added at p50: {:+.3} ms (median of paired differences {:+.3} ms)",
+        added(BANS) * 1e3,
+        paired(BANS) * 1e3,
     );
 }
