@@ -17,7 +17,8 @@
 //! reads of operators' files), [`admin`] (HTTP
 //! metrics and health), [`metrics`], [`tls`] (certificates and the
 //! bounded handshake), [`watch`] (file watching for lists and
-//! certificates), and [`sink`], a built-in receiver for the demo and tests.
+//! certificates), and [`sink`], a built-in receiver for the demo and tests
+//! ([`redis_server`] runs a private Redis for the fleet's).
 //! [`cli`] holds the operator's commands (`lookup`, `bans`), which talk to
 //! the admin API and share [`lookup`] with it.
 #![forbid(unsafe_code)]
@@ -38,6 +39,7 @@ pub mod listener;
 pub mod lookup;
 pub mod metrics;
 pub mod proxy_protocol;
+pub mod redis_server;
 pub mod reload;
 pub mod server;
 pub mod session;

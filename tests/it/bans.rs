@@ -12,7 +12,7 @@ use tokio::time::{timeout, Instant};
 
 use crate::harness::*;
 
-const BLOCKED: &str = "554 5.7.1 localhost access denied\r\n";
+pub(crate) const BLOCKED: &str = "554 5.7.1 localhost access denied\r\n";
 const AUTH_FAILED: &str = "535 5.7.8 Authentication credentials invalid\r\n";
 const AUTOBAN_ENTRIES: &str = r#"mailmoat_blocklist_entries{source="autoban"}"#;
 
@@ -38,17 +38,17 @@ fn autoban_toml(triggers: &[(&str, u32)], extra: &str) -> String {
 }
 
 /// A path as a TOML string.
-fn quoted(path: &Path) -> String {
+pub(crate) fn quoted(path: &Path) -> String {
     format!("{:?}", path.display().to_string())
 }
 
 /// The first thing a new connection from `ip` is told.
-async fn door(addr: SocketAddr, ip: Ipv4Addr) -> String {
+pub(crate) async fn door(addr: SocketAddr, ip: Ipv4Addr) -> String {
     Raw::connect(ip, addr).await.reply().await
 }
 
 /// Polls the door until a new connection from `ip` is told `prefix`.
-async fn wait_door(addr: SocketAddr, ip: Ipv4Addr, prefix: &str) {
+pub(crate) async fn wait_door(addr: SocketAddr, ip: Ipv4Addr, prefix: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
         let reply = door(addr, ip).await;
@@ -63,12 +63,12 @@ async fn wait_door(addr: SocketAddr, ip: Ipv4Addr, prefix: &str) {
     }
 }
 
-fn auth_plain(user: &str, password: &str) -> String {
+pub(crate) fn auth_plain(user: &str, password: &str) -> String {
     let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
     format!("AUTH PLAIN {token}\r\n")
 }
 
-async fn auth_sink() -> mailmoat::sink::Sink {
+pub(crate) async fn auth_sink() -> mailmoat::sink::Sink {
     sink_with(SinkOptions {
         auth: Some(("user".into(), "secret".into())),
         ..SinkOptions::default()
@@ -77,7 +77,7 @@ async fn auth_sink() -> mailmoat::sink::Sink {
 }
 
 /// Fails AUTH `n` times in one session, each answered 535 by the receiver.
-async fn fail_auth(raw: &mut Raw, n: usize) {
+pub(crate) async fn fail_auth(raw: &mut Raw, n: usize) {
     for _ in 0..n {
         raw.send(auth_plain("user", "wrong").as_bytes()).await;
         assert_eq!(raw.reply().await, AUTH_FAILED);

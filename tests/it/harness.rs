@@ -495,3 +495,18 @@ pub async fn mailmoat_run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// A private `redis-server` on loopback (the real binary), or `None` with a
+/// notice when it is not installed; under `CI` a missing one fails the
+/// test, as CI installs it (`.ci/run`).
+pub async fn redis_server(test: &str) -> Option<mailmoat::redis_server::RedisServer> {
+    use mailmoat::redis_server::{RedisServer, RedisServerError};
+    match RedisServer::start().await {
+        Ok(server) => Some(server),
+        Err(RedisServerError::Missing) if std::env::var_os("CI").is_none() => {
+            eprintln!("notice: redis-server not installed; skipping {test}");
+            None
+        }
+        Err(e) => panic!("{test} needs a real redis-server (CI installs it in .ci/run): {e}"),
+    }
+}

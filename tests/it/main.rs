@@ -11,6 +11,7 @@ mod clients;
 mod demo;
 mod descriptors;
 mod door;
+mod fleet;
 mod fuzz_corpus;
 mod haproxy;
 mod harness;

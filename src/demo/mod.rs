@@ -6,7 +6,11 @@
 //! actor from its own addresses, every loop bounded by the demo's deadline.
 //! The listener terminates STARTTLS with a certificate made at start, and
 //! the AUTH brute force runs inside TLS, as it does on a real submission
-//! port: mailmoat still counts its failures and bans it.
+//! port: mailmoat still counts its failures and bans it. When
+//! `redis-server` is installed, a fleet act follows (`fleet.rs`): three
+//! nodes sharing a private Redis, a block pushed to one, enforced by all.
+
+mod fleet;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -148,8 +152,12 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoOutcome> {
     })
     .await;
     actors.shutdown().await;
+    println!("  fleet act: three nodes sharing a private redis-server, a block pushed to one");
+    let fleet_act = fleet::play(&dir, sink.addr()).await;
     report(started, &metrics, &tally, &sink);
-    let failed_claims = failed_claims(&tally);
+    println!("{}", fleet::report(&fleet_act));
+    let mut failed_claims = failed_claims(&tally);
+    failed_claims.extend(fleet::failed_claims(&fleet_act));
     if failed_claims.is_empty() {
         println!("  every claim above held");
     }
