@@ -16,6 +16,7 @@
 //! The share buckets are charged on every event, up or down, so when the
 //! store fails they already hold what this client spent here.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,8 +35,11 @@ use crate::metrics::{Metrics, StoreOp};
 /// only the local buckets hold until the queue drains.
 const QUEUE: usize = 8192;
 
-/// Takes sent to the store in one pipeline.
+/// Takes sent to the store in one script call.
 const BATCH: usize = 256;
+
+/// How long the first take of a batch waits for others to join it.
+const LINGER: Duration = Duration::from_millis(2);
 
 /// How often expired verdicts are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -56,6 +60,7 @@ struct Shapes {
 }
 
 /// A take on its way to the store.
+#[derive(Clone)]
 pub struct Take {
     rate: SharedRate,
     ip: IpAddr,
@@ -70,6 +75,8 @@ pub struct SharedRates {
     shapes: ArcSwap<Shapes>,
     /// Clients whose fleet-wide rate is spent, until when.
     spent: DashMap<(SharedRate, IpAddr), Instant>,
+    /// Takes sent (or queued) and not answered yet, per client and rate.
+    unanswered: DashMap<(SharedRate, IpAddr), u32>,
     max_tracked: usize,
     takes: mpsc::Sender<Take>,
     queue: tokio::sync::Mutex<mpsc::Receiver<Take>>,
@@ -110,6 +117,7 @@ impl SharedRates {
             config: ArcSwap::from_pointee(config.clone()),
             shapes: ArcSwap::from_pointee(Self::shapes(config, &fleet.shared_rates, nodes)),
             spent: DashMap::new(),
+            unanswered: DashMap::new(),
             max_tracked: config.server.max_tracked_ips,
             takes,
             queue: tokio::sync::Mutex::new(queue),
@@ -187,20 +195,35 @@ impl SharedRates {
         let Some(shape) = &shapes.by_rate[rate as usize] else {
             return RateCheck::Allowed;
         };
-        let share = shape.share.check(ip);
+        let share = match shape.share.check(ip) {
+            RateCheck::Limited => RateCheck::Limited,
+            RateCheck::Allowed | RateCheck::Untracked => RateCheck::Allowed,
+        };
         if !self.store.breaker.is_up() {
             self.metrics.fleet.fallback(rate);
             return share;
         }
+        let key = (rate, ip);
         let now = Instant::now();
-        if self
-            .spent
-            .get(&(rate, ip))
-            .is_some_and(|until| *until > now)
-        {
+        if self.spent.get(&key).is_some_and(|until| *until > now) {
             self.metrics.fleet.limited(rate);
             return RateCheck::Limited;
         }
+        // While an earlier event of this client waits for the store's
+        // answer, the share decides: without it, a client faster than the
+        // round trip would go unchecked until the answers came back.
+        let unanswered = self.unanswered.get(&key).is_some_and(|n| *n > 0);
+        let verdict = if unanswered { share } else { RateCheck::Allowed };
+        if verdict == RateCheck::Limited {
+            self.metrics.fleet.fallback(rate);
+            return verdict;
+        }
+        if self.unanswered.len() >= self.max_tracked && !self.unanswered.contains_key(&key) {
+            self.metrics.fleet.takes_dropped.inc();
+            self.metrics.fleet.fallback(rate);
+            return share;
+        }
+        *self.unanswered.entry(key).or_insert(0) += 1;
         let take = Take {
             rate,
             ip,
@@ -208,13 +231,26 @@ impl SharedRates {
             burst: shape.burst,
         };
         if self.takes.try_send(take).is_err() {
+            self.answered(key, 1);
             self.metrics.fleet.takes_dropped.inc();
+            self.metrics.fleet.fallback(rate);
+            return share;
         }
-        RateCheck::Allowed
+        verdict
     }
 
-    /// Sends queued takes to the store, a pipeline at a time, and keeps
-    /// its verdicts. Run as a task.
+    /// `n` takes of `key` were answered (or given up on).
+    fn answered(&self, key: (SharedRate, IpAddr), n: u32) {
+        self.unanswered.remove_if_mut(&key, |_, left| {
+            *left = left.saturating_sub(n);
+            *left == 0
+        });
+    }
+
+    /// Sends queued takes to the store and keeps its verdicts. Run as a
+    /// task. Takes arriving within [`LINGER`] of each other go in one
+    /// script call, the same client's counted together: a transaction's
+    /// connection, MAIL and RCPT cost the store one call, not three.
     pub async fn send_takes(self: Arc<Self>) {
         let mut queue = self.queue.lock().await;
         let mut batch = Vec::with_capacity(BATCH);
@@ -223,12 +259,24 @@ impl SharedRates {
             if queue.recv_many(&mut batch, BATCH).await == 0 {
                 return;
             }
-            let sent = self.send(&batch).await;
-            if let Err(e) = sent {
-                tracing::debug!(error = %e, takes = batch.len(), "shared-rate takes not counted by the fleet");
-                self.metrics.fleet.takes_dropped.inc_by(batch.len() as u64);
+            let linger = tokio::time::sleep(LINGER);
+            tokio::pin!(linger);
+            while batch.len() < BATCH {
+                let room = BATCH - batch.len();
+                tokio::select! {
+                    n = queue.recv_many(&mut batch, room) => if n == 0 { break },
+                    () = &mut linger => break,
+                }
             }
+            let counted = count_takes(&batch);
             batch.clear();
+            if let Err(e) = self.send(&counted).await {
+                tracing::debug!(error = %e, takes = counted.len(), "shared-rate takes not counted by the fleet");
+                self.metrics.fleet.takes_dropped.inc_by(counted.len() as u64);
+            }
+            for (take, n) in &counted {
+                self.answered((take.rate, take.ip), *n);
+            }
             if swept.elapsed() >= SWEEP_EVERY {
                 let now = Instant::now();
                 self.spent.retain(|_, until| *until > now);
@@ -244,40 +292,51 @@ impl SharedRates {
         }
     }
 
-    async fn send(&self, batch: &[Take]) -> Result<(), StoreError> {
+    async fn send(&self, counted: &[(Take, u32)]) -> Result<(), StoreError> {
         let store = &self.store;
-        let mut pipe = redis::pipe();
-        for take in batch {
-            let key = store.keys.rate(take.rate.as_str(), take.ip);
-            pipe.add_command(
-                store
-                    .scripts
-                    .take
-                    .call(&[&key])
-                    .arg(take.interval_us)
-                    .arg(take.burst)
-                    .to_owned(),
-            );
+        let keys: Vec<String> = counted
+            .iter()
+            .map(|(take, _)| store.keys.rate(take.rate.as_str(), take.ip))
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut cmd = store.scripts.take.call(&keys);
+        for (take, n) in counted {
+            cmd.arg(take.interval_us).arg(take.burst).arg(*n);
         }
-        let verdicts: Vec<(u8, u64)> = store
+        let verdicts: Vec<u64> = store
             .run(StoreOp::Take, |mut c| async move {
-                pipe.query_async(&mut c).await
+                cmd.query_async(&mut c).await
             })
             .await?;
         let now = Instant::now();
-        for (take, (_within, wait_ms)) in batch.iter().zip(verdicts) {
+        for ((take, _), verdict) in counted.iter().zip(verdicts.chunks(2)) {
             let key = (take.rate, take.ip);
+            let wait_ms = verdict.get(1).copied().unwrap_or(0);
             if wait_ms == 0 {
                 self.spent.remove(&key);
-                continue;
-            }
-            if self.spent.len() < self.max_tracked || self.spent.contains_key(&key) {
+            } else if self.spent.len() < self.max_tracked || self.spent.contains_key(&key) {
                 let wait = Duration::from_millis(wait_ms.min(86_400_000));
                 self.spent.insert(key, now + wait);
             }
         }
         Ok(())
     }
+}
+
+/// The takes of one batch, one per client and rate, with their count.
+fn count_takes(batch: &[Take]) -> Vec<(Take, u32)> {
+    let mut counted: Vec<(Take, u32)> = Vec::with_capacity(batch.len());
+    let mut index: HashMap<(SharedRate, IpAddr), usize> = HashMap::with_capacity(batch.len());
+    for take in batch {
+        match index.get(&(take.rate, take.ip)) {
+            Some(&i) => counted[i].1 = counted[i].1.saturating_add(1),
+            None => {
+                index.insert((take.rate, take.ip), counted.len());
+                counted.push((take.clone(), 1));
+            }
+        }
+    }
+    counted
 }
 
 #[cfg(test)]

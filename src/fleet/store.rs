@@ -33,15 +33,15 @@ use crate::metrics::{Metrics, StoreOp};
 const BAN_SCRIPT: &str = r"
 local lifted = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if lifted and tonumber(lifted) >= tonumber(ARGV[3]) then return 0 end
-local until = tonumber(ARGV[2])
+local expiry = tonumber(ARGV[2])
 local cur = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 local old_since = old and tonumber(string.match(old, '^%S+ (%S+)')) or 0
-if cur >= until and old_since >= tonumber(ARGV[3]) then return 1 end
-if cur > until then until = cur end
-local value = string.format('%.0f', until) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. ARGV[5]
+if cur >= expiry and old_since >= tonumber(ARGV[3]) then return 1 end
+if cur > expiry then expiry = cur end
+local value = string.format('%.0f', expiry) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. ARGV[5]
 redis.call('HSET', KEYS[1], ARGV[1], value)
-redis.call('ZADD', KEYS[2], until, ARGV[1])
+redis.call('ZADD', KEYS[2], expiry, ARGV[1])
 redis.call('PUBLISH', KEYS[4], 'ban ' .. ARGV[1] .. ' ' .. value)
 return 2
 ";
@@ -78,26 +78,32 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now * 1000 - tonumber(ARGV[1]))
 return #gone
 ";
 
-/// GCRA (the generic cell rate algorithm) on the store's clock: records
-/// one event the node already let through, and answers whether it was
+/// GCRA (the generic cell rate algorithm) on the store's clock, for each
+/// key with its (interval in µs, burst, count) in ARGV: records `count`
+/// events the node already let through, and answers whether they were
 /// within the rate and how many milliseconds until the next would be.
-/// An event over the rate is still charged (capped at one burst of debt),
-/// so a node that let one through before it knew pays it back.
+/// Events over the rate are still charged (capped at one burst of debt),
+/// so a node that let some through before it knew pays them back.
 const TAKE_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tolerance = interval * tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local within = 0
-if new_tat - now <= tolerance then within = 1 end
-if new_tat - now > 2 * tolerance then new_tat = now + 2 * tolerance end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-local wait = new_tat + interval - tolerance - now
-if wait < 0 then wait = 0 end
-return {within, math.ceil(wait / 1000)}
+local out = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[3 * i - 2])
+  local tolerance = interval * tonumber(ARGV[3 * i - 1])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval * tonumber(ARGV[3 * i])
+  local within = 0
+  if new_tat - now <= tolerance then within = 1 end
+  if new_tat - now > 2 * tolerance then new_tat = now + 2 * tolerance end
+  redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+  local wait = new_tat + interval - tolerance - now
+  if wait < 0 then wait = 0 end
+  table.insert(out, within)
+  table.insert(out, math.ceil(wait / 1000))
+end
+return out
 ";
 
 /// Records this node's heartbeat on the store's clock and returns that
