@@ -819,6 +819,11 @@ impl Bans {
         (table.snapshot(unix_now()), lifts)
     }
 
+    /// The most bans kept (`autoban.max_bans`).
+    pub fn max_bans(&self) -> usize {
+        self.settings.max_bans
+    }
+
     /// The longest a ban may last (`autoban.max_ttl`).
     pub fn max_ttl(&self) -> Duration {
         self.settings.max_ttl
@@ -1056,5 +1061,108 @@ mod tests {
         assert_eq!((loaded.bans, loaded.clamped), (1, 1));
         let next = bans.apply(None).expect("an expiry");
         assert!(next <= unix_after(bans.settings.max_ttl));
+    }
+
+    fn ban_from(node: &str, since_ms: u64) -> Ban {
+        Ban {
+            until: unix_now() + 3600,
+            reason: "fleet".into(),
+            since_ms,
+            origin: Some(node.into()),
+        }
+    }
+
+    #[test]
+    fn a_lift_beats_the_ban_it_lifts_whatever_the_banning_nodes_clock() {
+        let bans = detached_bans(Config::default().autoban);
+        let net: IpNet = "192.0.2.9/32".parse().unwrap();
+        // Made by a node whose clock runs a minute fast.
+        let ahead = unix_now_ms() + 60_000;
+        bans.apply_remote(net, ban_from("fast", ahead)).unwrap();
+        assert!(bans.lift(net));
+        let (_, lifts) = bans.fleet_snapshot();
+        assert!(lifts.iter().any(|(n, at)| *n == net && *at > ahead));
+        // The same ban heard again (a stale message, a reconciliation) stays lifted.
+        assert_eq!(
+            bans.apply_remote(net, ban_from("fast", ahead)).unwrap(),
+            Banned::Unchanged
+        );
+        assert!(bans.get(net).is_none());
+    }
+
+    #[test]
+    fn a_ban_made_here_after_a_lift_is_not_undone_by_that_lift_whatever_the_clocks() {
+        let bans = detached_bans(Config::default().autoban);
+        let net: IpNet = "192.0.2.10/32".parse().unwrap();
+        // A lift stamped by a node whose clock runs a minute fast.
+        let lifted_at = unix_now_ms() + 60_000;
+        bans.lift_remote(net, lifted_at);
+        bans.ban(net, Duration::from_secs(60), "auth_failures")
+            .unwrap();
+        let ban = bans.get(net).expect("banned");
+        assert!(ban.since_ms > lifted_at);
+        assert!(
+            !bans.lift_remote(net, lifted_at),
+            "the older lift keeps the newer ban"
+        );
+    }
+
+    #[test]
+    fn a_newer_ban_of_a_banned_network_takes_its_stamp_so_an_older_lift_cannot_undo_it() {
+        let bans = detached_bans(Config::default().autoban);
+        let net: IpNet = "192.0.2.11/32".parse().unwrap();
+        let now = unix_now_ms();
+        bans.apply_remote(net, ban_from("a", now - 10_000)).unwrap();
+        // Banned again elsewhere, shorter, after a lift this node missed.
+        let mut again = ban_from("c", now - 1_000);
+        again.until -= 600;
+        bans.apply_remote(net, again).unwrap();
+        let ban = bans.get(net).unwrap();
+        assert_eq!(
+            (ban.since_ms, ban.origin.as_deref()),
+            (now - 1_000, Some("c"))
+        );
+        assert!(!bans.lift_remote(net, now - 5_000));
+        assert!(bans.get(net).is_some());
+    }
+
+    #[test]
+    fn lifts_are_saved_and_read_back_with_the_bans() {
+        let dir = std::env::temp_dir().join(format!("mailmoat-lifts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = dir.join("bans");
+        let mut settings = Config::default().autoban;
+        settings.state = Some(state.clone());
+        let net: IpNet = "192.0.2.12/32".parse().unwrap();
+        {
+            let bans = detached_bans(settings.clone());
+            bans.ban(net, Duration::from_secs(600), "manual").unwrap();
+            bans.lift(net);
+            bans.save_now(Some(&state));
+        }
+        let text = std::fs::read_to_string(&state).unwrap();
+        assert!(text.contains("# lifted 192.0.2.12/32 at="), "{text}");
+        let restarted = detached_bans(settings);
+        let (held, lifts) = restarted.fleet_snapshot();
+        assert!(held.is_empty());
+        assert_eq!(lifts.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![net]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn lifts_older_than_the_longest_ban_are_forgotten() {
+        let mut settings = Config::default().autoban;
+        settings.max_ttl = Duration::from_secs(3600);
+        let bans = detached_bans(settings);
+        let old: IpNet = "192.0.2.13/32".parse().unwrap();
+        let recent: IpNet = "192.0.2.14/32".parse().unwrap();
+        bans.lift_remote(old, unix_now_ms() - 2 * 3_600_000);
+        bans.lift_remote(recent, unix_now_ms());
+        bans.apply(None);
+        let (_, lifts) = bans.fleet_snapshot();
+        assert_eq!(
+            lifts.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            vec![recent]
+        );
     }
 }

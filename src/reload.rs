@@ -194,6 +194,10 @@ impl Reloader {
         for server in config.all_upstreams().flat_map(|u| &u.servers) {
             shared.metrics.declare_upstream(&server.to_string());
         }
+        // With the new generation: the shared rates take its limits.
+        if let Some(rates) = next.shaping.fleet() {
+            rates.reshape(&config);
+        }
         self.live.store(Arc::new(Live {
             config: Arc::new(config),
             shared: Arc::new(next),

@@ -313,8 +313,6 @@ async fn reload_on_hangup(reloader: Arc<Reloader>) {
     }
 }
 
-/// Evicts idle per-IP state every `every`, in the generation in force (a
-/// replaced generation's tables go with its last session).
 /// The fleet's four tasks, each supervised.
 fn spawn_fleet(
     tasks: &Arc<Supervisor>,
@@ -340,6 +338,8 @@ fn spawn_fleet(
     });
 }
 
+/// Evicts idle per-IP state every `every`, in the generation in force (a
+/// replaced generation's tables go with its last session).
 async fn sweep(live: Arc<ArcSwap<Live>>, every: Duration) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -141,9 +141,6 @@ impl Shaping {
     /// refusals are shared; `server.shadow` and `server.max_tracked_ips`
     /// need a restart and are kept.
     pub fn reconfigured(&self, config: &Config) -> Shaping {
-        if let Some(fleet) = &self.fleet {
-            fleet.reshape(config);
-        }
         let l = &config.limits;
         let table = |q: Quota, old: &(Quota, Arc<RateTable>)| {
             if q == old.0 {
@@ -218,6 +215,11 @@ impl Shaping {
 
     fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The fleet's shared rates, when `[fleet]` shares any.
+    pub fn fleet(&self) -> Option<&Arc<SharedRates>> {
+        self.fleet.as_ref()
     }
 
     pub fn bans(&self) -> &Arc<Bans> {

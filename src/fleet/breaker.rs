@@ -1,8 +1,9 @@
 //! The circuit breaker between this node and the fleet's store: after
 //! `breaker_failures` failed operations in a row it opens, and for
 //! `breaker_cooldown` nothing is sent to the store, so no caller pays a
-//! timeout for a store that is gone. Then one trial goes through; its
-//! success closes the breaker, its failure opens it again.
+//! timeout for a store that is gone. Then one trial goes through (another
+//! only if it has not reported within a cooldown); its success closes the
+//! breaker, its failure opens it again.
 //!
 //! `is_up` is what the data path reads (one atomic load): whether to trust
 //! the fleet's counts or enforce the local share. Any failure puts it down
@@ -19,8 +20,16 @@ use crate::metrics::FleetMetrics;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// A trial is out since `since`.
+    HalfOpen {
+        since: Instant,
+    },
 }
 
 /// What an outcome changed, for the caller to act on.
@@ -63,11 +72,21 @@ impl Breaker {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Whether an operation may go to the store now.
+    /// Whether an operation may go to the store now; after the cooldown,
+    /// the first caller is the trial and the others wait for its outcome.
     pub fn allows(&self, now: Instant) -> bool {
-        match *self.state() {
+        let mut state = self.state();
+        match *state {
             State::Closed { .. } => true,
-            State::Open { until } => now >= until,
+            State::Open { until } if now >= until => {
+                *state = State::HalfOpen { since: now };
+                true
+            }
+            State::HalfOpen { since } if now >= since + self.cooldown => {
+                *state = State::HalfOpen { since: now };
+                true
+            }
+            State::Open { .. } | State::HalfOpen { .. } => false,
         }
     }
 
@@ -76,6 +95,7 @@ impl Breaker {
         match *self.state() {
             State::Closed { .. } => Duration::ZERO,
             State::Open { until } => until.saturating_duration_since(now),
+            State::HalfOpen { since } => (since + self.cooldown).saturating_duration_since(now),
         }
     }
 
@@ -99,7 +119,7 @@ impl Breaker {
                 failures >= self.failures_to_open
             }
             // A trial failed: wait another cooldown.
-            State::Open { .. } => true,
+            State::Open { .. } | State::HalfOpen { .. } => true,
         };
         if !opens {
             return Turned::Unchanged;
@@ -142,6 +162,7 @@ mod tests {
         assert_eq!(breaker.wait(t0), Duration::from_secs(5));
         let trial = t0 + Duration::from_secs(5);
         assert!(breaker.allows(trial));
+        assert!(!breaker.allows(trial), "one trial at a time");
         assert_eq!(breaker.failure(trial, m), Turned::Unchanged);
         assert!(!breaker.allows(trial + Duration::from_secs(1)));
         assert_eq!(breaker.success(m), Turned::Up);

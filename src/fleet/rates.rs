@@ -213,7 +213,11 @@ impl SharedRates {
         // answer, the share decides: without it, a client faster than the
         // round trip would go unchecked until the answers came back.
         let unanswered = self.unanswered.get(&key).is_some_and(|n| *n > 0);
-        let verdict = if unanswered { share } else { RateCheck::Allowed };
+        let verdict = if unanswered {
+            share
+        } else {
+            RateCheck::Allowed
+        };
         if verdict == RateCheck::Limited {
             self.metrics.fleet.fallback(rate);
             return verdict;
@@ -272,7 +276,10 @@ impl SharedRates {
             batch.clear();
             if let Err(e) = self.send(&counted).await {
                 tracing::debug!(error = %e, takes = counted.len(), "shared-rate takes not counted by the fleet");
-                self.metrics.fleet.takes_dropped.inc_by(counted.len() as u64);
+                self.metrics
+                    .fleet
+                    .takes_dropped
+                    .inc_by(counted.len() as u64);
             }
             for (take, n) in &counted {
                 self.answered((take.rate, take.ip), *n);

@@ -208,6 +208,8 @@ pub enum StoreError {
     TimedOut(Duration),
     #[error("the store closed the connection")]
     Closed,
+    #[error("merging the store's bans failed: {0}")]
+    Merge(String),
     #[error("{0}")]
     Redis(#[from] redis::RedisError),
 }

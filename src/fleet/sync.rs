@@ -8,16 +8,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use redis::aio::MultiplexedConnection;
 
 use super::store::{Store, StoreError};
 use crate::bans::{clean_node, clean_reason, Ban, BanChange, Bans};
 use crate::blocklist::parse_net;
 use crate::metrics::StoreOp;
 
-/// The most entries read back from the store in one reconciliation: far
-/// more than one node keeps, bounded all the same.
-const MAX_REMOTE: usize = 4_000_000;
+/// The most entries read back from the store in one reconciliation, per
+/// ban this node may keep (`autoban.max_bans`): room for a fleet's worth.
+const REMOTE_PER_LOCAL: usize = 8;
+
+/// Expired bans the prune script drops per call, and the most calls in
+/// one reconciliation.
+const PRUNE_BATCH: i64 = 1000;
+const MAX_PRUNES: usize = 100;
 
 /// Entries per `HSCAN`/`ZSCAN` page and per pipeline of changes.
 const PAGE: usize = 1000;
@@ -149,21 +153,48 @@ fn change_command(store: &Store, me: &str, change: &BanChange) -> redis::Cmd {
     }
 }
 
-/// Writes changes in one pipeline; returns the ban script's answers (0:
-/// lifted since) in order, for the bans.
+/// Writes changes in one pipeline and acts on the answers: a ban the
+/// store says was lifted after it was made is lifted here too.
 async fn write_changes(
     store: &Store,
+    bans: &Bans,
     me: &str,
     changes: &[BanChange],
     op: StoreOp,
-) -> Result<Vec<i64>, StoreError> {
+) -> Result<(), StoreError> {
     let mut pipe = redis::pipe();
     for change in changes {
         pipe.add_command(change_command(store, me, change));
     }
-    store
+    let answers: Vec<i64> = store
         .run(op, |mut c| async move { pipe.query_async(&mut c).await })
-        .await
+        .await?;
+    for (change, answer) in changes.iter().zip(answers) {
+        match change {
+            BanChange::Banned { net, ban } => {
+                if answer == 0 {
+                    bans.lift_remote(*net, ban.since_ms);
+                }
+                if answer == 2 {
+                    store.metrics.fleet.sent(false);
+                }
+            }
+            BanChange::Lifted { .. } => store.metrics.fleet.sent(true),
+        }
+    }
+    Ok(())
+}
+
+/// The operation a batch of changes counts as when it fails.
+fn op_of(changes: &[BanChange]) -> StoreOp {
+    if changes
+        .iter()
+        .any(|c| matches!(c, BanChange::Banned { .. }))
+    {
+        StoreOp::Ban
+    } else {
+        StoreOp::Lift
+    }
 }
 
 /// Writes this node's changes to the store as they come. A change that
@@ -181,20 +212,11 @@ pub async fn publish(
         if changes.recv_many(&mut batch, 64).await == 0 {
             return;
         }
-        match write_changes(&store, &me, &batch, StoreOp::Ban).await {
-            Ok(answers) => {
-                for (change, answer) in batch.iter().zip(answers) {
-                    store
-                        .metrics
-                        .fleet
-                        .sent(matches!(change, BanChange::Lifted { .. }));
-                    if let (BanChange::Banned { net, ban }, 0) = (change, answer) {
-                        // Lifted elsewhere after it was made here.
-                        bans.lift_remote(*net, ban.since_ms);
-                    }
-                }
-            }
-            Err(_) => resync.notify_one(),
+        if write_changes(&store, &bans, &me, &batch, op_of(&batch))
+            .await
+            .is_err()
+        {
+            resync.notify_one();
         }
         batch.clear();
     }
@@ -207,48 +229,64 @@ struct Remote {
     lifts: HashMap<IpNet, u64>,
 }
 
+/// Every field and value of a hash (`HSCAN`) or member and score of a
+/// sorted set (`ZSCAN`), a page per round trip, each under the timeout,
+/// at most `max` of them.
 async fn scan_pairs(
-    mut c: MultiplexedConnection,
-    command: &str,
+    store: &Store,
+    command: &'static str,
     key: &str,
-) -> redis::RedisResult<Vec<(String, String)>> {
+    max: usize,
+) -> Result<Vec<(String, String)>, StoreError> {
     let mut cursor = 0u64;
     let mut all = Vec::new();
     loop {
-        let (next, page): (u64, Vec<(String, String)>) = redis::cmd(command)
+        let page = redis::cmd(command)
             .arg(key)
             .arg(cursor)
             .arg("COUNT")
             .arg(PAGE)
-            .query_async(&mut c)
+            .to_owned();
+        let (next, pairs): (u64, Vec<(String, String)>) = store
+            .run(StoreOp::Resync, |mut c| async move {
+                page.query_async(&mut c).await
+            })
             .await?;
-        all.extend(page);
-        if next == 0 || all.len() >= MAX_REMOTE {
+        all.extend(pairs);
+        if next == 0 {
+            return Ok(all);
+        }
+        if all.len() >= max {
+            tracing::warn!(key, entries = all.len(), "the fleet store holds more than this node reads in one reconciliation; the rest waits for the next");
             return Ok(all);
         }
         cursor = next;
     }
 }
 
-async fn read_remote(store: &Store, max_ttl: std::time::Duration) -> Result<Remote, StoreError> {
+async fn read_remote(store: &Store, bans: &Bans) -> Result<Remote, StoreError> {
     let k = &store.keys;
-    let prune = store.scripts.prune.call(&[&k.bans, &k.until, &k.lifts]);
-    let max_ttl_ms = u64::try_from(max_ttl.as_millis()).unwrap_or(u64::MAX);
-    store
-        .run(StoreOp::Resync, |mut c| async move {
-            prune
-                .clone()
-                .arg(max_ttl_ms)
-                .query_async::<i64>(&mut c)
-                .await
-        })
-        .await?;
-    let bans = store
-        .run(StoreOp::Resync, |c| scan_pairs(c, "HSCAN", &k.bans))
-        .await?;
-    let lifts = store
-        .run(StoreOp::Resync, |c| scan_pairs(c, "ZSCAN", &k.lifts))
-        .await?;
+    let max_ttl_ms = u64::try_from(bans.max_ttl().as_millis()).unwrap_or(u64::MAX);
+    // Expired bans go a batch per call: a bounded number of calls.
+    for _ in 0..MAX_PRUNES {
+        let prune = store
+            .scripts
+            .prune
+            .call(&[&k.bans, &k.until, &k.lifts])
+            .arg(max_ttl_ms)
+            .to_owned();
+        let pruned: i64 = store
+            .run(StoreOp::Resync, |mut c| async move {
+                prune.query_async(&mut c).await
+            })
+            .await?;
+        if pruned < PRUNE_BATCH {
+            break;
+        }
+    }
+    let max = bans.max_bans().saturating_mul(REMOTE_PER_LOCAL);
+    let bans = scan_pairs(store, "HSCAN", &k.bans, max).await?;
+    let lifts = scan_pairs(store, "ZSCAN", &k.lifts, max).await?;
     let mut remote = Remote::default();
     for (net, value) in bans {
         if let (Ok(net), Some(ban)) = (parse_net(&net), decode(&value)) {
@@ -263,10 +301,10 @@ async fn read_remote(store: &Store, max_ttl: std::time::Duration) -> Result<Remo
     Ok(remote)
 }
 
-/// A full reconciliation: lifts first (so a lift is never undone by the
-/// ban it lifted), then bans both ways.
-pub async fn reconcile(store: &Store, bans: &Bans, me: &str) -> Result<(), StoreError> {
-    let remote = read_remote(store, bans.max_ttl()).await?;
+/// Applies what the store holds to this node's bans and returns what the
+/// store lacks: lifts first (so a lift is never undone by the ban it
+/// lifted), then bans both ways. Blocking work (every ban compared).
+fn merge(bans: &Bans, remote: Remote, me: &str) -> (Vec<BanChange>, u64) {
     let (local_bans, local_lifts) = bans.fleet_snapshot();
     let mut to_store: Vec<BanChange> = Vec::new();
     for (net, at_ms) in local_lifts {
@@ -278,8 +316,8 @@ pub async fn reconcile(store: &Store, bans: &Bans, me: &str) -> Result<(), Store
         bans.lift_remote(*net, *at_ms);
     }
     for (net, ban) in local_bans {
-        let stored_until = remote.bans.get(&net).map(|b| b.until);
-        if stored_until.is_none_or(|until| until < ban.until) {
+        let stored = remote.bans.get(&net);
+        if stored.is_none_or(|b| b.until < ban.until || b.since_ms < ban.since_ms) {
             to_store.push(BanChange::Banned { net, ban });
         }
     }
@@ -295,18 +333,20 @@ pub async fn reconcile(store: &Store, bans: &Bans, me: &str) -> Result<(), Store
             received += 1;
         }
     }
+    (to_store, received)
+}
+
+/// A full reconciliation: read the store, merge off the runtime, write
+/// what the store lacks.
+pub async fn reconcile(store: &Store, bans: &Arc<Bans>, me: &str) -> Result<(), StoreError> {
+    let remote = read_remote(store, bans).await?;
+    let (merging, node) = (bans.clone(), me.to_owned());
+    let (to_store, received) = tokio::task::spawn_blocking(move || merge(&merging, remote, &node))
+        .await
+        .map_err(|e| StoreError::Merge(e.to_string()))?;
     store.metrics.fleet.received_many(received);
     for chunk in to_store.chunks(PAGE) {
-        let answers = write_changes(store, me, chunk, StoreOp::Resync).await?;
-        for (change, answer) in chunk.iter().zip(answers) {
-            store
-                .metrics
-                .fleet
-                .sent(matches!(change, BanChange::Lifted { .. }));
-            if let (BanChange::Banned { net, ban }, 0) = (change, answer) {
-                bans.lift_remote(*net, ban.since_ms);
-            }
-        }
+        write_changes(store, bans, me, chunk, StoreOp::Resync).await?;
     }
     store.metrics.fleet.resyncs.inc();
     Ok(())
