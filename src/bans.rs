@@ -286,7 +286,7 @@ fn export_text(bans: &[(IpNet, Ban)], lifts: &[(IpNet, u64)]) -> String {
         text.push('\n');
     }
     for (net, at_ms) in lifts {
-        let _ = writeln!(text, "{LIFTED}{net} at={at_ms}");
+        let _ = writeln!(text, "{LIFTED}at={at_ms} {net}");
     }
     text
 }
@@ -384,10 +384,10 @@ pub(crate) fn clean_reason(reason: &str) -> Arc<str> {
     clean.into()
 }
 
-/// A `# lifted NET at=MS` line's rest.
+/// A `# lifted at=MS NET` line's rest.
 fn parse_lift(rest: &[u8]) -> Option<(IpNet, u64)> {
     let text = std::str::from_utf8(rest).ok()?;
-    let (net, at) = text.trim().split_once(" at=")?;
+    let (at, net) = text.trim().strip_prefix("at=")?.split_once(' ')?;
     Some((parse_net(net).ok()?, at.parse().ok()?))
 }
 
@@ -852,10 +852,11 @@ impl Bans {
             .any(|(net, ban)| ban.until > now && net.contains(&ip))
     }
 
-    /// The bans in the blocklist text format, expiry and reason in comments.
+    /// The bans in the blocklist text format, expiry and reason in comments
+    /// (the lifts remembered are for the state file only).
     pub fn export(&self) -> String {
-        let (bans, lifts) = self.fleet_snapshot();
-        export_text(&bans, &lifts)
+        let bans = lock(&self.table).snapshot(unix_now());
+        export_text(&bans, &[])
     }
 
     /// Pushes the bans to the lists and writes them to `autoban.state`
@@ -1141,7 +1142,8 @@ mod tests {
             bans.save_now(Some(&state));
         }
         let text = std::fs::read_to_string(&state).unwrap();
-        assert!(text.contains("# lifted 192.0.2.12/32 at="), "{text}");
+        assert!(text.contains("# lifted at="), "{text}");
+        assert!(text.ends_with(" 192.0.2.12/32\n"), "{text}");
         let restarted = detached_bans(settings);
         let (held, lifts) = restarted.fleet_snapshot();
         assert!(held.is_empty());
