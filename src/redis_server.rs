@@ -44,6 +44,8 @@ pub struct RedisServer {
     addr: SocketAddr,
     dir: PathBuf,
     child: Option<Child>,
+    /// Further `redis-server` arguments (TLS, a password).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -57,6 +59,13 @@ impl RedisServer {
 
     /// Starts one on a free loopback port and waits until it answers PING.
     pub async fn start() -> Result<RedisServer, RedisServerError> {
+        RedisServer::start_with(Vec::new()).await
+    }
+
+    /// Starts one with further arguments (`--requirepass`, `--tls-port`
+    /// and the certificate files...); the plaintext port still answers
+    /// PING (or NOAUTH) for readiness.
+    pub async fn start_with(extra: Vec<String>) -> Result<RedisServer, RedisServerError> {
         if RedisServer::binary().is_none() {
             return Err(RedisServerError::Missing);
         }
@@ -67,6 +76,7 @@ impl RedisServer {
                 addr: free_port()?,
                 dir: dir.clone(),
                 child: None,
+                extra: extra.clone(),
             };
             match server.spawn().await {
                 Ok(()) => return Ok(server),
@@ -164,6 +174,7 @@ impl RedisServer {
             .arg(&self.dir)
             .arg("--logfile")
             .arg(&log)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -208,14 +219,15 @@ impl Drop for RedisServer {
     }
 }
 
-/// True when `addr` answers `PING` with `+PONG` within a short deadline.
+/// True when `addr` answers `PING` within a short deadline: `+PONG`, or
+/// `-NOAUTH` from one that requires a password.
 pub async fn ping(addr: SocketAddr) -> bool {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
         stream.write_all(b"PING\r\n").await?;
         let mut reply = [0u8; 7];
         stream.read_exact(&mut reply).await?;
-        Ok::<_, std::io::Error>(&reply == b"+PONG\r\n")
+        Ok::<_, std::io::Error>(&reply == b"+PONG\r\n" || &reply == b"-NOAUTH")
     };
     matches!(
         timeout(Duration::from_millis(500), exchange).await,
@@ -224,7 +236,7 @@ pub async fn ping(addr: SocketAddr) -> bool {
 }
 
 /// A loopback port free a moment ago (bound, then released).
-fn free_port() -> std::io::Result<SocketAddr> {
+pub fn free_port() -> std::io::Result<SocketAddr> {
     std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()
 }
 

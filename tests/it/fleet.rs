@@ -598,3 +598,66 @@ async fn a_node_started_while_redis_is_down_enforces_its_persisted_bans_and_join
     assert!(took <= PROPAGATION, "d refused a's ban only after {took:?}");
     assert_eq!(door(d.addr, persisted).await, BLOCKED);
 }
+
+#[tokio::test]
+async fn a_fleet_over_rediss_with_a_password_and_a_private_ca_shares_bans() {
+    let dir = TempDir::new("fleet-rediss");
+    let ca = mailmoat::tls::generate::Authority::new().expect("a CA");
+    let (cert, key) = ca
+        .issue(&["localhost"])
+        .expect("a certificate")
+        .write_in(dir.path(), "redis")
+        .expect("written");
+    dir.write("ca.pem", ca.cert_pem());
+    dir.write("password", "redis-s3cret\n");
+    dir.write("token", &format!("{TOKEN}\n"));
+    let tls = mailmoat::redis_server::free_port().expect("a port");
+    let path = |p: &Path| p.display().to_string();
+    let args = [
+        "--tls-port".to_string(),
+        tls.port().to_string(),
+        "--tls-cert-file".into(),
+        path(&cert),
+        "--tls-key-file".into(),
+        path(&key),
+        "--tls-ca-cert-file".into(),
+        path(&dir.path().join("ca.pem")),
+        "--tls-auth-clients".into(),
+        "no".into(),
+        "--requirepass".into(),
+        "redis-s3cret".into(),
+    ];
+    let test = "the fleet over rediss://";
+    let Some(_redis) = redis_server_with(test, args.to_vec()).await else {
+        return;
+    };
+    let sink = auth_sink().await;
+    let url = format!("rediss://localhost:{}/0", tls.port());
+    let mut nodes = Vec::new();
+    for name in ["a", "b"] {
+        let toml = node_toml(
+            name,
+            &url,
+            &dir.path().join(format!("bans-{name}")),
+            &dir.path().join("token"),
+            NodeOptions::default(),
+        ) + &format!(
+            "password_file = {}\nca_file = {}\n",
+            quoted(&dir.path().join("password")),
+            quoted(&dir.path().join("ca.pem")),
+        );
+        nodes.push(TestProxy::start(&toml, &[sink.addr()]).await);
+    }
+    // Up means TLS verified against the private CA and the password taken.
+    for node in &nodes {
+        wait_joined(node, 2).await;
+    }
+    let target = Ipv4Addr::new(127, 0, 127, 1);
+    let since = Instant::now();
+    post_ban(&nodes[0], target).await;
+    let took = refused_after(nodes[1].addr, target, since).await;
+    assert!(
+        took < PROPAGATION,
+        "the ban took {took:?} to reach b over TLS"
+    );
+}

@@ -500,8 +500,16 @@ pub async fn mailmoat_run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
 /// notice when it is not installed; under `CI` a missing one fails the
 /// test, as CI installs it (`.ci/run`).
 pub async fn redis_server(test: &str) -> Option<mailmoat::redis_server::RedisServer> {
+    redis_server_with(test, Vec::new()).await
+}
+
+/// [`redis_server`] with further `redis-server` arguments.
+pub async fn redis_server_with(
+    test: &str,
+    extra: Vec<String>,
+) -> Option<mailmoat::redis_server::RedisServer> {
     use mailmoat::redis_server::{RedisServer, RedisServerError};
-    match RedisServer::start().await {
+    match RedisServer::start_with(extra).await {
         Ok(server) => Some(server),
         Err(RedisServerError::Missing) if std::env::var_os("CI").is_none() => {
             eprintln!("notice: redis-server not installed; skipping {test}");
