@@ -15,7 +15,7 @@ use crate::smtp::{Command, DataEvent, DataScanner, Reply, ReplyAssembler, Verb};
 pub type Check = fn(data: &[u8]);
 
 /// Every fuzz target, by name: the corpus folder and the check it runs.
-pub const TARGETS: [(&str, Check); 8] = [
+pub const TARGETS: [(&str, Check); 9] = [
     ("smtp_command", smtp_command),
     ("smtp_reply", smtp_reply),
     ("data_scanner", data_scanner),
@@ -24,7 +24,66 @@ pub const TARGETS: [(&str, Check); 8] = [
     ("config_loader", config_loader),
     ("ban_state", ban_state),
     ("smtp_session", smtp_session),
+    ("fleet_event", fleet_event),
 ];
+
+/// Messages on the fleet's channel (and stored ban values), one per line,
+/// as another node or a tampered store could send them: parsing never
+/// panics, what parses writes back to the same event, names and reasons
+/// stay one clean word, and applying it to the bans never panics.
+pub fn fleet_event(data: &[u8]) {
+    use crate::fleet::sync::{decode, encode, Event};
+    let bans = detached_bans(16);
+    for line in data.split(|&b| b == b'\n') {
+        let Ok(text) = std::str::from_utf8(line) else {
+            continue;
+        };
+        let _ = decode(text);
+        let Some(event) = Event::parse(text) else {
+            continue;
+        };
+        let again = match &event {
+            Event::Banned { net, ban } => {
+                let node = ban.origin.as_deref().unwrap_or("");
+                for word in [node, &ban.reason] {
+                    assert!(word.chars().all(|c| c.is_ascii_graphic()), "{word:?}");
+                }
+                format!("ban {net} {}", encode(ban, node).join(" "))
+            }
+            Event::Lifted { net, at_ms, node } => format!("lift {net} {at_ms} {node}"),
+        };
+        if !matches!(&event, Event::Banned { ban, .. } if ban.origin.is_none())
+            && !matches!(&event, Event::Lifted { node, .. } if node.is_empty())
+        {
+            assert_eq!(Event::parse(&again).as_ref(), Some(&event), "{again:?}");
+        }
+        match event {
+            Event::Banned { net, ban } => {
+                let _ = bans.apply_remote(net, ban);
+            }
+            Event::Lifted { net, at_ms, .. } => {
+                bans.lift_remote(net, at_ms);
+            }
+        }
+    }
+}
+
+/// Bans that feed lists nobody reads, kept in memory only.
+fn detached_bans(max_bans: usize) -> crate::bans::Bans {
+    let mut settings = Config::default().autoban;
+    settings.state = None;
+    settings.max_bans = max_bans;
+    let live = std::sync::Arc::new(crate::blocklist::Blocklist::default());
+    let metrics = crate::blocklist::sources::SourceMetrics::register(&prometheus::Registry::new());
+    let sources = crate::blocklist::sources::Sources::new(live, metrics, Box::new(|_| {}));
+    crate::bans::Bans::new(
+        settings,
+        false,
+        1000,
+        std::sync::Arc::new(sources),
+        std::sync::Arc::new(crate::metrics::Metrics::new()),
+    )
+}
 
 /// `Command::parse` on each line: the verb matches the first word, the
 /// arguments survive a re-parse, and log fields stay bounded and quotable.
@@ -295,20 +354,7 @@ pub fn proxy_header(data: &[u8]) {
 pub fn ban_state(data: &[u8]) {
     const MAX_BANS: usize = 16;
     let bans = |text: &[u8]| {
-        let mut settings = Config::default().autoban;
-        settings.state = None;
-        settings.max_bans = MAX_BANS;
-        let live = std::sync::Arc::new(crate::blocklist::Blocklist::default());
-        let metrics =
-            crate::blocklist::sources::SourceMetrics::register(&prometheus::Registry::new());
-        let sources = crate::blocklist::sources::Sources::new(live, metrics, Box::new(|_| {}));
-        let bans = crate::bans::Bans::new(
-            settings,
-            false,
-            1000,
-            std::sync::Arc::new(sources),
-            std::sync::Arc::new(crate::metrics::Metrics::new()),
-        );
+        let bans = detached_bans(MAX_BANS);
         bans.load(text, Path::new("fuzz.state"));
         bans
     };

@@ -94,3 +94,8 @@ fn every_target_is_wired_up() {
 fn ban_state_corpus() {
     replay("ban_state");
 }
+
+#[test]
+fn fleet_event_corpus() {
+    replay("fleet_event");
+}
