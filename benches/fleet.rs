@@ -30,29 +30,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use common::{ms, percentile, us, verdict, InProcessProxy, Mode, Samples, Smtp, ThreadCpu};
+use common::{
+    ms, percentile, us, verdict, InProcessProxy, Mode, Samples, Smtp, ThreadCpu, OPEN_LIMITS_TOML,
+};
 use criterion::SamplingMode;
 use mailmoat::redis_server::RedisServer;
 use mailmoat::sink::{Sink, SinkOptions};
-
-/// Limits no bench client reaches: what is measured is the path, not a
-/// refusal.
-const NODE_TOML: &str = r#"
-[server]
-hostname = "bench.proxy"
-shutdown_grace = "1s"
-[limits]
-connection_rate = "100000/s"
-connection_burst = 100000
-message_rate = "100000/s"
-message_burst = 100000
-recipient_rate = "100000/s"
-recipient_burst = 100000
-[timeouts]
-session = "1h"
-[blocklist]
-files = []
-"#;
 
 /// Issue 12: at most this much added at p50 with the fleet on.
 const ADDED_P50_TARGET: Duration = Duration::from_micros(100);
@@ -103,12 +86,12 @@ fn main() {
         .expect("sink binds");
     let fleet_toml = |node: &str, extra: &str| {
         format!(
-            "{NODE_TOML}[fleet]\nurl = \"{}\"\nnode = \"{node}\"\n{extra}",
+            "{OPEN_LIMITS_TOML}[fleet]\nurl = \"{}\"\nnode = \"{node}\"\n{extra}",
             redis.url()
         )
     };
     let tomls = [
-        NODE_TOML.to_string(),
+        OPEN_LIMITS_TOML.to_string(),
         fleet_toml("bans", "shared_rates = []\n"),
         fleet_toml("bench", ""),
     ];

@@ -28,27 +28,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use common::{ms, percentile, verdict, InProcessProxy, Mode, Samples, Smtp};
+use common::{ms, percentile, verdict, InProcessProxy, Mode, Samples, Smtp, OPEN_LIMITS_TOML};
 use criterion::SamplingMode;
 use mailmoat::sink::{Sink, SinkOptions};
 use tokio::runtime::Runtime;
-
-const PROXY_TOML: &str = r#"
-[server]
-hostname = "bench.proxy"
-shutdown_grace = "1s"
-[limits]
-connection_rate = "100000/s"
-connection_burst = 100000
-message_rate = "100000/s"
-message_burst = 100000
-recipient_rate = "100000/s"
-recipient_burst = 100000
-[timeouts]
-session = "1h"
-[blocklist]
-files = []
-"#;
 
 /// SPEC: at most this much added at p50.
 const ADDED_P50_TARGET: Duration = Duration::from_micros(250);
@@ -85,7 +68,7 @@ impl Paths {
         let sink = sink_rt
             .block_on(Sink::start("127.0.0.1:0".parse().unwrap(), options))
             .expect("sink binds");
-        let proxy = InProcessProxy::start(proxy_rt, PROXY_TOML, sink.addr());
+        let proxy = InProcessProxy::start(proxy_rt, OPEN_LIMITS_TOML, sink.addr());
         let tcp_proxy = common::start_tcp_proxy(tcp_rt, sink.addr());
         Paths {
             sink,

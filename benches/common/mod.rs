@@ -19,6 +19,25 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::runtime::Runtime;
 
 /// Upper bound for any single network wait in a bench.
+/// A proxy config whose limits no bench client reaches: what is measured
+/// is the path, not a refusal.
+pub const OPEN_LIMITS_TOML: &str = r#"
+[server]
+hostname = "bench.proxy"
+shutdown_grace = "1s"
+[limits]
+connection_rate = "100000/s"
+connection_burst = 100000
+message_rate = "100000/s"
+message_burst = 100000
+recipient_rate = "100000/s"
+recipient_burst = 100000
+[timeouts]
+session = "1h"
+[blocklist]
+files = []
+"#;
+
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// How long and how hard to measure.

@@ -313,19 +313,10 @@ fn node_from_host_name(host_name: Option<String>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
     use std::path::{Path, PathBuf};
 
-    use super::super::{Config, ConfigError};
+    use super::super::load_in;
     use super::*;
-
-    fn load_in(text: &str, base: Option<&Path>) -> Result<Config, Vec<String>> {
-        let no_dns = |_: &str| -> Result<Vec<SocketAddr>, String> { Err("no DNS here".into()) };
-        Config::parse(text, Path::new("m.toml"), base, &no_dns).map_err(|e| match e {
-            ConfigError::Invalid { problems, .. } => problems,
-            other => vec![other.to_string()],
-        })
-    }
 
     fn fleet(lines: &str) -> Result<FleetSettings, Vec<String>> {
         load_in(&format!("[fleet]\n{lines}"), None).map(|c| c.fleet.expect("[fleet] is set"))

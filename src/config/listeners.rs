@@ -477,16 +477,8 @@ fn server_name(text: &str) -> Result<String, String> {
 mod tests {
     use std::path::{Path, PathBuf};
 
-    use super::super::{Config, ConfigError};
+    use super::super::{load_in, Config};
     use super::*;
-
-    fn load_in(text: &str, base: Option<&Path>) -> Result<Config, Vec<String>> {
-        let no_dns = |_: &str| -> Result<Vec<SocketAddr>, String> { Err("no DNS here".into()) };
-        Config::parse(text, Path::new("m.toml"), base, &no_dns).map_err(|e| match e {
-            ConfigError::Invalid { problems, .. } => problems,
-            other => vec![other.to_string()],
-        })
-    }
 
     fn load(text: &str) -> Result<Config, Vec<String>> {
         load_in(text, None)

@@ -1101,6 +1101,17 @@ fn nonzero_rate(rate: Rate) -> Result<Rate, String> {
     }
 }
 
+/// A config from `text` as if read from `m.toml` in `base`, with no DNS:
+/// every problem as its line, for the tests of each part of the config.
+#[cfg(test)]
+pub(crate) fn load_in(text: &str, base: Option<&Path>) -> Result<Config, Vec<String>> {
+    let no_dns = |_: &str| -> Result<Vec<SocketAddr>, String> { Err("no DNS here".into()) };
+    Config::parse(text, Path::new("m.toml"), base, &no_dns).map_err(|e| match e {
+        ConfigError::Invalid { problems, .. } => problems,
+        other => vec![other.to_string()],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
