@@ -93,7 +93,10 @@ fn main() {
     let tomls = [
         OPEN_LIMITS_TOML.to_string(),
         fleet_toml("bans", "shared_rates = []\n"),
-        fleet_toml("bench", ""),
+        fleet_toml(
+            "bench",
+            "shared_rates = [\"connection_rate\", \"message_rate\", \"recipient_rate\"]\n",
+        ),
     ];
     let nodes: Vec<InProcessProxy> = tomls
         .iter()

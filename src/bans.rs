@@ -221,17 +221,26 @@ impl Table {
             }
             self.lifts_by_at.remove(&(at, net));
             self.lifts.remove(&net);
+            self.changes += 1;
         }
     }
 
     /// Remembers that `net` was lifted at `at_ms`, keeping at most `cap`
     /// lifts (the oldest go first).
-    fn remember_lift(&mut self, net: IpNet, at_ms: u64, cap: usize) {
+    fn remember_lift(&mut self, net: IpNet, at_ms: u64, cap: usize) -> bool {
         if let Some(old) = self.lifts.get(&net).copied() {
             if old >= at_ms {
-                return;
+                return false;
             }
             self.lifts_by_at.remove(&(old, net));
+        } else if self.lifts.len() >= cap.max(1)
+            && self
+                .lifts_by_at
+                .first()
+                .is_some_and(|(oldest, _)| at_ms <= *oldest)
+        {
+            // Full, and older than every lift kept: it would go first.
+            return false;
         }
         self.lifts.insert(net, at_ms);
         self.lifts_by_at.insert((at_ms, net));
@@ -242,6 +251,7 @@ impl Table {
             self.lifts.remove(&oldest);
         }
         self.changes += 1;
+        true
     }
 
     /// True when a lift of `net` came after `ban` was made.
@@ -263,6 +273,11 @@ impl Table {
             .collect()
     }
 }
+
+/// How far ahead of the fleet's clock a lift may be stamped: a lift from a
+/// host whose clock is far ahead would otherwise forbid banning that
+/// network anywhere, with no end.
+const MAX_LIFT_AHEAD_MS: u64 = 5 * 60 * 1000;
 
 /// A remembered lift, as a comment line of the state file (a blocklist
 /// reading the file skips it).
@@ -507,13 +522,23 @@ impl Bans {
         let now = unix_now();
         let latest = unix_after(self.settings.max_ttl);
         let default_until = unix_after(self.settings.ttl);
+        let latest_lift = unix_now_ms().saturating_add(MAX_LIFT_AHEAD_MS);
         let mut loaded = Loaded::default();
         let mut table = lock(&self.table);
         for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
             if let Some(lift) = raw.strip_prefix(LIFTED.as_bytes()) {
-                match parse_lift(lift) {
-                    Some((net, at_ms)) => table.remember_lift(net, at_ms, self.settings.max_bans),
-                    None => loaded.bad += 1,
+                match parse_lift(lift).filter(|(_, at)| *at <= latest_lift) {
+                    Some((net, at_ms)) => {
+                        table.remember_lift(net, at_ms, self.settings.max_bans);
+                    }
+                    None => {
+                        loaded.bad += 1;
+                        if loaded.bad <= MAX_REPORTED_LINES {
+                            let text: String =
+                                String::from_utf8_lossy(raw).chars().take(80).collect();
+                            tracing::warn!(path = %path.display(), line = i + 1, text = ?text, "autoban.state: skipped a line: not \"# lifted at=<Unix ms, not in the future> <IP or CIDR>\"");
+                        }
+                    }
                 }
                 continue;
             }
@@ -713,7 +738,7 @@ impl Bans {
     /// drops it.
     pub fn lift(&self, net: IpNet) -> bool {
         let net = net.trunc();
-        let (lifted, at_ms) = {
+        let (lifted, remembered, at_ms) = {
             let mut table = lock(&self.table);
             // After the ban it lifts, whatever the clocks.
             let at_ms = self.fleet_now_ms().max(
@@ -722,11 +747,13 @@ impl Bans {
                     .get(&net)
                     .map_or(0, |ban| ban.since_ms.saturating_add(1)),
             );
-            table.remember_lift(net, at_ms, self.settings.max_bans);
-            (table.remove(net).is_some(), at_ms)
+            let remembered = table.remember_lift(net, at_ms, self.settings.max_bans);
+            (table.remove(net).is_some(), remembered, at_ms)
         };
         if lifted {
             tracing::info!(net = %net, "ban lifted");
+        }
+        if lifted || remembered {
             self.dirty.notify_one();
         }
         self.tell_fleet(BanChange::Lifted { net, at_ms });
@@ -795,17 +822,23 @@ impl Bans {
     /// it was made after the lift. True when a ban was dropped.
     pub fn lift_remote(&self, net: IpNet, at_ms: u64) -> bool {
         let net = net.trunc();
-        let lifted = {
+        if at_ms > self.fleet_now_ms().saturating_add(MAX_LIFT_AHEAD_MS) {
+            tracing::warn!(net = %net, at_ms, "ignored a lift stamped in the future (a node's clock is wrong?)");
+            return false;
+        }
+        let (lifted, remembered) = {
             let mut table = lock(&self.table);
-            table.remember_lift(net, at_ms, self.settings.max_bans);
+            let remembered = table.remember_lift(net, at_ms, self.settings.max_bans);
             let older = table
                 .by_net
                 .get(&net)
                 .is_some_and(|ban| ban.since_ms <= at_ms);
-            older && table.remove(net).is_some()
+            (older && table.remove(net).is_some(), remembered)
         };
         if lifted {
             tracing::info!(net = %net, "ban lifted by another node");
+        }
+        if lifted || remembered {
             self.dirty.notify_one();
         }
         lifted
@@ -1166,5 +1199,17 @@ mod tests {
             lifts.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
             vec![recent]
         );
+    }
+
+    #[test]
+    fn a_lift_stamped_far_in_the_future_is_ignored_so_the_network_can_still_be_banned() {
+        let bans = detached_bans(Config::default().autoban);
+        let net: IpNet = "192.0.2.15/32".parse().unwrap();
+        let year_ahead = unix_now_ms() + 365 * 86_400_000;
+        assert!(!bans.lift_remote(net, year_ahead));
+        assert!(bans.fleet_snapshot().1.is_empty());
+        bans.ban(net, Duration::from_secs(60), "manual").unwrap();
+        let ban = bans.get(net).expect("banned");
+        assert!(ban.since_ms < year_ahead);
     }
 }

@@ -20,7 +20,7 @@ use governor::Quota;
 use crate::admission::{quota, RateCheck, RateTable};
 use crate::bans::{BanEvent, Bans};
 use crate::config::{Config, SharedRate};
-use crate::fleet::SharedRates;
+use crate::fleet::{FleetVerdict, SharedRates};
 use crate::metrics::Metrics;
 
 /// The limits a client can hit: the `limit` label of
@@ -280,12 +280,14 @@ impl ClientShaping<'_> {
             return Verdict::Pass;
         }
         match table.check(self.ip) {
-            RateCheck::Allowed => match &self.shaping.fleet {
-                Some(fleet) if fleet.check(shared, self.ip) == RateCheck::Limited => {
-                    self.over(limit)
+            RateCheck::Allowed => {
+                let fleet = self.shaping.fleet.as_ref();
+                match fleet.map(|f| f.check(shared, self.ip)) {
+                    None | Some(FleetVerdict::Allowed) => Verdict::Pass,
+                    Some(FleetVerdict::Over) => self.over(limit),
+                    Some(FleetVerdict::Held) => self.held(limit),
                 }
-                _ => Verdict::Pass,
-            },
+            }
             RateCheck::Untracked => {
                 self.shaping.metrics.rate_untracked.inc();
                 Verdict::Pass
@@ -300,6 +302,20 @@ impl ClientShaping<'_> {
         let s = self.shaping;
         s.metrics.limit_hit(limit);
         self.event(BanEvent::LimitViolation);
+        if s.shadow {
+            tracing::info!(client = %self.ip, limit = limit.as_str(), "shadow: would refuse");
+            return Verdict::Pass;
+        }
+        s.refused(self.ip);
+        Verdict::Refuse
+    }
+
+    /// The client is held back by caution, not caught over a limit (the
+    /// fleet's answer about it is pending): refused and counted like a
+    /// limit hit, but no ban event.
+    fn held(&self, limit: Limit) -> Verdict {
+        let s = self.shaping;
+        s.metrics.limit_hit(limit);
         if s.shadow {
             tracing::info!(client = %self.ip, limit = limit.as_str(), "shadow: would refuse");
             return Verdict::Pass;

@@ -24,7 +24,7 @@ pub use refusal::Refusal;
 
 use crate::blocklist::Blocklist;
 use crate::config::{Config, SharedRate};
-use crate::fleet::SharedRates;
+use crate::fleet::{FleetVerdict, SharedRates};
 use crate::metrics::Metrics;
 
 pub struct Admission<C: Clock = DefaultClock> {
@@ -149,9 +149,9 @@ impl<C: Clock + Clone> Admission<C> {
         match self.rate.check(ip) {
             RateCheck::Allowed => {
                 let fleet = self.fleet.as_ref();
-                if fleet
-                    .is_some_and(|f| f.check(SharedRate::ConnectionRate, ip) == RateCheck::Limited)
-                {
+                if fleet.is_some_and(|f| {
+                    f.check(SharedRate::ConnectionRate, ip) != FleetVerdict::Allowed
+                }) {
                     self.refuse(ip, Refusal::ConnectionRate)?;
                 }
             }

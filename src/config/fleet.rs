@@ -148,7 +148,7 @@ impl Validator<'_> {
     /// The rates named, each once; `[]` shares none.
     fn shared_rates(&mut self, raw: Raw<Vec<String>>) -> Vec<SharedRate> {
         let Some(raw) = raw else {
-            return SharedRate::ALL.to_vec();
+            return SharedRate::DEFAULT.to_vec();
         };
         let span = raw.span();
         let mut rates = Vec::new();
@@ -352,7 +352,7 @@ mod tests {
             node_from_host_name(std::fs::read_to_string(HOSTNAME_FILE).ok())
         );
         assert_eq!(f.nodes, 0);
-        assert_eq!(f.shared_rates, SharedRate::ALL);
+        assert_eq!(f.shared_rates, SharedRate::DEFAULT);
         assert_eq!(f.timeout, Duration::from_millis(250));
         assert_eq!(f.connect_timeout, Duration::from_secs(1));
         assert_eq!(f.breaker_failures, 3);

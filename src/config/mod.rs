@@ -228,6 +228,11 @@ pub enum SharedRate {
 }
 
 impl SharedRate {
+    /// Shared when `fleet.shared_rates` is not set. Not the recipient rate:
+    /// a client's RCPTs arrive pipelined, faster than the store answers,
+    /// and while its takes are unanswered a node holds it to its share.
+    pub const DEFAULT: [SharedRate; 2] = [SharedRate::ConnectionRate, SharedRate::MessageRate];
+
     pub const ALL: [SharedRate; 3] = [
         SharedRate::ConnectionRate,
         SharedRate::MessageRate,

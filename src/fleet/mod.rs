@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use crate::bans::{BanChange, Bans};
 use crate::config::{Config, FleetSettings};
 use crate::metrics::{Metrics, StoreOp};
-pub use rates::SharedRates;
+pub use rates::{FleetVerdict, SharedRates};
 use store::{Store, StoreError};
 
 /// Ban changes waiting to be written; beyond, the next reconciliation
@@ -199,8 +199,11 @@ impl Fleet {
         let mut failures = 0u32;
         let mut next_try = Instant::now();
         loop {
-            let due =
-                (wanted || last.elapsed() >= self.settings.resync) && Instant::now() >= next_try;
+            // At most one reconciliation per heartbeat, however often one
+            // is asked for (a storm of bans overflowing the queue).
+            let due = ((wanted && last.elapsed() >= self.settings.heartbeat)
+                || last.elapsed() >= self.settings.resync)
+                && Instant::now() >= next_try;
             // The heartbeat goes through the breaker like every operation:
             // while it is open this costs nothing, and after the cooldown
             // it is the trial.
@@ -242,13 +245,15 @@ impl Fleet {
             .arg(bans.count())
             .arg(MAX_NODES)
             .to_owned();
-        let reply: Vec<String> = self
+        let reply: Vec<Vec<u8>> = self
             .store
             .run(StoreOp::Heartbeat, |mut c| async move {
                 cmd.query_async(&mut c).await
             })
             .await?;
-        let mut fields = reply.into_iter();
+        let mut fields = reply
+            .into_iter()
+            .map(|field| String::from_utf8_lossy(&field).into_owned());
         let now_ms: u64 = fields.next().and_then(|n| n.parse().ok()).unwrap_or(0);
         if now_ms > 0 {
             let offset = i128::from(now_ms) - i128::from(crate::bans::unix_now_ms());

@@ -59,6 +59,19 @@ struct Shapes {
     by_rate: [Option<Shape>; 3],
 }
 
+/// What the fleet says about one event of a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FleetVerdict {
+    Allowed,
+    /// Over the limit: the fleet's count is spent, or, with the store
+    /// down, this node's share.
+    Over,
+    /// Held to this node's share while an earlier take of the client waits
+    /// for the store's answer: caution, not proof of abuse, so it feeds no
+    /// ban.
+    Held,
+}
+
 /// A take on its way to the store.
 #[derive(Clone)]
 pub struct Take {
@@ -190,42 +203,41 @@ impl SharedRates {
 
     /// The fleet's verdict on one event of `ip` under `rate`, which this
     /// node's own bucket has already let through. Never waits.
-    pub fn check(&self, rate: SharedRate, ip: IpAddr) -> RateCheck {
+    pub fn check(&self, rate: SharedRate, ip: IpAddr) -> FleetVerdict {
         let shapes = self.shapes.load();
         let Some(shape) = &shapes.by_rate[rate as usize] else {
-            return RateCheck::Allowed;
+            return FleetVerdict::Allowed;
         };
-        let share = match shape.share.check(ip) {
-            RateCheck::Limited => RateCheck::Limited,
-            RateCheck::Allowed | RateCheck::Untracked => RateCheck::Allowed,
+        let share_allows = shape.share.check(ip) != RateCheck::Limited;
+        let share = |refusal| {
+            if share_allows {
+                FleetVerdict::Allowed
+            } else {
+                refusal
+            }
         };
         if !self.store.breaker.is_up() {
             self.metrics.fleet.fallback(rate);
-            return share;
+            return share(FleetVerdict::Over);
         }
         let key = (rate, ip);
         let now = Instant::now();
         if self.spent.get(&key).is_some_and(|until| *until > now) {
             self.metrics.fleet.limited(rate);
-            return RateCheck::Limited;
+            return FleetVerdict::Over;
         }
         // While an earlier event of this client waits for the store's
         // answer, the share decides: without it, a client faster than the
         // round trip would go unchecked until the answers came back.
         let unanswered = self.unanswered.get(&key).is_some_and(|n| *n > 0);
-        let verdict = if unanswered {
-            share
-        } else {
-            RateCheck::Allowed
-        };
-        if verdict == RateCheck::Limited {
+        if unanswered && !share_allows {
             self.metrics.fleet.fallback(rate);
-            return verdict;
+            return FleetVerdict::Held;
         }
         if self.unanswered.len() >= self.max_tracked && !self.unanswered.contains_key(&key) {
             self.metrics.fleet.takes_dropped.inc();
             self.metrics.fleet.fallback(rate);
-            return share;
+            return share(FleetVerdict::Held);
         }
         *self.unanswered.entry(key).or_insert(0) += 1;
         let take = Take {
@@ -238,9 +250,9 @@ impl SharedRates {
             self.answered(key, 1);
             self.metrics.fleet.takes_dropped.inc();
             self.metrics.fleet.fallback(rate);
-            return share;
+            return share(FleetVerdict::Held);
         }
-        verdict
+        FleetVerdict::Allowed
     }
 
     /// `n` takes of `key` were answered (or given up on).
@@ -272,18 +284,22 @@ impl SharedRates {
                     () = &mut linger => break,
                 }
             }
-            let counted = count_takes(&batch);
+            // Answered when dropped, whatever happens to the batch (an
+            // error, a panic, a shutdown): a count left up would hold its
+            // client to the share forever.
+            let counted = InFlight {
+                rates: &self,
+                takes: count_takes(&batch),
+            };
             batch.clear();
-            if let Err(e) = self.send(&counted).await {
-                tracing::debug!(error = %e, takes = counted.len(), "shared-rate takes not counted by the fleet");
+            if let Err(e) = self.send(&counted.takes).await {
+                tracing::debug!(error = %e, takes = counted.takes.len(), "shared-rate takes not counted by the fleet");
                 self.metrics
                     .fleet
                     .takes_dropped
-                    .inc_by(counted.len() as u64);
+                    .inc_by(counted.takes.len() as u64);
             }
-            for (take, n) in &counted {
-                self.answered((take.rate, take.ip), *n);
-            }
+            drop(counted);
             if swept.elapsed() >= SWEEP_EVERY {
                 let now = Instant::now();
                 self.spent.retain(|_, until| *until > now);
@@ -327,6 +343,20 @@ impl SharedRates {
             }
         }
         Ok(())
+    }
+}
+
+/// A batch of takes on its way; dropping it marks them answered.
+struct InFlight<'a> {
+    rates: &'a SharedRates,
+    takes: Vec<(Take, u32)>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        for (take, n) in &self.takes {
+            self.rates.answered((take.rate, take.ip), *n);
+        }
     }
 }
 

@@ -91,7 +91,7 @@ local out = {}
 for i, key in ipairs(KEYS) do
   local interval = tonumber(ARGV[3 * i - 2])
   local tolerance = interval * tonumber(ARGV[3 * i - 1])
-  local tat = tonumber(redis.call('GET', key) or now)
+  local tat = tonumber(redis.call('GET', key)) or now
   if tat < now then tat = now end
   local new_tat = tat + interval * tonumber(ARGV[3 * i])
   local within = 0
@@ -212,6 +212,25 @@ pub enum StoreError {
     Merge(String),
     #[error("{0}")]
     Redis(#[from] redis::RedisError),
+}
+
+impl StoreError {
+    /// Whether the store is unreachable, slow or lost its scripts (the
+    /// connection is dropped and the breaker counts it), rather than
+    /// answering with an error.
+    fn is_transport(&self) -> bool {
+        match self {
+            StoreError::TimedOut(_) | StoreError::Closed => true,
+            StoreError::BreakerOpen | StoreError::Merge(_) => false,
+            StoreError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.to_string().contains("NOSCRIPT")
+            }
+        }
+    }
 }
 
 pub struct Store {
@@ -361,7 +380,13 @@ impl Store {
                     self.came_back.notify_one();
                 }
             }
-            Err(e) => self.failed(op, e),
+            Err(e) if e.is_transport() => self.failed(op, e),
+            Err(e) => {
+                // The store answered: a bad value or a script error is no
+                // outage, and must not put the node on its shares.
+                self.metrics.fleet.store_error(op);
+                tracing::warn!(op = op.as_str(), error = %e, "the fleet store refused an operation (bad data under the key prefix?)");
+            }
         }
         result
     }

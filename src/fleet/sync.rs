@@ -229,6 +229,9 @@ struct Remote {
     lifts: HashMap<IpNet, u64>,
 }
 
+/// A field and its value (or a member and its score) as the store has it.
+type RawPair = (Vec<u8>, Vec<u8>);
+
 /// Every field and value of a hash (`HSCAN`) or member and score of a
 /// sorted set (`ZSCAN`), a page per round trip, each under the timeout,
 /// at most `max` of them.
@@ -247,12 +250,17 @@ async fn scan_pairs(
             .arg("COUNT")
             .arg(PAGE)
             .to_owned();
-        let (next, pairs): (u64, Vec<(String, String)>) = store
+        let (next, pairs): (u64, Vec<RawPair>) = store
             .run(StoreOp::Resync, |mut c| async move {
                 page.query_async(&mut c).await
             })
             .await?;
-        all.extend(pairs);
+        // A field or value that is not UTF-8 is not ours: skipped.
+        all.extend(
+            pairs.into_iter().filter_map(|(a, b)| {
+                Some((String::from_utf8(a).ok()?, String::from_utf8(b).ok()?))
+            }),
+        );
         if next == 0 {
             return Ok(all);
         }
