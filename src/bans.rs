@@ -263,6 +263,11 @@ impl Table {
         self.by_expiry.first().map(|&(until, _)| until)
     }
 
+    /// The lifts remembered, as (network, Unix ms).
+    fn lifts(&self) -> Vec<(IpNet, u64)> {
+        self.lifts.iter().map(|(net, at)| (*net, *at)).collect()
+    }
+
     /// The bans in force, copied cheaply so they are formatted after the
     /// lock is released.
     fn snapshot(&self, now: u64) -> Vec<(IpNet, Ban)> {
@@ -457,6 +462,17 @@ impl Bans {
         };
         bans.restore();
         bans
+    }
+
+    /// Bans that feed lists nobody reads: for driving shaping or the ban
+    /// table alone (unit tests, the fuzzers).
+    pub fn detached(settings: AutobanSettings, metrics: Arc<Metrics>) -> Bans {
+        let sources = Sources::new(
+            Default::default(),
+            crate::blocklist::sources::SourceMetrics::register(&prometheus::Registry::new()),
+            Box::new(|_| {}),
+        );
+        Bans::new(settings, false, 1000, Arc::new(sources), metrics)
     }
 
     /// Loads the bans persisted in `autoban.state`, if any, and puts them
@@ -848,8 +864,7 @@ impl Bans {
     /// with the fleet.
     pub fn fleet_snapshot(&self) -> FleetSnapshot {
         let table = lock(&self.table);
-        let lifts = table.lifts.iter().map(|(n, at)| (*n, *at)).collect();
-        (table.snapshot(unix_now()), lifts)
+        (table.snapshot(unix_now()), table.lifts())
     }
 
     /// The most bans kept (`autoban.max_bans`).
@@ -986,15 +1001,14 @@ impl Bans {
         if let Some(refused) = &disk.refused {
             return Err(std::io::Error::other(refused.clone()));
         }
-        let (bans, changes) = {
+        let ((bans, lifts), changes) = {
             let table = lock(&self.table);
             if disk.written.is_some_and(|written| written >= table.changes) {
                 return Ok(());
             }
-            let lifts: Vec<(IpNet, u64)> = table.lifts.iter().map(|(n, at)| (*n, *at)).collect();
-            ((table.snapshot(unix_now()), lifts), table.changes)
+            ((table.snapshot(unix_now()), table.lifts()), table.changes)
         };
-        crate::blocklist::api::persist(path, &export_text(&bans.0, &bans.1))?;
+        crate::blocklist::api::persist(path, &export_text(&bans, &lifts))?;
         disk.written = Some(changes);
         Ok(())
     }
@@ -1013,7 +1027,6 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-    use crate::blocklist::sources::SourceMetrics;
     use crate::config::Config;
 
     /// Log output, shared by every thread that writes to it.
@@ -1031,18 +1044,7 @@ mod tests {
     }
 
     fn detached_bans(settings: AutobanSettings) -> Bans {
-        let sources = Sources::new(
-            Default::default(),
-            SourceMetrics::register(&prometheus::Registry::new()),
-            Box::new(|_| {}),
-        );
-        Bans::new(
-            settings,
-            false,
-            1000,
-            Arc::new(sources),
-            Arc::new(Metrics::new()),
-        )
+        Bans::detached(settings, Arc::new(Metrics::new()))
     }
 
     #[test]

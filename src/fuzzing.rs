@@ -73,14 +73,8 @@ fn detached_bans(max_bans: usize) -> crate::bans::Bans {
     let mut settings = Config::default().autoban;
     settings.state = None;
     settings.max_bans = max_bans;
-    let live = std::sync::Arc::new(crate::blocklist::Blocklist::default());
-    let metrics = crate::blocklist::sources::SourceMetrics::register(&prometheus::Registry::new());
-    let sources = crate::blocklist::sources::Sources::new(live, metrics, Box::new(|_| {}));
-    crate::bans::Bans::new(
+    crate::bans::Bans::detached(
         settings,
-        false,
-        1000,
-        std::sync::Arc::new(sources),
         std::sync::Arc::new(crate::metrics::Metrics::new()),
     )
 }

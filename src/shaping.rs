@@ -118,19 +118,7 @@ impl Shaping {
     /// Shaping whose bans feed lists nobody reads: the SMTP module driven
     /// alone, by unit tests and the fuzzer.
     pub fn detached(config: &Config, metrics: &Arc<Metrics>) -> Shaping {
-        use crate::blocklist::sources::{SourceMetrics, Sources};
-        let sources = Sources::new(
-            Default::default(),
-            SourceMetrics::register(&prometheus::Registry::new()),
-            Box::new(|_| {}),
-        );
-        let bans = Bans::new(
-            config.autoban.clone(),
-            false,
-            1000,
-            sources.into(),
-            metrics.clone(),
-        );
+        let bans = Bans::detached(config.autoban.clone(), metrics.clone());
         Shaping::new(config, bans.into(), metrics.clone())
     }
 
