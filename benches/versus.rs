@@ -402,7 +402,7 @@ fn bulk(
     receiver: &Process,
     rows: &mut Vec<Row>,
 ) {
-    let rounds = mode.pick(1, 3, 5);
+    let rounds = mode.pick(1, 5, 5);
     let size = mode.pick(256 << 10, 16 << 20, 20 << 20);
     let message = common::big_message(size);
     let mut totals: [Totals; 3] = Default::default();
