@@ -30,13 +30,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use common::{Mode, Smtp};
+use common::process::Process;
+use common::{Idle, Mode, Smtp};
 use mailmoat::sink::{Sink, SinkOptions};
 use tokio::runtime::Runtime;
 
@@ -46,8 +45,6 @@ const GREETING_TARGET_KIB: f64 = 3.0;
 const RELAYED_TARGET_KIB: f64 = 16.0;
 /// Descriptors this process keeps beyond the connections.
 const FD_SLACK: u64 = 200;
-/// Connections opened at once while filling.
-const BATCH: usize = 256;
 const PER_IP: usize = 10;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -136,16 +133,6 @@ enum Server {
     Bare,
 }
 
-/// A child server, killed when dropped.
-struct ChildServer(Child);
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn run_case(rt: &Runtime, dir: &std::path::Path, case: Case, server: Server, n: usize) -> Figures {
     let sink = (case == Case::Relayed).then(|| {
         let options = SinkOptions {
@@ -163,20 +150,18 @@ fn run_case(rt: &Runtime, dir: &std::path::Path, case: Case, server: Server, n: 
         Server::Mailmoat => spawn_mailmoat(dir, case, listen, upstream),
         Server::Bare => spawn_bare(case, listen, upstream),
     };
-    let pid = child.0.id().to_string();
-    wait_listening(listen);
 
     // At rest: started, and a few connections served and closed.
     let warm: Vec<Smtp> = rt.block_on(open_many(listen, case, 32, 6_000));
     drop(warm);
     std::thread::sleep(Duration::from_millis(500));
-    let rest = common::rss_kib(&pid);
+    let rest = child.rss_kib();
 
     let started = Instant::now();
     let conns = rt.block_on(open_many(listen, case, n, 0));
     let filled = started.elapsed();
     std::thread::sleep(Duration::from_millis(500));
-    let loaded = common::rss_kib(&pid);
+    let loaded = child.rss_kib();
     if let Some(sink) = &sink {
         assert!(
             sink.active() >= n,
@@ -192,11 +177,11 @@ fn run_case(rt: &Runtime, dir: &std::path::Path, case: Case, server: Server, n: 
 
     drop(conns);
     std::thread::sleep(Duration::from_millis(1_000));
-    let closed = common::rss_kib(&pid);
+    let closed = child.rss_kib();
 
     let conns = rt.block_on(open_many(listen, case, n, 0));
     std::thread::sleep(Duration::from_millis(500));
-    let refilled = common::rss_kib(&pid);
+    let refilled = child.rss_kib();
     drop(conns);
     drop(child);
     if let Some(sink) = &sink {
@@ -219,7 +204,7 @@ fn spawn_mailmoat(
     case: Case,
     listen: SocketAddr,
     upstream: SocketAddr,
-) -> ChildServer {
+) -> Process {
     let greet_pause = match case {
         Case::Greeting => "5m",
         Case::Relayed => "0s",
@@ -250,82 +235,26 @@ listen = ""
 level = "warn"
 "#
     );
-    let path = dir.join("mailmoat.toml");
-    std::fs::write(&path, config).expect("write config");
-    let stderr = std::fs::File::create(dir.join("mailmoat.log")).expect("log file");
-    let child = Command::new(mailmoat_binary())
-        .args(["run", "-c"])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .expect("start mailmoat");
-    ChildServer(child)
+    Process::mailmoat(dir, "mailmoat", &config, listen)
 }
 
-fn mailmoat_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mailmoat"))
-}
-
-fn spawn_bare(case: Case, listen: SocketAddr, upstream: SocketAddr) -> ChildServer {
+fn spawn_bare(case: Case, listen: SocketAddr, upstream: SocketAddr) -> Process {
     let role = match case {
         Case::Greeting => "hold",
         Case::Relayed => "relay",
     };
-    let child = Command::new(std::env::current_exe().expect("bench executable"))
-        .env(CHILD_ENV, role)
-        .args([listen.to_string(), upstream.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the bare server");
-    ChildServer(child)
+    let args = [listen.to_string(), upstream.to_string()];
+    Process::this_bench("bare server", (CHILD_ENV, role), args, listen)
 }
 
-fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + common::WAIT;
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "server on {addr} never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Opens `n` connections brought to `case`'s idle point, `BATCH` at a
-/// time, from client addresses starting at the `first_ip`-th.
+/// Opens `n` connections brought to `case`'s idle point, from client
+/// addresses starting at the `first_ip`-th.
 async fn open_many(addr: SocketAddr, case: Case, n: usize, first_ip: usize) -> Vec<Smtp> {
-    let mut conns = Vec::with_capacity(n);
-    let mut next = 0;
-    while next < n {
-        let mut batch = tokio::task::JoinSet::new();
-        for i in next..(next + BATCH).min(n) {
-            let ip = common::client_ip(first_ip * PER_IP + i, PER_IP);
-            batch.spawn(async move {
-                let mut c = Smtp::new(common::connect_from(ip, addr).await?);
-                match case {
-                    Case::Greeting => {
-                        let line = c.line().await?;
-                        if !line.starts_with(b"220-") {
-                            return Err(std::io::Error::other("no greet-pause banner"));
-                        }
-                    }
-                    Case::Relayed => {
-                        c.expect(220).await?;
-                        c.command(b"EHLO client.bench\r\n", 250).await?;
-                    }
-                }
-                Ok::<_, std::io::Error>(c)
-            });
-        }
-        while let Some(done) = batch.join_next().await {
-            conns.push(
-                done.expect("client task")
-                    .expect("connection at its idle point"),
-            );
-        }
-        next += BATCH;
-    }
-    conns
+    let idle = match case {
+        Case::Greeting => Idle::Greeting,
+        Case::Relayed => Idle::Relayed,
+    };
+    common::open_idle(addr, idle, n, first_ip, PER_IP).await
 }
 
 fn report(what: &str, baseline: &str, figures: &[Figures; 2], target: f64) {

@@ -36,10 +36,10 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::process::Process;
 use common::{Cpu, Mode, WAIT};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -93,10 +93,10 @@ fn main() {
     let certs = Certificates::generate(&dir);
 
     // Plaintext receiver behind both proxies; TLS receiver for direct.
-    let plain = Process::receiver("plain", &certs);
-    let direct = Process::receiver("tls", &certs);
-    let haproxy = Process::haproxy(&dir, &certs, plain.addr);
-    let mailmoat = Process::mailmoat(&dir, &certs, plain.addr);
+    let plain = servers::receiver("plain", &certs);
+    let direct = servers::receiver("tls", &certs);
+    let haproxy = servers::haproxy(&dir, &certs, plain.addr);
+    let mailmoat = servers::mailmoat(&dir, &certs, plain.addr);
     let paths: [Option<&Process>; 3] = [Some(&direct), haproxy.as_ref(), Some(&mailmoat)];
 
     let client_rt = common::runtime("bench-client", 0);
@@ -145,7 +145,7 @@ fn main() {
          no session resumption, {CONCURRENCY} handshakes in flight"
     );
     match &haproxy {
-        Some(_) => println!("  {}", haproxy_version()),
+        Some(_) => println!("  {}", common::process::haproxy_version()),
         None => println!("  HAProxy: not installed (apt install haproxy): its column is skipped"),
     }
     for (path, cipher) in ciphers.iter().enumerate() {
@@ -487,31 +487,22 @@ impl Certificates {
     }
 }
 
-/// A server process under measurement, killed when dropped.
-struct Process {
-    name: &'static str,
-    child: Child,
-    addr: SocketAddr,
-}
+/// The servers under measurement, as child processes.
+mod servers {
+    use super::*;
 
-impl Process {
-    fn receiver(role: &str, certs: &Certificates) -> Process {
+    pub fn receiver(role: &str, certs: &Certificates) -> Process {
         let addr = common::unused_addr();
-        let child = Command::new(std::env::current_exe().expect("bench executable"))
-            .env(CHILD_ENV, role)
-            .arg(addr.to_string())
-            .arg(&certs.cert)
-            .arg(&certs.key)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start a receiver");
-        Process::started("receiver", child, addr, "its stderr")
+        let args = [
+            addr.to_string().into(),
+            certs.cert.clone(),
+            certs.key.clone(),
+        ];
+        Process::this_bench("receiver", (CHILD_ENV, role), args, addr)
     }
 
     /// HAProxy in TCP mode terminating TLS; `None` when not installed.
-    fn haproxy(dir: &Path, certs: &Certificates, receiver: SocketAddr) -> Option<Process> {
-        let binary = haproxy_binary()?;
+    pub fn haproxy(dir: &Path, certs: &Certificates, receiver: SocketAddr) -> Option<Process> {
         let addr = common::unused_addr();
         // Two threads, as mailmoat's runtime has two workers on two cores.
         let config = format!(
@@ -531,27 +522,10 @@ impl Process {
              \x20   server r {receiver} send-proxy-v2\n",
             combined = certs.combined.display(),
         );
-        let config_path = dir.join("haproxy.cfg");
-        std::fs::write(&config_path, config).expect("write the HAProxy config");
-        let log = std::fs::File::create(dir.join("haproxy.log")).expect("HAProxy log");
-        let child = Command::new(binary)
-            .arg("-f")
-            .arg(&config_path)
-            .arg("-db")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone the log file"))
-            .stderr(log)
-            .spawn()
-            .expect("start HAProxy");
-        Some(Process::started(
-            "HAProxy",
-            child,
-            addr,
-            &dir.join("haproxy.log").display().to_string(),
-        ))
+        Process::haproxy(dir, "haproxy", &config, addr)
     }
 
-    fn mailmoat(dir: &Path, certs: &Certificates, receiver: SocketAddr) -> Process {
+    pub fn mailmoat(dir: &Path, certs: &Certificates, receiver: SocketAddr) -> Process {
         let addr = common::unused_addr();
         let config = format!(
             r#"
@@ -600,88 +574,15 @@ level = "warn"
             cert = certs.cert.display(),
             key = certs.key.display(),
         );
-        let path = dir.join("mailmoat.toml");
-        std::fs::write(&path, config).expect("write the mailmoat config");
-        let log = std::fs::File::create(dir.join("mailmoat.log")).expect("mailmoat log");
-        let child = Command::new(env!("CARGO_BIN_EXE_mailmoat"))
-            .args(["run", "-c"])
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start mailmoat");
-        Process::started(
-            "mailmoat",
-            child,
-            addr,
-            &dir.join("mailmoat.log").display().to_string(),
-        )
-    }
-
-    /// Waits until `addr` accepts (or the child exits, which fails the
-    /// bench with the reason).
-    fn started(name: &'static str, mut child: Child, addr: SocketAddr, log: &str) -> Process {
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(addr).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("{name} exited ({status}) before listening on {addr}: see {log}");
-            }
-            assert!(Instant::now() < deadline, "{name} never listened on {addr}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Process { name, child, addr }
-    }
-
-    fn cpu(&self) -> Cpu {
-        common::process_cpu(self.child.id()).unwrap_or_else(|| panic!("{} is gone", self.name))
+        Process::mailmoat(dir, "mailmoat", &config, addr)
     }
 }
 
-fn haproxy_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|d| d.join("haproxy"))
-        .find(|c| c.is_file())
-}
-
-/// "HAProxy version 2.6.12 …; Running on OpenSSL version : OpenSSL 3.0.…":
-/// OpenSSL's version matters as much as HAProxy's to its TLS figures.
-fn haproxy_version() -> String {
-    let output = haproxy_binary().and_then(|b| Command::new(b).arg("-vv").output().ok());
-    let text = output.map_or_else(String::new, |o| {
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    });
-    let line = |prefix: &str| {
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .map_or("?", str::trim)
-            .to_string()
-    };
-    format!(
-        "{}; {}",
-        line("HAProxy version"),
-        line("Running on OpenSSL")
-    )
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The child receivers: one small SMTP server that accepts everything and
-/// keeps nothing, plaintext behind a PROXY v2 header ("plain"), or implicit
-/// TLS with rustls ("tls").
+/// The child receivers: [`common::receiver::serve`], plaintext behind a
+/// PROXY v2 header ("plain"), or implicit TLS with rustls ("tls").
 mod receiver {
     use super::*;
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
-    /// PROXY v2's fixed 12-byte signature.
-    const PROXY_V2: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+    use common::receiver::{accept_loop, serve};
 
     pub fn run(role: &str) {
         let args: Vec<String> = std::env::args().skip(1).collect();
@@ -694,30 +595,18 @@ mod receiver {
             "plain" => None,
             other => panic!("receiver: unknown role {other:?}"),
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async move {
+        common::receiver::runtime().block_on(async move {
             let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
+            accept_loop(listener, WAIT * 4, |tcp| {
                 let tls = tls.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(WAIT * 4, async move {
-                        match tls {
-                            Some(acceptor) => serve(acceptor.accept(tcp).await?, false).await,
-                            None => serve(tcp, true).await,
-                        }
-                    })
-                    .await;
-                });
-            }
+                async move {
+                    match tls {
+                        Some(acceptor) => serve(acceptor.accept(tcp).await?, false).await,
+                        None => serve(tcp, true).await,
+                    }
+                }
+            })
+            .await
         });
     }
 
@@ -725,71 +614,5 @@ mod receiver {
         let loaded = mailmoat::tls::certs::load(cert, key).expect("certificate and key");
         let single = rustls::sign::SingleCertAndKey::from(loaded.key);
         TlsAcceptor::from(mailmoat::tls::server_config(Arc::new(single)))
-    }
-
-    /// SMTP that accepts every message and discards it.
-    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-        stream: S,
-        proxy_header: bool,
-    ) -> std::io::Result<()> {
-        let mut s = BufReader::with_capacity(64 * 1024, stream);
-        if proxy_header {
-            let mut fixed = [0u8; 16];
-            s.read_exact(&mut fixed).await?;
-            if &fixed[..12] != PROXY_V2 {
-                return Err(std::io::Error::other("no PROXY v2 header"));
-            }
-            let len = u16::from_be_bytes([fixed[14], fixed[15]]);
-            let mut rest = vec![0u8; len.into()];
-            s.read_exact(&mut rest).await?;
-        }
-        reply(&mut s, b"220 receiver.bench.test ESMTP\r\n").await?;
-        let mut line = Vec::with_capacity(1024);
-        loop {
-            line.clear();
-            if s.read_until(b'\n', &mut line).await? == 0 {
-                return Ok(());
-            }
-            let verb = line
-                .get(..4)
-                .map(|v| v.to_ascii_uppercase())
-                .unwrap_or_default();
-            match &verb[..] {
-                b"EHLO" | b"HELO" => {
-                    reply(
-                        &mut s,
-                        b"250-receiver.bench.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
-                    )
-                    .await?
-                }
-                b"DATA" => {
-                    reply(&mut s, b"354 go ahead\r\n").await?;
-                    loop {
-                        line.clear();
-                        if s.read_until(b'\n', &mut line).await? == 0 {
-                            return Ok(());
-                        }
-                        if line == b".\r\n" {
-                            break;
-                        }
-                    }
-                    reply(&mut s, b"250 2.0.0 queued\r\n").await?
-                }
-                b"QUIT" => {
-                    reply(&mut s, b"221 2.0.0 bye\r\n").await?;
-                    return s.get_mut().shutdown().await;
-                }
-                _ => reply(&mut s, b"250 2.0.0 ok\r\n").await?,
-            }
-        }
-    }
-
-    async fn reply<S: AsyncRead + AsyncWrite + Unpin>(
-        s: &mut BufReader<S>,
-        text: &[u8],
-    ) -> std::io::Result<()> {
-        let s = s.get_mut();
-        s.write_all(text).await?;
-        s.flush().await
     }
 }

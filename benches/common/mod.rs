@@ -5,6 +5,9 @@
 //! Each bench is its own crate and uses a part of this module.
 #![allow(dead_code)]
 
+pub mod process;
+pub mod receiver;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -599,6 +602,62 @@ pub fn unused_addr() -> SocketAddr {
 pub fn client_ip(i: usize, per_ip: usize) -> Ipv4Addr {
     let k = i / per_ip.max(1);
     Ipv4Addr::new(127, 1, (k >> 8) as u8, (k & 0xff) as u8)
+}
+
+/// Where [`open_idle`] leaves each connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idle {
+    /// Read the `220-` that starts a greet pause, and wait in it.
+    Greeting,
+    /// Read the `220`, sent `EHLO`, got the `250`: both legs open, idle.
+    Relayed,
+}
+
+/// Connections opened at once by [`open_idle`].
+const OPEN_BATCH: usize = 256;
+
+/// Opens `n` connections to `addr` brought to `idle`, a batch at a time,
+/// from sources [`client_ip`]`(first_ip × per_ip + i, per_ip)`: `per_ip`
+/// connections per address, starting at the `first_ip`-th address.
+pub async fn open_idle(
+    addr: SocketAddr,
+    idle: Idle,
+    n: usize,
+    first_ip: usize,
+    per_ip: usize,
+) -> Vec<Smtp> {
+    let mut conns = Vec::with_capacity(n);
+    let mut next = 0;
+    while next < n {
+        let mut batch = tokio::task::JoinSet::new();
+        for i in next..(next + OPEN_BATCH).min(n) {
+            let ip = client_ip(first_ip * per_ip + i, per_ip);
+            batch.spawn(async move {
+                let mut c = Smtp::new(connect_from(ip, addr).await?);
+                match idle {
+                    Idle::Greeting => {
+                        let line = c.line().await?;
+                        if !line.starts_with(b"220-") {
+                            return Err(std::io::Error::other("no greet-pause banner"));
+                        }
+                    }
+                    Idle::Relayed => {
+                        c.expect(220).await?;
+                        c.command(b"EHLO client.bench\r\n", 250).await?;
+                    }
+                }
+                Ok::<_, std::io::Error>(c)
+            });
+        }
+        while let Some(done) = batch.join_next().await {
+            conns.push(
+                done.expect("client task")
+                    .expect("connection at its idle point"),
+            );
+        }
+        next += OPEN_BATCH;
+    }
+    conns
 }
 
 /// A small message: headers and one line.
