@@ -52,6 +52,7 @@ pub mod supervisor;
 pub mod tls;
 pub mod upstream;
 pub mod watch;
+pub mod workers;
 
 pub use config::Config;
 pub use server::Server;

@@ -34,16 +34,18 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Accepts until `stop`, each client in its own task on `tracker`, while
+/// Accepts until `stop`, each client in its own task on `tracker` (on the
+/// runtime this loop runs on: a session worker's), while
 /// the descriptor budget has a slot for it: when it has none the loop
 /// waits (clients queue in the backlog) instead of failing on EMFILE.
-/// The listener is shared so a restarted loop accepts on the same socket.
+/// The socket is shared by every worker's loop, and by a restarted loop:
+/// each registers its own duplicate of it with its runtime.
 ///
 /// Each client gets the [`Live`] generation current at its accept, and
 /// keeps it: a reload changes what later clients get, not open sessions.
 pub async fn accept_loop(
     configured: SocketAddr,
-    listener: Arc<TcpListener>,
+    socket: Arc<std::net::TcpListener>,
     live: Arc<ArcSwap<Live>>,
     budget: Budget,
     tracker: TaskTracker,
@@ -51,6 +53,14 @@ pub async fn accept_loop(
 ) {
     // Both conditions last an episode; say so once at its start and once
     // at its end, not once per client.
+    let listener = match socket.try_clone().and_then(TcpListener::from_std) {
+        Ok(listener) => listener,
+        Err(e) => {
+            // Returning is a failure the supervisor retries with backoff.
+            tracing::error!(listener = %configured, error = %e, "cannot register the listening socket");
+            return;
+        }
+    };
     let mut budget_spent = false;
     let mut accept_failing = false;
     loop {

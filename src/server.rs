@@ -34,6 +34,7 @@ use crate::state::Core;
 use crate::supervisor::{Supervisor, Task};
 use crate::tls::{self, Terminator};
 use crate::upstream;
+use crate::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -51,6 +52,8 @@ pub enum ServerError {
     /// `[fleet]` that cannot be set up (URL, password or CA file).
     #[error("{0}")]
     Fleet(anyhow::Error),
+    #[error("cannot start the session worker threads: {0}; check the process's thread limit (ulimit -u, TasksMax)")]
+    Workers(std::io::Error),
 }
 
 pub struct Server {
@@ -64,6 +67,8 @@ pub struct Server {
     /// The file a reload re-reads (`run -c FILE`).
     reload_from: Option<PathBuf>,
     upstreams: Arc<upstream::Connector>,
+    /// The threads sessions run on.
+    workers: Workers,
     /// Bans and rates shared through Redis; `None` without `[fleet]`.
     fleet: Option<Arc<Fleet>>,
 }
@@ -99,8 +104,10 @@ impl Server {
         }
         let tls = Terminator::from_settings(&config.tls, metrics.tls.clone())?.map(Arc::new);
         let fleet = Fleet::new(&config, metrics.clone()).map_err(ServerError::Fleet)?;
+        let workers = Workers::per_core().map_err(ServerError::Workers)?;
         Ok(Server {
             fleet,
+            workers,
             config: Arc::new(config),
             listeners,
             admin,
@@ -158,26 +165,44 @@ impl Server {
             config: config.clone(),
             shared: shared.clone(),
         }));
+        let workers = self.workers;
         let start_listener: StartListener = {
             let (tasks, live, budget) = (tasks.clone(), live.clone(), self.budget.clone());
             let (sessions, stop_accepting) = (sessions.clone(), stop_accepting.clone());
+            let workers = workers.handles().to_vec();
             Box::new(move |configured: SocketAddr, l: TcpListener| {
-                let l = Arc::new(l);
                 // Its own token: a reload that drops the address stops
-                // this loop alone; shutdown stops them all.
+                // these loops alone; shutdown stops them all.
                 let stop = stop_accepting.child_token();
-                let (live, budget, sessions, token) =
-                    (live.clone(), budget.clone(), sessions.clone(), stop.clone());
-                tasks.spawn(Task::SmtpAccept, stop.clone(), move || {
-                    listener::accept_loop(
-                        configured,
-                        l.clone(),
+                let socket = match l.into_std() {
+                    Ok(socket) => Arc::new(socket),
+                    Err(e) => {
+                        tracing::error!(listener = %configured, error = %e, "cannot hand the listening socket to the session workers; not accepting on it");
+                        return stop;
+                    }
+                };
+                // One accept loop per worker, on the same socket.
+                for worker in &workers {
+                    let (live, budget, sessions, token, socket, worker) = (
                         live.clone(),
                         budget.clone(),
                         sessions.clone(),
-                        token.clone(),
-                    )
-                });
+                        stop.clone(),
+                        socket.clone(),
+                        worker.clone(),
+                    );
+                    tasks.spawn(Task::SmtpAccept, stop.clone(), move || {
+                        let accept = listener::accept_loop(
+                            configured,
+                            socket.clone(),
+                            live.clone(),
+                            budget.clone(),
+                            sessions.clone(),
+                            token.clone(),
+                        );
+                        Workers::run_on(&worker, accept)
+                    });
+                }
                 stop
             })
         };
@@ -291,6 +316,7 @@ impl Server {
         shared.abort.cancel();
         stop_background.cancel();
         tasks.wait().await;
+        workers.stop().await;
         // Bans made in the last moments are not lost with the process.
         core.bans.save_now(config.autoban.state.as_deref());
         tracing::info!("stopped");

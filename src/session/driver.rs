@@ -13,10 +13,11 @@
 //! for a short linger, since closing a socket with bytes unread sends a
 //! reset that destroys the reply before the client reads it.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::io::{read_bulk_into, read_into, write_all_within, WriteError, BULK_READ, READ_CHUNK};
@@ -65,6 +66,10 @@ pub struct Driver<'a, C, U, P> {
     tls: Option<TlsVersion>,
     /// A client read error that came after bytes, for the next read.
     client_error: Option<std::io::Error>,
+    /// Armed at or before the earliest deadline in force. Activity moves
+    /// the idle deadline later without touching it; when it fires early it
+    /// is re-armed. One timer per session, not one per loop turn.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl<'a, C, U, P> Driver<'a, C, U, P>
@@ -102,6 +107,7 @@ where
             bytes_to_client: 0,
             tls: None,
             client_error: None,
+            timer: Box::pin(sleep_until(ctx.session_deadline)),
         }
     }
 
@@ -164,7 +170,10 @@ where
         }
 
         let read_client = !self.client_eof && self.protocol.wants_client_bytes();
-        let (deadline, expiry) = self.next_deadline();
+        let (deadline, _) = self.next_deadline();
+        if deadline < self.timer.deadline() {
+            self.timer.as_mut().reset(deadline);
+        }
         let max = if self.protocol.mid_message() {
             BULK_READ
         } else {
@@ -204,7 +213,12 @@ where
                 }
                 return Err(self.receiver_lost(failed).await);
             }
-            () = sleep_until(deadline) => {
+            () = &mut self.timer => {
+                let (deadline, expiry) = self.next_deadline();
+                if Instant::now() < deadline {
+                    self.timer.as_mut().reset(deadline);
+                    return Ok(());
+                }
                 return Err(self.goodbye(expiry, Farewell::Timeout).await);
             }
             () = self.ctx.drain.cancelled(), if !self.draining => self.draining = true,

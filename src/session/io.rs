@@ -6,9 +6,9 @@
 //! buffer (no zeroing, no copy), which is trimmed to the bytes that arrived
 //! before the read returns, and a buffer that has been consumed is freed.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -113,7 +113,17 @@ pub enum WriteError {
     Io(io::Error),
 }
 
+/// Polls `future` once: its output if it is ready, `Pending` if not.
+pub async fn poll_once<F: Future>(future: F) -> Poll<F::Output> {
+    let mut future = pin!(future);
+    poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
+}
+
 /// Writes all of `bytes` within `deadline`, then frees them.
+///
+/// The deadline's timer is armed only when the socket does not take the
+/// bytes at once, as it almost always does: a timer per write was a timer
+/// registered and removed for nearly every reply and chunk relayed.
 pub async fn write_all_within<W: AsyncWrite + Unpin>(
     writer: &mut W,
     bytes: &mut Vec<u8>,
@@ -124,16 +134,22 @@ pub async fn write_all_within<W: AsyncWrite + Unpin>(
     }
     let n = bytes.len();
     // A TLS stream holds what it encrypted until flushed.
-    let write = async {
+    let mut write = pin!(async {
         writer.write_all(bytes).await?;
         writer.flush().await
+    });
+    let written = match poll_once(write.as_mut()).await {
+        Poll::Ready(written) => written,
+        Poll::Pending => match tokio::time::timeout(deadline, write).await {
+            Ok(written) => written,
+            Err(_) => return Err(WriteError::TimedOut),
+        },
     };
-    match tokio::time::timeout(deadline, write).await {
-        Ok(Ok(())) => {
+    match written {
+        Ok(()) => {
             *bytes = Vec::new();
             Ok(n)
         }
-        Ok(Err(e)) => Err(WriteError::Io(e)),
-        Err(_) => Err(WriteError::TimedOut),
+        Err(e) => Err(WriteError::Io(e)),
     }
 }
