@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
+use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,7 +16,7 @@ use crate::config::{Config, ListenerSettings};
 use crate::descriptors::Budget;
 use crate::proxy_protocol::canonical;
 use crate::reload::Live;
-use crate::session::{self, Shared};
+use crate::session::{self, Door, Shared};
 
 /// Deep enough to absorb a connection flood while admission refuses it.
 const BACKLOG: i32 = 4096;
@@ -53,7 +54,12 @@ pub async fn accept_loop(
 ) {
     // Both conditions last an episode; say so once at its start and once
     // at its end, not once per client.
-    let listener = match socket.try_clone().and_then(TcpListener::from_std) {
+    // Readiness without tokio's `TcpListener`, whose accept registers each
+    // client with the reactor, refused or not. `AsyncFd::new` is deprecated
+    // for taking any raw descriptor, even one it does not own; here it owns
+    // its listener, the sound use (its replacement is `unsafe`).
+    #[allow(deprecated)]
+    let listener = match socket.try_clone().and_then(AsyncFd::new) {
         Ok(listener) => listener,
         Err(e) => {
             // Returning is a failure the supervisor retries with backoff.
@@ -87,7 +93,7 @@ pub async fn accept_loop(
         };
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
+            accepted = accept(&listener) => accepted,
         };
         match accepted {
             Ok((stream, addr)) => {
@@ -103,11 +109,22 @@ pub async fn accept_loop(
                     continue;
                 };
                 live.shared.metrics.connections.inc();
+                let remote = canonical(addr);
+                let door = session::door(remote, &live.config, &live.shared);
+                if let Door::Refused(refusal) = door {
+                    if session::refused_at_once(refusal, &live.config) {
+                        session::refuse_at_accept(
+                            &stream,
+                            remote.ip(),
+                            refusal,
+                            &live.config,
+                            &live.shared,
+                        );
+                        continue;
+                    }
+                }
                 let (config, shared) = (live.config.clone(), live.shared.clone());
-                tracker.spawn(async move {
-                    handle(stream, addr, settings, config, shared).await;
-                    drop(slot);
-                });
+                tracker.spawn(handle(stream, remote, door, settings, config, shared, slot));
             }
             Err(e) => {
                 // Out of descriptors or a reset before accept: back off
@@ -124,17 +141,53 @@ pub async fn accept_loop(
     }
 }
 
+/// Accepts one client, not yet registered with the runtime: a client
+/// refused at the door never is.
+async fn accept(
+    listener: &AsyncFd<std::net::TcpListener>,
+) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
+            return accepted;
+        }
+    }
+}
+
+/// One session's task: the client's socket joins the runtime, then the
+/// session runs; the descriptor budget's `slot` is held to its end.
 async fn handle(
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     remote: SocketAddr,
+    door: Door,
     listener: ListenerSettings,
     config: Arc<Config>,
     shared: Arc<Shared>,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let registered = stream
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(stream));
+    let stream = match registered {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(client = %remote, error = %e, "cannot register an accepted client");
+            return;
+        }
+    };
     let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    let (remote, local) = (canonical(remote), canonical(local));
-    session::serve(stream, remote, local, &listener, config, &shared).await;
+    session::serve_through(
+        stream,
+        remote,
+        canonical(local),
+        door,
+        &listener,
+        config,
+        &shared,
+    )
+    .await;
+    drop(slot);
 }

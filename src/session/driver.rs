@@ -152,7 +152,9 @@ where
         self.flush_client().await?;
         match self.protocol.next() {
             Next::Relay => {}
-            Next::StartTls => return self.start_tls().await,
+            // Boxed: a handshake's future is large, and a relayed session
+            // would carry its size in every loop turn's.
+            Next::StartTls => return Box::pin(self.start_tls()).await,
             Next::Close(reason @ (CloseReason::UpstreamError | CloseReason::UpstreamClosed)) => {
                 return Err(self.receiver_lost(reason).await)
             }

@@ -79,13 +79,95 @@ pub struct Peer {
     pub proxy_check: bool,
 }
 
+/// What the door decided at accept, before any I/O.
+pub enum Door {
+    /// A trusted proxy: its PROXY header names the client to decide on.
+    Undecided,
+    Admitted(Permit),
+    Refused(Refusal),
+}
+
+/// The door's decision where it needs no I/O: every client but a trusted
+/// proxy's connection is admitted or refused on its address alone. Called
+/// at accept, so a refusal costs no session task (see [`refuse_at_accept`]).
+pub fn door(remote: SocketAddr, config: &Config, shared: &Shared) -> Door {
+    let ip = remote.ip();
+    if config
+        .server
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&ip))
+    {
+        return Door::Undecided;
+    }
+    match shared.admission.admit(ip) {
+        Ok(permit) => Door::Admitted(permit),
+        Err(refusal) => Door::Refused(refusal),
+    }
+}
+
+/// A refusal the accept loop can finish alone: anything but a tarpit.
+pub fn refused_at_once(refusal: Refusal, config: &Config) -> bool {
+    !matches!(
+        (refusal, config.blocklist.action),
+        (Refusal::Blocked, BlockAction::Tarpit)
+    )
+}
+
+/// Refuses a client at accept, with no task and no registration with the
+/// runtime: the reply (or nothing, for `blocklist.action = "drop"`) goes
+/// out in one non-blocking send, and the socket closes when dropped. A
+/// fresh connection's send buffer is empty, so the reply fits; if a
+/// client's window does not take it, it is not waited for.
+pub fn refuse_at_accept(
+    client: &std::net::TcpStream,
+    ip: std::net::IpAddr,
+    refusal: Refusal,
+    config: &Config,
+    shared: &Shared,
+) {
+    note_refusal(ip, refusal, shared);
+    if (refusal, config.blocklist.action) == (Refusal::Blocked, BlockAction::Drop) {
+        return;
+    }
+    let reply = refusal.reply(&config.server.hostname);
+    let sent = socket2::SockRef::from(client).send_with_flags(reply.as_bytes(), libc::MSG_DONTWAIT);
+    if let Err(e) = sent {
+        tracing::debug!(client = %ip, error = %e, "refusal not sent");
+    }
+}
+
+fn note_refusal(ip: std::net::IpAddr, refusal: Refusal, shared: &Shared) {
+    // Logged at debug: under a flood, a line per refusal would be the
+    // flood's own echo in the logs; the metrics and /admin/top say it.
+    tracing::debug!(client = %ip, reason = refusal.as_str(), "connection refused");
+    record_refusal(&shared.shaping, ip, refusal);
+}
+
 /// Serves one accepted connection until it ends; returns the recorded
 /// reason. `remote` is the TCP peer; `listener` and `config` are the
 /// snapshot taken at accept: one view for the whole session.
 pub async fn serve<C>(
+    client: C,
+    remote: SocketAddr,
+    local: SocketAddr,
+    listener: &ListenerSettings,
+    config: Arc<Config>,
+    shared: &Shared,
+) -> CloseReason
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let door = door(remote, &config, shared);
+    serve_through(client, remote, local, door, listener, config, shared).await
+}
+
+/// [`serve`], past a door decided at accept.
+pub async fn serve_through<C>(
     mut client: C,
     remote: SocketAddr,
     local: SocketAddr,
+    door: Door,
     listener: &ListenerSettings,
     config: Arc<Config>,
     shared: &Shared,
@@ -102,22 +184,22 @@ where
     };
     // A client on an implicit-TLS listener cannot read a plaintext banner.
     let may_pause = listener.tls != TlsMode::Implicit;
-    let admitted = admit(
+    // Boxed: the door's futures (a PROXY header, a greet pause) are done
+    // before the relay, and a session's task should not carry their size.
+    let admitted = Box::pin(admit(
         &mut client,
         &mut peer,
         &mut early,
+        door,
         may_pause,
         &config,
         shared,
-    )
+    ))
     .await;
     let refused = admitted.is_err();
     let (reason, facts) = match admitted {
-        // Logged at debug: under a flood, a line per refusal would be the
-        // flood's own echo in the logs; the metrics and /admin/top say it.
         Err(refusal) => {
-            tracing::debug!(client = %peer.client.ip(), reason = refusal.as_str(), "connection refused");
-            record_refusal(&shared.shaping, peer.client.ip(), refusal);
+            note_refusal(peer.client.ip(), refusal, shared);
             let reply = refusal.reply(&config.server.hostname);
             match (refusal, config.blocklist.action) {
                 (Refusal::Blocked, BlockAction::Drop) => {}
@@ -178,10 +260,12 @@ where
 /// so the balancer sees the service up, while the lists apply to the real
 /// clients its headers name. Its failures (no header, a bad one) are
 /// refused and counted in metrics, but never toward a ban (see `Shaping`).
+#[allow(clippy::too_many_arguments)]
 async fn admit<C>(
     client: &mut C,
     peer: &mut Peer,
     early: &mut Vec<u8>,
+    door: Door,
     may_pause: bool,
     config: &Config,
     shared: &Shared,
@@ -190,36 +274,37 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let admission = &shared.admission;
-    if config
-        .server
-        .trusted_proxies
-        .iter()
-        .any(|net| net.contains(&peer.client.ip()))
-    {
-        match read_proxy_header(client, early, config.timeouts.proxy_header).await {
-            Ok(Some(real)) => peer.client = real,
-            Ok(None) => {
-                // No greet pause: the balancer is not a bot to be tested,
-                // and a checker that reads the first line takes `220-` for
-                // a failure.
-                peer.proxy_check = true;
-                return admission.admit_proxy_check(peer.client.ip()).map(Some);
-            }
-            Err(why) => {
-                // A plain TCP check connects and closes without a word;
-                // anything else is a misconfigured proxy worth a warning.
-                if matches!(why, HeaderError::Silent) {
-                    tracing::debug!(proxy = %peer.client, "trusted proxy closed without a PROXY header");
-                } else {
-                    tracing::warn!(proxy = %peer.client, error = %why, "bad PROXY header from trusted proxy");
+    let permit = match door {
+        Door::Admitted(permit) => permit,
+        Door::Refused(refusal) => return Err(refusal),
+        Door::Undecided => {
+            match read_proxy_header(client, early, config.timeouts.proxy_header).await {
+                Ok(Some(real)) => {
+                    peer.client = real;
+                    admission.admit(real.ip())?
                 }
-                shared.metrics.refused(Refusal::ProxyMalformed);
-                return Err(Refusal::ProxyMalformed);
+                Ok(None) => {
+                    // No greet pause: the balancer is not a bot to be tested,
+                    // and a checker that reads the first line takes `220-` for
+                    // a failure.
+                    peer.proxy_check = true;
+                    return admission.admit_proxy_check(peer.client.ip()).map(Some);
+                }
+                Err(why) => {
+                    // A plain TCP check connects and closes without a word;
+                    // anything else is a misconfigured proxy worth a warning.
+                    if matches!(why, HeaderError::Silent) {
+                        tracing::debug!(proxy = %peer.client, "trusted proxy closed without a PROXY header");
+                    } else {
+                        tracing::warn!(proxy = %peer.client, error = %why, "bad PROXY header from trusted proxy");
+                    }
+                    shared.metrics.refused(Refusal::ProxyMalformed);
+                    return Err(Refusal::ProxyMalformed);
+                }
             }
         }
-    }
+    };
     let ip = peer.client.ip();
-    let permit = admission.admit(ip)?;
     let mut paused = false;
     if may_pause && admission.needs_greet_pause(ip, Instant::now()) {
         paused = true;
@@ -373,6 +458,7 @@ where
     {
         registration.stop.stop(CloseReason::Blocked);
     }
+    drop(lists);
     let mut tls = None;
     let implicit = listener.tls == TlsMode::Implicit;
     // On an implicit listener, what the door read starts the handshake.
@@ -389,10 +475,9 @@ where
             return (CloseReason::TlsFailed, SessionFacts::default());
         };
         let stop = registration.stop.stopped();
-        match client
-            .start_tls(terminator, TlsMode::Implicit, metrics, stop)
-            .await
-        {
+        // Boxed, as the connect below: a relayed session should not carry
+        // the size of the futures that set it up.
+        match Box::pin(client.start_tls(terminator, TlsMode::Implicit, metrics, stop)).await {
             Ok(facts) => tls = Some(facts),
             Err(refused) => {
                 if refused.client_fault {
@@ -403,14 +488,14 @@ where
             }
         }
     }
-    let connect = upstream::connect(
+    let connect = Box::pin(upstream::connect(
         shared.upstreams.for_listener(listener),
         peer.client,
         peer.local,
         tls.as_ref(),
         config.timeouts.write,
         metrics,
-    );
+    ));
     let connected = tokio::select! {
         connected = connect => connected,
         reason = registration.stop.stopped() => return (reason, SessionFacts::default()),
