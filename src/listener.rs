@@ -112,7 +112,7 @@ pub async fn accept_loop(
                 let remote = canonical(addr);
                 let door = session::door(remote, &live.config, &live.shared);
                 if let Door::Refused(refusal) = door {
-                    if session::refused_at_once(refusal, &live.config) {
+                    if session::finishes_at_accept(refusal, &live.config) {
                         session::refuse_at_accept(
                             &stream,
                             remote.ip(),
@@ -179,7 +179,7 @@ async fn handle(
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    session::serve_through(
+    session::serve_decided(
         stream,
         remote,
         canonical(local),

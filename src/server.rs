@@ -105,6 +105,10 @@ impl Server {
         let tls = Terminator::from_settings(&config.tls, metrics.tls.clone())?.map(Arc::new);
         let fleet = Fleet::new(&config, metrics.clone()).map_err(ServerError::Fleet)?;
         let workers = Workers::per_core().map_err(ServerError::Workers)?;
+        // The workers' own descriptors (their reactors, their copies of
+        // the listening sockets) come out of the SMTP side's budget, not
+        // the reserve the admin listener and state files live on.
+        let budget = Budget::under(open_files.saturating_sub(workers.descriptors(listeners.len())));
         Ok(Server {
             fleet,
             workers,
@@ -113,7 +117,7 @@ impl Server {
             admin,
             metrics,
             tls,
-            budget: Budget::under(open_files),
+            budget,
             reload_from: None,
             upstreams,
         })
@@ -159,6 +163,13 @@ impl Server {
         let stop_accepting = CancellationToken::new();
         // Ends every other background task, once the sessions are gone.
         let stop_background = CancellationToken::new();
+        // A server dropped without a shutdown (a test ending) stops its
+        // supervised tasks too, rather than leave them restarting accept
+        // loops on workers that are gone.
+        let _stop_on_drop = (
+            stop_accepting.clone().drop_guard(),
+            stop_background.clone().drop_guard(),
+        );
         let sessions = TaskTracker::new();
 
         let live = Arc::new(ArcSwap::from_pointee(Live {

@@ -46,8 +46,11 @@ impl Workers {
             stop: stop.clone(),
         };
         for i in 0..count.max(1) {
+            // No signal driver: signals are the main runtime's business,
+            // and each driver costs descriptors.
             let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
+                .enable_time()
                 .build()?;
             workers.handles.push(runtime.handle().clone());
             let stop = stop.clone();
@@ -63,7 +66,15 @@ impl Workers {
         &self.handles
     }
 
-    /// Runs `future` on worker `i`'s runtime and waits for it here. If
+    /// Descriptors the workers hold with `listeners` listening sockets:
+    /// each worker's reactor (epoll and its wakeup eventfd) and its copy of
+    /// every listening socket.
+    pub fn descriptors(&self, listeners: usize) -> u64 {
+        let per_worker = 2 + listeners as u64;
+        per_worker.saturating_mul(self.handles.len() as u64)
+    }
+
+    /// Runs `future` on the worker `handle` belongs to and waits here. If
     /// this wait is dropped (the supervisor aborting it), the future is
     /// aborted too, and a panic there is a panic here, so the supervisor
     /// counts and restarts it like any task.

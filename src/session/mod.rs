@@ -107,7 +107,7 @@ pub fn door(remote: SocketAddr, config: &Config, shared: &Shared) -> Door {
 }
 
 /// A refusal the accept loop can finish alone: anything but a tarpit.
-pub fn refused_at_once(refusal: Refusal, config: &Config) -> bool {
+pub fn finishes_at_accept(refusal: Refusal, config: &Config) -> bool {
     !matches!(
         (refusal, config.blocklist.action),
         (Refusal::Blocked, BlockAction::Tarpit)
@@ -126,22 +126,18 @@ pub fn refuse_at_accept(
     config: &Config,
     shared: &Shared,
 ) {
-    note_refusal(ip, refusal, shared);
+    record_refusal(&shared.shaping, ip, refusal);
     if (refusal, config.blocklist.action) == (Refusal::Blocked, BlockAction::Drop) {
         return;
     }
     let reply = refusal.reply(&config.server.hostname);
-    let sent = socket2::SockRef::from(client).send_with_flags(reply.as_bytes(), libc::MSG_DONTWAIT);
+    // MSG_NOSIGNAL as std's own sends: a client gone already is EPIPE, not
+    // SIGPIPE to a process that embeds this library.
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    let sent = socket2::SockRef::from(client).send_with_flags(reply.as_bytes(), flags);
     if let Err(e) = sent {
         tracing::debug!(client = %ip, error = %e, "refusal not sent");
     }
-}
-
-fn note_refusal(ip: std::net::IpAddr, refusal: Refusal, shared: &Shared) {
-    // Logged at debug: under a flood, a line per refusal would be the
-    // flood's own echo in the logs; the metrics and /admin/top say it.
-    tracing::debug!(client = %ip, reason = refusal.as_str(), "connection refused");
-    record_refusal(&shared.shaping, ip, refusal);
 }
 
 /// Serves one accepted connection until it ends; returns the recorded
@@ -159,11 +155,11 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let door = door(remote, &config, shared);
-    serve_through(client, remote, local, door, listener, config, shared).await
+    serve_decided(client, remote, local, door, listener, config, shared).await
 }
 
 /// [`serve`], past a door decided at accept.
-pub async fn serve_through<C>(
+pub async fn serve_decided<C>(
     mut client: C,
     remote: SocketAddr,
     local: SocketAddr,
@@ -199,29 +195,28 @@ where
     let refused = admitted.is_err();
     let (reason, facts) = match admitted {
         Err(refusal) => {
-            note_refusal(peer.client.ip(), refusal, shared);
+            record_refusal(&shared.shaping, peer.client.ip(), refusal);
             let reply = refusal.reply(&config.server.hostname);
+            // Boxed, like the door: the session's task is sized by the relay.
             match (refusal, config.blocklist.action) {
                 (Refusal::Blocked, BlockAction::Drop) => {}
                 (Refusal::Blocked, BlockAction::Tarpit) => {
-                    tarpit(&mut client, reply.as_bytes(), &config, shared).await
+                    Box::pin(tarpit(&mut client, reply.as_bytes(), &config, shared)).await
                 }
-                _ => write_refusal(&mut client, reply.as_bytes(), config.timeouts.write).await,
+                _ => {
+                    let write = write_refusal(&mut client, reply.as_bytes(), config.timeouts.write);
+                    Box::pin(write).await
+                }
             }
             (refusal.close_reason(), SessionFacts::default())
         }
         Ok(None) => (CloseReason::ClientClosed, SessionFacts::default()),
         // The permit is held until the relay ends, whatever ends it.
+        // Boxed too: inline, it would size the task of every client
+        // waiting in the greet pause (SPEC: 3 KiB each) by the relay's.
         Ok(Some(_permit)) => {
-            Box::pin(connect_and_relay(
-                &mut client,
-                peer,
-                early,
-                listener,
-                &config,
-                shared,
-            ))
-            .await
+            let relay = connect_and_relay(&mut client, peer, early, listener, &config, shared);
+            Box::pin(relay).await
         }
     };
 
@@ -458,6 +453,7 @@ where
     {
         registration.stop.stop(CloseReason::Blocked);
     }
+    // The guard would hold this list generation for the whole relay.
     drop(lists);
     let mut tls = None;
     let implicit = listener.tls == TlsMode::Implicit;
@@ -532,7 +528,7 @@ where
             let mut facts = driver.facts();
             facts.tls = facts.tls.or(implicit_version);
             drop(driver);
-            upstream::close(upstream).await;
+            Box::pin(upstream::close(upstream)).await;
             (reason, facts)
         }
         Err(e) => {
@@ -552,6 +548,9 @@ where
 /// A trusted proxy's own address is counted here (`/admin/top`) but
 /// `Shaping` never lets it feed a ban.
 fn record_refusal(shaping: &Shaping, ip: std::net::IpAddr, refusal: Refusal) {
+    // Logged at debug: under a flood, a line per refusal would be the
+    // flood's own echo in the logs; the metrics and /admin/top say it.
+    tracing::debug!(client = %ip, reason = refusal.as_str(), "connection refused");
     shaping.refused(ip);
     match refusal {
         Refusal::Blocked => {}
