@@ -12,7 +12,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Descriptors kept out of the SMTP budget: the admin listener's
 /// connections (`admin::MAX_CONNECTIONS`), listening sockets, list and
-/// state files, the file watcher, the runtime's own.
+/// state files, the file watcher, the main runtime's own (the session
+/// workers' are taken out of the budget: `workers::descriptors_held`).
 pub const RESERVE: u64 = 128;
 /// Descriptors one session may hold: its client and its receiver.
 pub const PER_SESSION: u32 = 2;

@@ -124,7 +124,17 @@ pub async fn accept_loop(
                     }
                 }
                 let (config, shared) = (live.config.clone(), live.shared.clone());
-                tracker.spawn(handle(stream, remote, door, settings, config, shared, slot));
+                let door_task = handle(
+                    stream,
+                    remote,
+                    door,
+                    settings,
+                    config,
+                    shared,
+                    slot,
+                    tracker.clone(),
+                );
+                tracker.spawn(door_task);
             }
             Err(e) => {
                 // Out of descriptors or a reset before accept: back off
@@ -154,8 +164,11 @@ async fn accept(
     }
 }
 
-/// One session's task: the client's socket joins the runtime, then the
-/// session runs; the descriptor budget's `slot` is held to its end.
+/// The door's task: the client's socket joins the runtime and goes
+/// through the door; an admitted client's relay then runs in a task of its
+/// own, sized by the relay alone (the door's task ends), which holds the
+/// descriptor budget's `slot` to the session's end.
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     stream: std::net::TcpStream,
     remote: SocketAddr,
@@ -164,6 +177,7 @@ async fn handle(
     config: Arc<Config>,
     shared: Arc<Shared>,
     slot: tokio::sync::OwnedSemaphorePermit,
+    tracker: TaskTracker,
 ) {
     let registered = stream
         .set_nonblocking(true)
@@ -179,15 +193,12 @@ async fn handle(
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    session::serve_decided(
-        stream,
-        remote,
-        canonical(local),
-        door,
-        &listener,
-        config,
-        &shared,
-    )
-    .await;
-    drop(slot);
+    let local = canonical(local);
+    let entered = session::enter(stream, remote, local, door, &listener, &config, &shared).await;
+    if let Ok(entered) = entered {
+        tracker.spawn(async move {
+            session::relay(entered, &listener, &config, &shared).await;
+            drop(slot);
+        });
+    }
 }

@@ -34,8 +34,7 @@ pub struct Workers {
 impl Workers {
     /// One worker per available core.
     pub fn per_core() -> std::io::Result<Workers> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Workers::start(cores.min(MAX_WORKERS))
+        Workers::start(per_core_count())
     }
 
     pub fn start(count: usize) -> std::io::Result<Workers> {
@@ -70,8 +69,7 @@ impl Workers {
     /// each worker's reactor (epoll and its wakeup eventfd) and its copy of
     /// every listening socket.
     pub fn descriptors(&self, listeners: usize) -> u64 {
-        let per_worker = 2 + listeners as u64;
-        per_worker.saturating_mul(self.handles.len() as u64)
+        descriptors_held(self.handles.len(), listeners)
     }
 
     /// Runs `future` on the worker `handle` belongs to and waits here. If
@@ -104,6 +102,18 @@ impl Workers {
         })
         .await;
     }
+}
+
+/// How many workers [`Workers::per_core`] starts here.
+pub fn per_core_count() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.min(MAX_WORKERS)
+}
+
+/// Descriptors `workers` hold with `listeners` listening sockets.
+pub fn descriptors_held(workers: usize, listeners: usize) -> u64 {
+    let per_worker = 2 + listeners as u64;
+    per_worker.saturating_mul(workers as u64)
 }
 
 impl Drop for Workers {

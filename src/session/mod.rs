@@ -20,7 +20,6 @@ pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -158,9 +157,10 @@ where
     serve_decided(client, remote, local, door, listener, config, shared).await
 }
 
-/// [`serve`], past a door decided at accept.
+/// [`serve`], past a door decided at accept: the door, then the relay,
+/// in one task.
 pub async fn serve_decided<C>(
-    mut client: C,
+    client: C,
     remote: SocketAddr,
     local: SocketAddr,
     door: Door,
@@ -168,6 +168,47 @@ pub async fn serve_decided<C>(
     config: Arc<Config>,
     shared: &Shared,
 ) -> CloseReason
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let entered = Box::pin(enter(
+        client, remote, local, door, listener, &config, shared,
+    ))
+    .await;
+    match entered {
+        Ok(entered) => relay(entered, listener, &config, shared).await,
+        Err(reason) => reason,
+    }
+}
+
+/// A client through the door: what its relay starts from.
+pub struct Entered<C> {
+    client: C,
+    peer: Peer,
+    /// What the client sent before the relay (after a PROXY header, or in
+    /// a shadow-mode greet pause).
+    early: Vec<u8>,
+    /// Held until the relay ends, whatever ends it.
+    permit: Permit,
+    started: Instant,
+}
+
+/// The door, from accept to admission: a trusted proxy's PROXY header,
+/// the greet pause, a look at bytes sent unasked. `Err` is why the client
+/// is not relayed (refused, or gone), already recorded.
+///
+/// Apart from [`relay`] so the accept path can run the relay in a task of
+/// its own: a relayed session then carries nothing of the door, and a
+/// client in the greet pause nothing of the relay.
+pub async fn enter<C>(
+    mut client: C,
+    remote: SocketAddr,
+    local: SocketAddr,
+    door: Door,
+    listener: &ListenerSettings,
+    config: &Config,
+    shared: &Shared,
+) -> Result<Entered<C>, CloseReason>
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -180,57 +221,91 @@ where
     };
     // A client on an implicit-TLS listener cannot read a plaintext banner.
     let may_pause = listener.tls != TlsMode::Implicit;
-    // Boxed: the door's futures (a PROXY header, a greet pause) are done
-    // before the relay, and a session's task should not carry their size.
+    // Boxed: the PROXY header and greet pause futures are large and done
+    // before the relay.
     let admitted = Box::pin(admit(
         &mut client,
         &mut peer,
         &mut early,
         door,
         may_pause,
-        &config,
+        config,
         shared,
     ))
     .await;
-    let refused = admitted.is_err();
-    let (reason, facts) = match admitted {
+    match admitted {
         Err(refusal) => {
             record_refusal(&shared.shaping, peer.client.ip(), refusal);
             let reply = refusal.reply(&config.server.hostname);
-            // Boxed, like the door: the session's task is sized by the relay.
             match (refusal, config.blocklist.action) {
                 (Refusal::Blocked, BlockAction::Drop) => {}
                 (Refusal::Blocked, BlockAction::Tarpit) => {
-                    Box::pin(tarpit(&mut client, reply.as_bytes(), &config, shared)).await
+                    Box::pin(tarpit(&mut client, reply.as_bytes(), config, shared)).await
                 }
                 _ => {
                     let write = write_refusal(&mut client, reply.as_bytes(), config.timeouts.write);
                     Box::pin(write).await
                 }
             }
-            (refusal.close_reason(), SessionFacts::default())
+            // Counted as refused at the door, not as a session.
+            Err(refusal.close_reason())
         }
-        Ok(None) => (CloseReason::ClientClosed, SessionFacts::default()),
-        // The permit is held until the relay ends, whatever ends it.
-        // Boxed too: inline, it would size the task of every client
-        // waiting in the greet pause (SPEC: 3 KiB each) by the relay's.
-        Ok(Some(_permit)) => {
-            let relay = connect_and_relay(&mut client, peer, early, listener, &config, shared);
-            Box::pin(relay).await
+        Ok(None) => {
+            let reason = CloseReason::ClientClosed;
+            record_close(reason, started, peer, SessionFacts::default(), shared);
+            Err(reason)
         }
-    };
-
-    let duration = started.elapsed();
-    // A refused connection was counted as such at the door; only admitted
-    // ones are sessions, so each connection is counted as one or the other.
-    if !refused {
-        let metrics = &shared.metrics;
-        metrics.session_closed(reason);
-        metrics.session_duration.observe(duration.as_secs_f64());
+        Ok(Some(permit)) => Ok(Entered {
+            client,
+            peer,
+            early,
+            permit,
+            started,
+        }),
     }
+}
+
+/// The relay of a client through the door, to the session's end.
+pub async fn relay<C>(
+    entered: Entered<C>,
+    listener: &ListenerSettings,
+    config: &Config,
+    shared: &Shared,
+) -> CloseReason
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let Entered {
+        mut client,
+        peer,
+        early,
+        permit,
+        started,
+    } = entered;
+    let (reason, facts) =
+        connect_and_relay(&mut client, peer, early, listener, config, shared).await;
+    drop(permit);
+    record_close(reason, started, peer, facts, shared);
+    reason
+}
+
+/// A session's end in the metrics and the log. Only admitted clients are
+/// sessions: a refused connection was counted as such at the door, so
+/// each connection is counted as one or the other.
+fn record_close(
+    reason: CloseReason,
+    started: Instant,
+    peer: Peer,
+    facts: SessionFacts,
+    shared: &Shared,
+) {
+    let duration = started.elapsed();
+    let metrics = &shared.metrics;
+    metrics.session_closed(reason);
+    metrics.session_duration.observe(duration.as_secs_f64());
     if facts.commands == 0 && facts.bytes_from_client == 0 {
         tracing::debug!(client = %peer.client.ip(), reason = reason.as_str(), "session closed before it began");
-        return reason;
+        return;
     }
     tracing::info!(
         client = %peer.client.ip(),
@@ -243,7 +318,6 @@ where
         tls = facts.tls.map_or("none", TlsVersion::as_str),
         "session closed"
     );
-    reason
 }
 
 /// The door: trusted PROXY header, admission, greet pause, and a look at
@@ -347,16 +421,18 @@ fn untrusted_header(shared: &Shared) -> Refusal {
     Refusal::ProxyUntrusted
 }
 
-/// Collects what the client has already sent, without waiting for more.
-/// The yield lets the runtime notice bytes already waiting on a socket
-/// just accepted. False when the client has left.
+/// Collects what the client has already sent, without waiting for more
+/// than the timer's tick: a client that talks first (a PROXY header sent
+/// with its connect) is usually caught here, before the receiver is
+/// dialled. The yield lets the runtime notice bytes already waiting on a
+/// socket just accepted. False when the client has left.
 async fn collect_waiting<C: AsyncRead + Unpin>(client: &mut C, early: &mut Vec<u8>) -> bool {
     tokio::task::yield_now().await;
-    // Polled exactly once. Not a zero timeout: a timer due now is the
-    // earliest, and registering it wakes the runtime's reactor each time.
-    match io::poll_once(io::read_into(client, early)).await {
-        Poll::Pending | Poll::Ready(Ok(1..)) => true,
-        Poll::Ready(Ok(0) | Err(_)) => false,
+    // A zero timeout polls the read once, then fires at the next tick
+    // (tokio's timers round up to the millisecond).
+    match tokio::time::timeout(Duration::ZERO, io::read_into(client, early)).await {
+        Err(_) | Ok(Ok(1..)) => true,
+        Ok(Ok(0)) | Ok(Err(_)) => false,
     }
 }
 
