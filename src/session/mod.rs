@@ -20,6 +20,7 @@ pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -421,18 +422,19 @@ fn untrusted_header(shared: &Shared) -> Refusal {
     Refusal::ProxyUntrusted
 }
 
-/// Collects what the client has already sent, without waiting for more
-/// than the timer's tick: a client that talks first (a PROXY header sent
-/// with its connect) is usually caught here, before the receiver is
-/// dialled. The yield lets the runtime notice bytes already waiting on a
-/// socket just accepted. False when the client has left.
+/// Collects what the client has already sent, without waiting for more.
+/// The yield lets the runtime notice bytes already waiting on a socket
+/// just accepted. False when the client has left.
+///
+/// No wait at all: a zero timeout here fired at tokio's next millisecond
+/// tick, which cost every session without a greet pause 0.8 ms of latency
+/// and 90 µs of CPU (a sleep and a wakeup). A PROXY header that arrives
+/// after this look is refused by the SMTP module as the first command.
 async fn collect_waiting<C: AsyncRead + Unpin>(client: &mut C, early: &mut Vec<u8>) -> bool {
     tokio::task::yield_now().await;
-    // A zero timeout polls the read once, then fires at the next tick
-    // (tokio's timers round up to the millisecond).
-    match tokio::time::timeout(Duration::ZERO, io::read_into(client, early)).await {
-        Err(_) | Ok(Ok(1..)) => true,
-        Ok(Ok(0)) | Ok(Err(_)) => false,
+    match io::poll_once(io::read_into(client, early)).await {
+        Poll::Pending | Poll::Ready(Ok(1..)) => true,
+        Poll::Ready(Ok(0) | Err(_)) => false,
     }
 }
 
