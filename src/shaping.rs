@@ -152,7 +152,11 @@ impl Shaping {
 
     /// Notes a refusal of `ip` (connection or command) for `/admin/top`.
     pub fn refused(&self, ip: IpAddr) {
-        if self.recent_refusals.len() < self.max_tracked || self.recent_refusals.contains_key(&ip) {
+        // A flood comes from addresses counted already: one lookup for
+        // them. `len` visits every shard, so only a new address pays it.
+        if let Some(mut count) = self.recent_refusals.get_mut(&ip) {
+            *count += 1;
+        } else if self.recent_refusals.len() < self.max_tracked {
             *self.recent_refusals.entry(ip).or_insert(0) += 1;
         }
     }

@@ -131,10 +131,16 @@ pub fn refuse_at_accept(
         return;
     }
     let reply = refusal.reply(&config.server.hostname);
-    // MSG_NOSIGNAL as std's own sends: a client gone already is EPIPE, not
-    // SIGPIPE to a process that embeds this library.
-    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-    let sent = socket2::SockRef::from(client).send_with_flags(reply.as_bytes(), flags);
+    // MSG_MORE holds the reply until the shutdown, whose FIN rides in the
+    // same segment: one packet instead of two, and on loopback the
+    // client's side of each packet is processed in our send. MSG_NOSIGNAL
+    // as std's own sends: a client gone already is EPIPE, not SIGPIPE to a
+    // process that embeds this library.
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | libc::MSG_MORE;
+    let socket = socket2::SockRef::from(client);
+    let sent = socket
+        .send_with_flags(reply.as_bytes(), flags)
+        .and_then(|_| socket.shutdown(std::net::Shutdown::Write));
     if let Err(e) = sent {
         tracing::debug!(client = %ip, error = %e, "refusal not sent");
     }
