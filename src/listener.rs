@@ -195,9 +195,10 @@ async fn handle(
     };
     let local = canonical(local);
     let entered = session::enter(stream, remote, local, door, &listener, &config, &shared).await;
-    if let Ok(entered) = entered {
+    if let Ok(mut entered) = entered {
         tracker.spawn(async move {
-            session::relay(entered, &listener, &config, &shared).await;
+            session::relay(&mut entered, &listener, &config, &shared).await;
+            drop(entered);
             drop(slot);
         });
     }

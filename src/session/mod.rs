@@ -183,7 +183,7 @@ where
     ))
     .await;
     match entered {
-        Ok(entered) => relay(entered, listener, &config, shared).await,
+        Ok(mut entered) => relay(&mut entered, listener, &config, shared).await,
         Err(reason) => reason,
     }
 }
@@ -195,8 +195,8 @@ pub struct Entered<C> {
     /// What the client sent before the relay (after a PROXY header, or in
     /// a shadow-mode greet pause).
     early: Vec<u8>,
-    /// Held until the relay ends, whatever ends it.
-    permit: Permit,
+    /// Held until the relay ends, whatever ends it (dropped with this).
+    _permit: Permit,
     started: Instant,
 }
 
@@ -266,15 +266,17 @@ where
             client,
             peer,
             early,
-            permit,
+            _permit: permit,
             started,
         }),
     }
 }
 
-/// The relay of a client through the door, to the session's end.
+/// The relay of a client through the door, to the session's end. The
+/// client is borrowed, not taken: the task that owns it holds it once.
+/// Its admission permit is released with it, by the caller.
 pub async fn relay<C>(
-    entered: Entered<C>,
+    entered: &mut Entered<C>,
     listener: &ListenerSettings,
     config: &Config,
     shared: &Shared,
@@ -283,16 +285,14 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let Entered {
-        mut client,
+        client,
         peer,
         early,
-        permit,
         started,
+        ..
     } = entered;
-    let (reason, facts) =
-        connect_and_relay(&mut client, peer, early, listener, config, shared).await;
-    drop(permit);
-    record_close(reason, started, peer, facts, shared);
+    let (reason, facts) = connect_and_relay(client, peer, early, listener, config, shared).await;
+    record_close(reason, *started, *peer, facts, shared);
     reason
 }
 
@@ -501,10 +501,14 @@ async fn read_proxy_header<C: AsyncRead + Unpin>(
 /// From an admitted client to the end of its relay: TLS first on an
 /// implicit listener (after admission: no TLS work for a refused client),
 /// then the receiver, then the driver.
+///
+/// `peer` and `early` are borrowed from the caller's [`Entered`]: owned
+/// here they would be held twice for the whole relay, once as arguments
+/// and once as locals.
 async fn connect_and_relay<C>(
     client: &mut C,
-    peer: Peer,
-    mut early: Vec<u8>,
+    peer: &Peer,
+    early: &mut Vec<u8>,
     listener: &ListenerSettings,
     config: &Config,
     shared: &Shared,
@@ -522,109 +526,119 @@ where
     // Registered before any TLS work, so a ban reaches a client still
     // handshaking or waiting for its receiver.
     let registration = shared.registry.register(ip, &shared.abort);
-    // A list swapped in since admission has not seen this session.
-    let lists = shared.blocklist.load();
-    // Decided once, from the lists as the session starts, like the config
-    // snapshot: a list change mid-session does not lift or impose per-IP
-    // limits on a session already relaying.
-    let allowlisted = lists.is_allowed(ip);
-    // A proxy's health check passes a listed proxy address (see `admit`).
-    if config.blocklist.kill_on_block
-        && !peer.proxy_check
-        && !config.server.shadow
-        && lists.is_blocked(ip)
-        && !allowlisted
-    {
-        registration.stop.stop(CloseReason::Blocked);
-    }
-    // The guard would hold this list generation for the whole relay.
-    drop(lists);
-    let mut tls = None;
+    // Blocks here end what they borrow before the relay starts: a local
+    // that was ever borrowed is kept in the session's future until its
+    // scope ends, for the whole relay.
+    let allowlisted = {
+        // A list swapped in since admission has not seen this session.
+        // Its guard would hold this list generation for the whole relay.
+        let lists = shared.blocklist.load();
+        // Decided once, from the lists as the session starts, like the
+        // config snapshot: a list change mid-session does not lift or
+        // impose per-IP limits on a session already relaying.
+        let allowlisted = lists.is_allowed(ip);
+        // A proxy's health check passes a listed proxy address (see `admit`).
+        if config.blocklist.kill_on_block
+            && !peer.proxy_check
+            && !config.server.shadow
+            && lists.is_blocked(ip)
+            && !allowlisted
+        {
+            registration.stop.stop(CloseReason::Blocked);
+        }
+        allowlisted
+    };
     let implicit = listener.tls == TlsMode::Implicit;
     // On an implicit listener, what the door read starts the handshake.
     let unread = if implicit {
-        std::mem::take(&mut early)
+        std::mem::take(early)
     } else {
         Vec::new()
     };
     let mut client = Transport::plain(client, unread);
-    if implicit {
-        let Some(terminator) = terminator else {
-            // Config validation requires a certificate for this mode.
-            tracing::error!(listener = %listener.address, "implicit-TLS listener without a loaded certificate; set tls.certificate and tls.key and restart");
-            return (CloseReason::TlsFailed, SessionFacts::default());
-        };
-        let stop = registration.stop.stopped();
-        // Boxed, as the connect below: a relayed session should not carry
-        // the size of the futures that set it up.
-        match Box::pin(client.start_tls(terminator, TlsMode::Implicit, metrics, stop)).await {
-            Ok(facts) => tls = Some(facts),
-            Err(refused) => {
-                if refused.client_fault {
-                    metrics.protocol_errors.inc();
-                    shared.shaping.event(ip, BanEvent::ProtocolError);
+    let (tls, implicit_version, connected) = {
+        let mut tls = None;
+        if implicit {
+            let Some(terminator) = terminator else {
+                // Config validation requires a certificate for this mode.
+                tracing::error!(listener = %listener.address, "implicit-TLS listener without a loaded certificate; set tls.certificate and tls.key and restart");
+                return (CloseReason::TlsFailed, SessionFacts::default());
+            };
+            let stop = registration.stop.stopped();
+            // Boxed, as the connect below: a relayed session should not carry
+            // the size of the futures that set it up.
+            match Box::pin(client.start_tls(terminator, TlsMode::Implicit, metrics, stop)).await {
+                Ok(facts) => tls = Some(facts),
+                Err(refused) => {
+                    if refused.client_fault {
+                        metrics.protocol_errors.inc();
+                        shared.shaping.event(ip, BanEvent::ProtocolError);
+                    }
+                    return (refused.reason, SessionFacts::default());
                 }
-                return (refused.reason, SessionFacts::default());
             }
         }
-    }
-    let connect = Box::pin(upstream::connect(
-        shared.upstreams.for_listener(listener),
-        peer.client,
-        peer.local,
-        tls.as_ref(),
-        config.timeouts.write,
-        metrics,
-    ));
-    let connected = tokio::select! {
-        connected = connect => connected,
-        reason = registration.stop.stopped() => return (reason, SessionFacts::default()),
+        let connect = Box::pin(upstream::connect(
+            shared.upstreams.for_listener(listener),
+            peer.client,
+            peer.local,
+            tls.as_ref(),
+            config.timeouts.write,
+            metrics,
+        ));
+        let connected = tokio::select! {
+            connected = connect => connected,
+            reason = registration.stop.stopped() => return (reason, SessionFacts::default()),
+        };
+        let implicit_version = tls.as_ref().map(|t| t.version);
+        (tls, implicit_version, connected)
     };
-    match connected {
-        Ok(upstream::Connected {
-            stream: mut upstream,
-            greeting,
-        }) => {
-            let implicit_version = tls.as_ref().map(|t| t.version);
-            let smtp = Smtp::new(
-                SmtpContext {
-                    config,
-                    metrics,
-                    shaping: shared.shaping.client(ip, allowlisted),
-                    client_ip: ip,
-                    tls_mode: listener.tls,
-                    require_tls: listener.require_tls,
-                    tls,
-                },
-                Instant::now(),
-            );
-            let ctx = DriverContext {
-                config,
-                metrics,
-                terminator,
-                tls_mode: listener.tls,
-                drain: &shared.drain,
-                stop: &registration.stop,
-                session_deadline,
-            };
-            let mut driver = Driver::new(client, &mut upstream, smtp, ctx, early, greeting);
-            let reason = driver.run().await;
-            let mut facts = driver.facts();
-            facts.tls = facts.tls.or(implicit_version);
-            drop(driver);
-            Box::pin(upstream::close(upstream)).await;
-            (reason, facts)
-        }
+    let (mut upstream, greeting) = match connected {
+        Ok(upstream::Connected { stream, greeting }) => (stream, greeting),
         Err(e) => {
             tracing::warn!(client = %peer.client, error = %e, "no upstream for client");
             let reply = format!(
                 "421 4.3.2 {} service temporarily unavailable, try again later\r\n",
                 config.server.hostname
             );
-            write_refusal(&mut client, reply.as_bytes(), config.timeouts.write).await;
-            (CloseReason::UpstreamError, SessionFacts::default())
+            Box::pin(write_refusal(
+                &mut client,
+                reply.as_bytes(),
+                config.timeouts.write,
+            ))
+            .await;
+            return (CloseReason::UpstreamError, SessionFacts::default());
         }
-    }
+    };
+    let smtp = Smtp::new(
+        SmtpContext {
+            config,
+            metrics,
+            shaping: shared.shaping.client(ip, allowlisted),
+            client_ip: ip,
+            tls_mode: listener.tls,
+            require_tls: listener.require_tls,
+            tls,
+        },
+        Instant::now(),
+    );
+    let ctx = DriverContext {
+        config,
+        metrics,
+        terminator,
+        tls_mode: listener.tls,
+        drain: &shared.drain,
+        stop: &registration.stop,
+        session_deadline,
+    };
+    let early = std::mem::take(early);
+    let mut driver = Driver::new(client, &mut upstream, smtp, ctx, early, greeting);
+    let reason = driver.run().await;
+    let mut facts = driver.facts();
+    facts.tls = facts.tls.or(implicit_version);
+    drop(driver);
+    Box::pin(upstream::close(upstream)).await;
+    (reason, facts)
 }
 
 /// Feeds a refusal to the ban counters: early talking and protocol abuse

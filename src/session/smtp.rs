@@ -116,7 +116,9 @@ pub struct Smtp<'a> {
     client_ip: IpAddr,
     tls_mode: TlsMode,
     require_tls: bool,
-    tls: Option<TlsFacts>,
+    /// The client's session runs inside TLS (its facts went to the
+    /// receiver in the PROXY header; only the fact is needed here).
+    tls: bool,
 
     phase: Phase,
     pending: VecDeque<Pending>,
@@ -137,8 +139,9 @@ pub struct Smtp<'a> {
     /// The client's HELO/EHLO argument, bounded, for the message log.
     helo: String,
     /// The transaction the client is framing, with its number: from its MAIL
-    /// to RSET or the end of its data, when it moves into `pending`.
-    message: Option<(u64, Message)>,
+    /// to RSET or the end of its data, when it moves into `pending`. Boxed:
+    /// an idle session has none, and should not carry its size.
+    message: Option<Box<(u64, Message)>>,
     /// MAIL commands forwarded so far; numbers the transactions.
     mails: u64,
     commands: u64,
@@ -155,7 +158,7 @@ impl<'a> Smtp<'a> {
             client_ip: ctx.client_ip,
             tls_mode: ctx.tls_mode,
             require_tls: ctx.require_tls,
-            tls: ctx.tls,
+            tls: ctx.tls.is_some(),
             phase: Phase::Command,
             pending: VecDeque::from([Pending::Upstream(Expect::Greeting)]),
             replies: ReplyAssembler::new(MAX_REPLY),
@@ -265,7 +268,7 @@ impl<'a> Smtp<'a> {
     /// two bare `\r\n` that would otherwise reach the receiver as lines.
     fn proxy_header_undecided(&self, io: &Buffers) -> bool {
         self.commands == 0
-            && self.tls.is_none()
+            && !self.tls
             && matches!(self.phase, Phase::Command)
             && !io.client_in.is_empty()
             && proxy_protocol::sniff(&io.client_in) == Sniff::Undecided
@@ -274,14 +277,11 @@ impl<'a> Smtp<'a> {
     /// MAIL and AUTH must wait for STARTTLS: the listener requires TLS and
     /// this client has not started it.
     fn needs_tls_first(&self) -> bool {
-        self.require_tls && self.tls.is_none()
+        self.require_tls && !self.tls
     }
 
     fn command(&mut self, io: &mut Buffers, end: usize) {
-        if self.commands == 0
-            && self.tls.is_none()
-            && proxy_protocol::looks_like_header(&io.client_in)
-        {
+        if self.commands == 0 && !self.tls && proxy_protocol::looks_like_header(&io.client_in) {
             // Only trusted proxies may say who the client is; anyone else
             // could spoof its way past every per-IP rule. Past the door this
             // is the session's protocol error, not a refused connection.
@@ -326,11 +326,14 @@ impl<'a> Smtp<'a> {
                     return self.refuse(io, Limit::MessageRate, reply, After::Continue);
                 }
                 self.mails += 1;
-                self.message = Some((self.mails, Message::new(command.args)));
+                self.message = Some(Box::new((self.mails, Message::new(command.args))));
                 Expect::Mail(self.mails)
             }
             Verb::Rcpt => {
-                let sent = self.message.as_ref().map_or(0, |(_, m)| m.recipients_sent);
+                let sent = self
+                    .message
+                    .as_deref()
+                    .map_or(0, |(_, m)| m.recipients_sent);
                 if sent >= limits.recipients_per_message
                     && self.shaping.over(Limit::RecipientsPerMessage) == Verdict::Refuse
                 {
@@ -341,7 +344,7 @@ impl<'a> Smtp<'a> {
                     let reply = b"450 4.7.1 recipient rate limit exceeded, try again later\r\n";
                     return self.refuse(io, Limit::RecipientRate, reply, After::Continue);
                 }
-                match self.message.as_mut() {
+                match self.message.as_deref_mut() {
                     Some((id, m)) => {
                         m.recipients_sent += 1;
                         Expect::Rcpt(*id)
@@ -387,7 +390,7 @@ impl<'a> Smtp<'a> {
     fn starttls(&mut self, io: &mut Buffers, bare: bool) {
         let refusal: &[u8] = match self.tls_mode {
             TlsMode::None | TlsMode::Passthrough => b"502 5.5.1 STARTTLS not offered here\r\n",
-            _ if self.tls.is_some() => b"503 5.5.1 TLS already active\r\n",
+            _ if self.tls => b"503 5.5.1 TLS already active\r\n",
             _ if !bare => b"501 5.5.4 Syntax: STARTTLS\r\n",
             // The receiver keeps an identity settled in the clear; RFC 3207
             // would have it forgotten. Refused rather than carried into TLS.
@@ -462,7 +465,7 @@ impl<'a> Smtp<'a> {
             io.client_in = Vec::new();
             return false;
         }
-        if let Some((_, m)) = self.message.as_mut() {
+        if let Some((_, m)) = self.message.as_deref_mut() {
             m.content(&io.client_in[..taken]);
         }
         self.data_bytes += taken as u64;
@@ -474,7 +477,8 @@ impl<'a> Smtp<'a> {
             consume(&mut io.client_in, taken);
         }
         if matches!(event, DataEvent::End(_)) {
-            let message = self.message.take().map(|(_, mut m)| {
+            let message = self.message.take().map(|framed| {
+                let (_, mut m) = *framed;
                 m.ended();
                 Box::new(m)
             });
@@ -499,7 +503,7 @@ impl<'a> Smtp<'a> {
     /// AUTH as the listener's TLS policy says.
     fn ehlo_reply(&self, reply: &Reply) -> Reply {
         let mut hidden = HIDDEN_EXTENSIONS.to_vec();
-        let offer_starttls = self.tls_mode == TlsMode::Starttls && self.tls.is_none();
+        let offer_starttls = self.tls_mode == TlsMode::Starttls && !self.tls;
         if self.tls_mode != TlsMode::Passthrough {
             hidden.push("STARTTLS");
         }
@@ -533,14 +537,14 @@ impl<'a> Smtp<'a> {
             Some(Expect::Ehlo) if reply.code == 250 => reply = self.ehlo_reply(&reply),
             Some(Expect::Mail(id)) => {
                 self.in_transaction = reply.is_positive();
-                if !self.in_transaction && self.message.as_ref().is_some_and(|(n, _)| *n == id) {
+                if !self.in_transaction && self.message.as_deref().is_some_and(|(n, _)| *n == id) {
                     self.message = None;
                 }
             }
             Some(Expect::Rcpt(id)) => {
                 if let Some((_, m)) = self
                     .message
-                    .as_mut()
+                    .as_deref_mut()
                     .filter(|(n, _)| *n == id && reply.is_positive())
                 {
                     m.recipients += 1;
@@ -721,12 +725,12 @@ impl Protocol for Smtp<'_> {
         }
     }
 
-    fn tls_started(&mut self, facts: &TlsFacts, _now: Instant) {
+    fn tls_started(&mut self, _facts: &TlsFacts, _now: Instant) {
         // RFC 3207: the client starts over with EHLO, knowing nothing from
         // before. The receiver forgets nothing, but there is nothing it
         // could carry over: the proxy refuses STARTTLS inside a
         // transaction and after AUTH, and the next EHLO resets the rest.
-        self.tls = Some(facts.clone());
+        self.tls = true;
         self.phase = Phase::Command;
         self.helo = String::new();
         self.message = None;
