@@ -24,8 +24,9 @@
 //! holds two descriptors in the proxy, and this process holds both other
 //! ends (client and sink), so N ≤ (limit − slack) / 2 = 9,000 at most,
 //! SPEC's figure; a waiting client holds one descriptor in the proxy and
-//! one here, so 10,000 would fit, but 9,000 keeps both cases comparable
-//! (and under the default `max_connections` of 10,000).
+//! one here, and mailmoat's descriptor budget counts two per session in
+//! both cases, so 9,000 for both (under the default `max_connections` of
+//! 10,000).
 
 mod common;
 
@@ -83,8 +84,10 @@ fn main() {
     if !common::selected("memory", &["greeting", "relayed"]) {
         return;
     }
-    // Issue 3 measures the greeting case at 10,000 connections; SPEC
-    // measures relayed sessions at 9,000 (two descriptors each).
+    // Both cases at 9,000 connections, SPEC's figure. Issue 3 measured the
+    // greeting case at 10,000, but mailmoat's descriptor budget counts two
+    // per session even in the greet pause (the receiver's comes next):
+    // under a 20,000 limit, less the reserve, 10,000 no longer all get in.
     let fit = |wanted: usize, per_conn: u64| {
         let most = (limit.saturating_sub(FD_SLACK) / per_conn) as usize;
         wanted.min(most)
@@ -93,7 +96,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("mailmoat-bench-memory-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
 
-    let greeting = fit(mode.pick(50, 1_000, 10_000), 1);
+    let greeting = fit(mode.pick(50, 1_000, 9_000), 1);
     let relayed = fit(mode.pick(50, 1_000, 9_000), 2);
     let greet = [
         run_case(&client_rt, &dir, Case::Greeting, Server::Bare, greeting),
@@ -108,7 +111,9 @@ fn main() {
         "memory: resident memory per idle connection, mailmoat vs bare tokio",
         mode,
     );
-    println!("  open-file limit {limit}; N = connections held at once (full mode: 10,000 in greeting, 9,000 relayed)");
+    println!(
+        "  open-file limit {limit}; N = connections held at once (full mode: 9,000 in both cases)"
+    );
     report(
         "waiting in the greet pause",
         "bare tokio: write 220-, await a read",
@@ -121,7 +126,7 @@ fn main() {
         &relay,
         RELAYED_TARGET_KIB,
     );
-    if greeting < mode.pick(50, 1_000, 10_000) || relayed < mode.pick(50, 1_000, 9_000) {
+    if greeting < mode.pick(50, 1_000, 9_000) || relayed < mode.pick(50, 1_000, 9_000) {
         println!("  note: N lowered to fit the open-file limit of {limit}");
     }
     let _ = std::fs::remove_dir_all(&dir);
