@@ -28,10 +28,8 @@ use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use common::{
-    ms, percentile, us, verdict, InProcessProxy, Mode, Samples, Smtp, ThreadCpu, OPEN_LIMITS_TOML,
+    ms, percentile, us, verdict, InProcessProxy, Mode, Samples, ThreadCpu, OPEN_LIMITS_TOML,
 };
 use criterion::SamplingMode;
 use mailmoat::redis_server::RedisServer;
@@ -182,22 +180,9 @@ fn main() {
 
 /// Connect to QUIT from `ip` on a new connection; the time until `221`.
 async fn fresh_transaction(addr: SocketAddr, ip: Ipv4Addr, message: &[u8]) -> Duration {
-    let run = async {
-        let start = Instant::now();
-        let mut c = Smtp::new(common::connect_from(ip, addr).await?);
-        c.expect(220).await?;
-        c.command(b"EHLO client.bench\r\n", 250).await?;
-        c.command(b"MAIL FROM:<a@example.org>\r\n", 250).await?;
-        c.command(b"RCPT TO:<b@example.net>\r\n", 250).await?;
-        c.command(b"DATA\r\n", 354).await?;
-        c.command(message, 250).await?;
-        c.command(b"QUIT\r\n", 221).await?;
-        let took = start.elapsed();
-        // The server closes first, so the client keeps no TIME_WAIT.
-        c.until_closed().await?;
-        Ok::<_, std::io::Error>(took)
-    };
-    run.await.expect("fresh transaction")
+    common::transaction(ip, addr, message)
+        .await
+        .expect("fresh transaction")
 }
 
 /// Redis's `total_commands_processed`, 0 when it cannot be read.

@@ -40,7 +40,8 @@
 //!    (mailmoat `421`): [`PER_IP_CAP`] connections from it are held open
 //!    first, then it is hammered. Proxy CPU per refusal.
 //! 3. `transactions`: fresh connection, `220`, EHLO, MAIL, RCPT, DATA with
-//!    a 4 KiB body of 78-byte lines, QUIT, `221`, close; many source IPs
+//!    a 4 KiB body of 78-byte lines, QUIT, timed to the `221`, then the
+//!    close (`common::transaction`); many source IPs
 //!    (no limit is hit), [`CONCURRENCY`] at once. Latency and proxy CPU.
 //! 4. `flood`: [`FLOOD_IPS`] IPs open connections as fast as they can
 //!    ([`FLOOD_LOOPS`] loops each, on their own client thread) and are
@@ -795,21 +796,7 @@ async fn transactions_many(
     Ok(latencies)
 }
 
-/// One whole transaction on a fresh connection from `ip`: its latency,
-/// from connect to the server's close.
-async fn transaction(ip: Ipv4Addr, addr: SocketAddr, body: &[u8]) -> std::io::Result<Duration> {
-    let started = Instant::now();
-    let mut c = Smtp::new(common::connect_from(ip, addr).await?);
-    c.expect(220).await?;
-    c.command(b"EHLO client.bench\r\n", 250).await?;
-    c.command(b"MAIL FROM:<a@example.org>\r\n", 250).await?;
-    c.command(b"RCPT TO:<b@example.net>\r\n", 250).await?;
-    c.command(b"DATA\r\n", 354).await?;
-    c.command(body, 250).await?;
-    c.command(b"QUIT\r\n", 221).await?;
-    c.until_closed().await?;
-    Ok(started.elapsed())
-}
+use common::transaction;
 
 fn latency_rows(subjects: &[Option<Subject>; 3], totals: &[Totals; 3]) {
     for (label, p) in [("latency p50 ms", 50.0), ("latency p99 ms", 99.0)] {

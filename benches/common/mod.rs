@@ -660,6 +660,29 @@ pub async fn open_idle(
     conns
 }
 
+/// One whole transaction on a fresh connection from `ip` (connect, EHLO,
+/// MAIL, RCPT, DATA with `message`, QUIT): its latency, from connect to the
+/// `221`. The server closes first, then this side, so the client keeps no
+/// TIME_WAIT.
+pub async fn transaction(
+    ip: Ipv4Addr,
+    addr: SocketAddr,
+    message: &[u8],
+) -> std::io::Result<Duration> {
+    let started = tokio::time::Instant::now();
+    let mut c = Smtp::new(connect_from(ip, addr).await?);
+    c.expect(220).await?;
+    c.command(b"EHLO client.bench\r\n", 250).await?;
+    c.command(b"MAIL FROM:<a@example.org>\r\n", 250).await?;
+    c.command(b"RCPT TO:<b@example.net>\r\n", 250).await?;
+    c.command(b"DATA\r\n", 354).await?;
+    c.command(message, 250).await?;
+    c.command(b"QUIT\r\n", 221).await?;
+    let took = started.elapsed();
+    c.until_closed().await?;
+    Ok(took)
+}
+
 /// A small message: headers and one line.
 pub const SMALL_MESSAGE: &[u8] =
     b"From: a@example.org\r\nTo: b@example.net\r\nSubject: bench\r\n\r\nhello\r\n.\r\n";
