@@ -36,7 +36,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use common::process::Process;
-use common::{Idle, Mode, Smtp};
+use common::{Idle, Mode, Resident, Smtp};
 use mailmoat::sink::{Sink, SinkOptions};
 use tokio::runtime::Runtime;
 
@@ -56,19 +56,11 @@ enum Case {
 
 /// Resident sizes of one server, in KiB.
 struct Figures {
-    rest: u64,
-    loaded: u64,
+    resident: Resident,
     closed: u64,
     /// Filled again after closing: about `loaded` when freed memory is
     /// reused, `loaded` plus the growth again if it leaked.
     refilled: u64,
-    n: usize,
-}
-
-impl Figures {
-    fn per_conn_kib(&self) -> f64 {
-        self.loaded.saturating_sub(self.rest) as f64 / self.n.max(1) as f64
-    }
 }
 
 fn main() {
@@ -196,11 +188,9 @@ fn run_case(rt: &Runtime, dir: &std::path::Path, case: Case, server: Server, n: 
         }
     }
     Figures {
-        rest,
-        loaded,
+        resident: Resident { rest, loaded, n },
         closed,
         refilled,
-        n,
     }
 }
 
@@ -264,15 +254,15 @@ async fn open_many(addr: SocketAddr, case: Case, n: usize, first_ip: usize) -> V
 
 fn report(what: &str, baseline: &str, figures: &[Figures; 2], target: f64) {
     let [bare, moat] = figures;
-    println!("  {what} (N = {}):", moat.n);
+    println!("  {what} (N = {}):", moat.resident.n);
     let mib = |kib: u64| kib as f64 / 1024.0;
     let line = |name: &str, f: &Figures| {
         println!(
             "    {name:<54} rest {:>5.1} MiB, with N {:>5.1} MiB → {:>5.2} KiB/connection \
              (all closed: {:.1} MiB; N again: {:.1} MiB)",
-            mib(f.rest),
-            mib(f.loaded),
-            f.per_conn_kib(),
+            mib(f.resident.rest),
+            mib(f.resident.loaded),
+            f.resident.per_conn_kib(),
             mib(f.closed),
             mib(f.refilled),
         )
@@ -281,8 +271,8 @@ fn report(what: &str, baseline: &str, figures: &[Figures; 2], target: f64) {
     line("mailmoat", moat);
     println!(
         "    ratio mailmoat/bare {:.2}×; SPEC target ≤ {target} KiB: {}",
-        moat.per_conn_kib() / bare.per_conn_kib().max(f64::MIN_POSITIVE),
-        common::verdict(moat.per_conn_kib() <= target),
+        moat.resident.per_conn_kib() / bare.resident.per_conn_kib().max(f64::MIN_POSITIVE),
+        common::verdict(moat.resident.per_conn_kib() <= target),
     );
 }
 

@@ -66,7 +66,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::process::Process;
-use common::{Cpu, Idle, Mode, Smtp, WAIT};
+use common::{transaction, Cpu, Idle, Mode, Resident, Smtp, WAIT};
 use tokio::time::Instant;
 
 /// Set in the child that is the receiver.
@@ -796,8 +796,6 @@ async fn transactions_many(
     Ok(latencies)
 }
 
-use common::transaction;
-
 fn latency_rows(subjects: &[Option<Subject>; 3], totals: &[Totals; 3]) {
     for (label, p) in [("latency p50 ms", 50.0), ("latency p99 ms", 99.0)] {
         table_row(label, subjects, |path| {
@@ -969,19 +967,6 @@ struct MemoryContext<'a> {
     limit: u64,
 }
 
-/// Resident sizes of one proxy, KiB.
-struct Memory {
-    rest: u64,
-    loaded: u64,
-    n: usize,
-}
-
-impl Memory {
-    fn per_conn_kib(&self) -> f64 {
-        self.loaded.saturating_sub(self.rest) as f64 / self.n.max(1) as f64
-    }
-}
-
 fn memory(
     mode: Mode,
     rt: &tokio::runtime::Runtime,
@@ -1018,7 +1003,7 @@ fn memory(
         }
     );
     let mib = |kib: u64| kib as f64 / 1024.0;
-    let line = |name: &str, m: &Memory| {
+    let line = |name: &str, m: &Resident| {
         println!(
             "    {name:<44} rest {:>6.1} MiB, with N {:>6.1} MiB → {:>5.2} KiB/connection",
             mib(m.rest),
@@ -1032,7 +1017,7 @@ fn memory(
     }
     line("mailmoat, relayed idle (after EHLO)", &relayed);
     line("mailmoat, waiting in the greet pause", &greeting);
-    let h = haproxy.as_ref().map(Memory::per_conn_kib);
+    let h = haproxy.as_ref().map(Resident::per_conn_kib);
     ratio_line_opt("memory per relayed idle session", relayed.per_conn_kib(), h);
     rows.push(Row {
         figure: "memory per relayed idle session".into(),
@@ -1056,7 +1041,7 @@ fn memory_case(
     proxy: Process,
     idle: Idle,
     n: usize,
-) -> Memory {
+) -> Resident {
     // At rest: started, and a few connections served and closed (from
     // addresses the fill does not use).
     drop(rt.block_on(common::open_idle(
@@ -1086,7 +1071,7 @@ fn memory_case(
     while open_fds(cx.receiver.pid()) > 100 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    Memory { rest, loaded, n }
+    Resident { rest, loaded, n }
 }
 
 fn open_fds(pid: u32) -> usize {

@@ -660,6 +660,20 @@ pub async fn open_idle(
     conns
 }
 
+/// A server's resident memory at rest and holding `n` connections, KiB.
+#[derive(Clone, Copy)]
+pub struct Resident {
+    pub rest: u64,
+    pub loaded: u64,
+    pub n: usize,
+}
+
+impl Resident {
+    pub fn per_conn_kib(&self) -> f64 {
+        self.loaded.saturating_sub(self.rest) as f64 / self.n.max(1) as f64
+    }
+}
+
 /// One whole transaction on a fresh connection from `ip` (connect, EHLO,
 /// MAIL, RCPT, DATA with `message`, QUIT): its latency, from connect to the
 /// `221`. The server closes first, then this side, so the client keeps no
