@@ -603,6 +603,15 @@ impl<'a> Smtp<'a> {
         self.release_local_replies(io);
     }
 
+    /// The proxy has queued the reply it closes with, behind replies still
+    /// owed (the greeting, say): nothing the client sent after that command
+    /// is read, so it is neither relayed nor counted.
+    fn last_word_queued(&self) -> bool {
+        self.pending
+            .iter()
+            .any(|p| matches!(p, Pending::Local(_, After::Close(_))))
+    }
+
     fn close_after(&mut self, reason: CloseReason) {
         self.closing.get_or_insert(reason);
     }
@@ -656,7 +665,7 @@ impl<'a> Smtp<'a> {
 
 impl Protocol for Smtp<'_> {
     fn client_input(&mut self, io: &mut Buffers, now: Instant) {
-        while !io.client_in.is_empty() && self.closing.is_none() {
+        while !io.client_in.is_empty() && self.closing.is_none() && !self.last_word_queued() {
             let progressed = match self.phase {
                 Phase::Command | Phase::SaslResponse => self.take_line(io),
                 Phase::Data(_) => self.take_data(io),
@@ -925,6 +934,29 @@ mod tests {
 
     const EHLO_REPLY: &[u8] =
         b"250-mx.test\r\n250-PIPELINING\r\n250-AUTH PLAIN\r\n250 CHUNKING\r\n";
+
+    #[test]
+    fn lines_after_a_closing_reply_owed_behind_the_greeting_are_not_read() {
+        let f = Fixture::new("");
+        let mut s = Session {
+            smtp: f.smtp(TlsMode::None, false),
+            io: Buffers::default(),
+        };
+        // A PROXY v2 header before the receiver's greeting: refused as the
+        // first command; its NUL-bearing remainder is not a second error.
+        let header = crate::proxy_protocol::encode(
+            crate::config::ProxyProtocol::V2,
+            "1.2.3.4:1111".parse().unwrap(),
+            "127.0.0.1:25".parse().unwrap(),
+            None,
+        );
+        assert_eq!(s.client(&header), (String::new(), String::new()));
+        assert_eq!(f.metrics.protocol_errors.get(), 1);
+        let said = s.receiver(b"220 mx.test ESMTP\r\n");
+        assert!(said.starts_with("220 mx.test ESMTP\r\n554 "), "{said:?}");
+        assert_eq!(s.smtp.next(), Next::Close(CloseReason::ProtocolError));
+        assert_eq!(f.metrics.protocol_errors.get(), 1);
+    }
 
     #[test]
     fn starttls_is_answered_by_the_proxy_and_the_session_starts_over_inside_tls() {
