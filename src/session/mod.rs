@@ -146,8 +146,9 @@ pub fn refuse_at_accept(
     }
 }
 
-/// Serves one accepted connection until it ends; returns the recorded
-/// reason. `remote` is the TCP peer; `listener` and `config` are the
+/// Serves one accepted connection until it ends, door and relay in one
+/// task (the accept path splits them: [`enter`], then [`relay`]); returns
+/// the recorded reason. `remote` is the TCP peer; `listener` and `config` are the
 /// snapshot taken at accept: one view for the whole session.
 pub async fn serve<C>(
     client: C,
@@ -161,23 +162,6 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let door = door(remote, &config, shared);
-    serve_decided(client, remote, local, door, listener, config, shared).await
-}
-
-/// [`serve`], past a door decided at accept: the door, then the relay,
-/// in one task.
-pub async fn serve_decided<C>(
-    client: C,
-    remote: SocketAddr,
-    local: SocketAddr,
-    door: Door,
-    listener: &ListenerSettings,
-    config: Arc<Config>,
-    shared: &Shared,
-) -> CloseReason
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
     let entered = Box::pin(enter(
         client, remote, local, door, listener, &config, shared,
     ))
