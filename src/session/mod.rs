@@ -11,6 +11,7 @@ pub mod driver;
 mod greeting;
 pub mod imap;
 pub mod io;
+pub mod login;
 pub mod message;
 pub mod protocol;
 pub mod registry;

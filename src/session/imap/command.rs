@@ -271,6 +271,11 @@ impl Args {
         Ok(End::Literal { len, sync })
     }
 
+    /// The literal the last line announced is a value to keep.
+    pub fn keeps_literal(&self) -> bool {
+        self.keep_literal && self.values.as_ref().is_some_and(|v| v.len() < MAX_VALUES)
+    }
+
     /// The bytes of the literal the last line announced, once all read.
     pub fn literal(&mut self, bytes: &[u8]) {
         if std::mem::take(&mut self.keep_literal) {
