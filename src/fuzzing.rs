@@ -15,7 +15,7 @@ use crate::smtp::{Command, DataEvent, DataScanner, Reply, ReplyAssembler, Verb};
 pub type Check = fn(data: &[u8]);
 
 /// Every fuzz target, by name: the corpus folder and the check it runs.
-pub const TARGETS: [(&str, Check); 9] = [
+pub const TARGETS: [(&str, Check); 10] = [
     ("smtp_command", smtp_command),
     ("smtp_reply", smtp_reply),
     ("data_scanner", data_scanner),
@@ -25,6 +25,7 @@ pub const TARGETS: [(&str, Check); 9] = [
     ("ban_state", ban_state),
     ("smtp_session", smtp_session),
     ("fleet_event", fleet_event),
+    ("imap_response", imap_response),
 ];
 
 /// Messages on the fleet's channel (and stored ban values), one per line,
@@ -493,5 +494,60 @@ pub fn smtp_session(data: &[u8]) {
         }
         io.to_client.clear();
         io.to_upstream.clear();
+    }
+}
+
+/// The receiver's IMAP responses, framed as the IMAP module frames them:
+/// the same responses whether the bytes come whole or one at a time, none
+/// over the bound, each one whole response; a capability edit keeps the
+/// response one response of the same kind, and editing again changes
+/// nothing.
+pub fn imap_response(data: &[u8]) {
+    use crate::session::imap::reply::{edit_capabilities, kind, CapabilityEdit, Framer};
+    const MAX: usize = 512;
+    let frame = |chunk: usize| {
+        let mut framer = Framer::default();
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        for piece in data.chunks(chunk.max(1)) {
+            buf.extend_from_slice(piece);
+            loop {
+                match framer.next(&buf, MAX) {
+                    Ok(Some(n)) => out.push(Ok(buf.drain(..n).collect::<Vec<u8>>())),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e));
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    };
+    let whole = frame(data.len());
+    assert_eq!(whole, frame(1), "framing depends on how the bytes arrive");
+    let edits = [
+        CapabilityEdit {
+            remove: &["STARTTLS", "LOGINDISABLED"],
+            add: &["STARTTLS"],
+        },
+        CapabilityEdit {
+            remove: &["STARTTLS", "AUTH="],
+            add: &["LOGINDISABLED"],
+        },
+    ];
+    for response in whole.iter().flatten() {
+        assert!(response.len() <= MAX);
+        assert!(response.ends_with(b"\n"));
+        let mut again = Framer::default();
+        assert_eq!(again.next(response, MAX), Ok(Some(response.len())));
+        for edit in &edits {
+            let Some(edited) = edit_capabilities(response, edit) else {
+                continue;
+            };
+            assert_eq!(kind(&edited).ok(), kind(response).ok());
+            let twice = edit_capabilities(&edited, edit).expect("still a capability list");
+            assert_eq!(twice, edited, "a second edit changed the response");
+        }
     }
 }

@@ -99,3 +99,8 @@ fn ban_state_corpus() {
 fn fleet_event_corpus() {
     replay("fleet_event");
 }
+
+#[test]
+fn imap_response_corpus() {
+    replay("imap_response");
+}
