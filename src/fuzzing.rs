@@ -15,7 +15,7 @@ use crate::smtp::{Command, DataEvent, DataScanner, Reply, ReplyAssembler, Verb};
 pub type Check = fn(data: &[u8]);
 
 /// Every fuzz target, by name: the corpus folder and the check it runs.
-pub const TARGETS: [(&str, Check); 10] = [
+pub const TARGETS: [(&str, Check); 11] = [
     ("smtp_command", smtp_command),
     ("smtp_reply", smtp_reply),
     ("data_scanner", data_scanner),
@@ -26,6 +26,7 @@ pub const TARGETS: [(&str, Check); 10] = [
     ("smtp_session", smtp_session),
     ("fleet_event", fleet_event),
     ("imap_response", imap_response),
+    ("imap_session", imap_session),
 ];
 
 /// Messages on the fleet's channel (and stored ban values), one per line,
@@ -549,5 +550,100 @@ pub fn imap_response(data: &[u8]) {
             let twice = edit_capabilities(&edited, edit).expect("still a capability list");
             assert_eq!(twice, edited, "a second edit changed the response");
         }
+    }
+}
+
+/// The IMAP module as the driver runs it, fed as `smtp_session` is: the
+/// first byte picks the TLS mode and `require_tls`, then records of a
+/// direction byte (even: client, odd: receiver), a length byte and that
+/// many bytes. A `StartTls` request is answered as a finished handshake; a
+/// held login status is woken at once.
+///
+/// Properties: no panic; TLS starts only on a `starttls` listener, once,
+/// right after the proxy's own OK, with no client byte left unread; no
+/// more commands are taken before login than `mailbox.preauth_commands`
+/// and the one refused for it.
+pub fn imap_session(data: &[u8]) {
+    use crate::config::TlsMode;
+    use crate::session::imap::Imap;
+    use crate::session::protocol::{Buffers, Next, Protocol};
+    use crate::tls::{TlsFacts, TlsVersion};
+    use std::sync::Arc;
+    use tokio::time::Instant;
+
+    let Some((&mode, mut rest)) = data.split_first() else {
+        return;
+    };
+    let tls_mode = [
+        TlsMode::Starttls,
+        TlsMode::Passthrough,
+        TlsMode::None,
+        TlsMode::Implicit,
+    ][usize::from(mode & 3)];
+    let mut config = Config::default();
+    config.limits.max_line_length = 256;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let facts = TlsFacts {
+        version: TlsVersion::V1_3,
+        cipher: "TLS13_AES_128_GCM_SHA256".into(),
+        sni: None,
+    };
+    let mut imap = Imap::new(
+        crate::session::login::MailboxContext {
+            config: &config,
+            metrics: &metrics,
+            login: crate::session::login::LoginContext {
+                metrics: &metrics,
+                delay: std::time::Duration::ZERO,
+            },
+            tls_mode,
+            require_tls: mode & 4 != 0,
+            tls: tls_mode == TlsMode::Implicit,
+        },
+        Instant::now(),
+    );
+    let max_commands = imap.preauth_commands() + 1;
+    let mut io = Buffers::default();
+    let mut started_tls = false;
+    while let [direction, len, tail @ ..] = rest {
+        let take = usize::from(*len).min(tail.len());
+        let (chunk, after) = tail.split_at(take);
+        rest = after;
+        let now = Instant::now();
+        if direction % 2 == 0 {
+            if imap.wants_client_bytes() {
+                io.client_in.extend_from_slice(chunk);
+            }
+            imap.client_input(&mut io, now);
+        } else {
+            io.upstream_in.extend_from_slice(chunk);
+            imap.upstream_input(&mut io, now);
+        }
+        if imap.wake().is_some() {
+            imap.woken_at(&mut io, now + std::time::Duration::from_secs(3600));
+        }
+        assert!(
+            imap.commands() <= max_commands,
+            "too many commands before login"
+        );
+        match imap.next() {
+            Next::Relay => {}
+            Next::Close(_) => return,
+            Next::StartTls => {
+                assert!(io.client_in.is_empty(), "plaintext carried into TLS");
+                assert!(
+                    io.to_client.ends_with(b" OK Begin TLS negotiation now\r\n"),
+                    "TLS without the proxy's OK"
+                );
+                assert!(
+                    matches!(tls_mode, TlsMode::Starttls) && !started_tls,
+                    "TLS started twice or on a listener that does not terminate it"
+                );
+                started_tls = true;
+                imap.tls_started(&facts, now);
+            }
+        }
+        io.to_client.clear();
+        io.to_upstream.clear();
     }
 }

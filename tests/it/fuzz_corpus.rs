@@ -104,3 +104,8 @@ fn fleet_event_corpus() {
 fn imap_response_corpus() {
     replay("imap_response");
 }
+
+#[test]
+fn imap_session_corpus() {
+    replay("imap_session");
+}

@@ -905,6 +905,11 @@ impl<'a> Imap<'a> {
         }
     }
 
+    /// Commands allowed before login.
+    pub fn preauth_commands(&self) -> u64 {
+        self.bounds.commands
+    }
+
     pub fn wake(&self) -> Option<Instant> {
         self.held.as_ref().map(|h| h.until)
     }
