@@ -588,13 +588,16 @@ pub fn imap_session(data: &[u8]) {
         cipher: "TLS13_AES_128_GCM_SHA256".into(),
         sni: None,
     };
+    let shaping = crate::shaping::Shaping::detached(&config, &metrics);
     let mut imap = Imap::new(
         crate::session::login::MailboxContext {
             config: &config,
             metrics: &metrics,
             login: crate::session::login::LoginContext {
+                settings: &config.mailbox,
                 metrics: &metrics,
-                delay: std::time::Duration::ZERO,
+                shaping: shaping.client("192.0.2.9".parse().expect("an IP"), false),
+                protocol: crate::config::Protocol::Imap,
             },
             tls_mode,
             require_tls: mode & 4 != 0,
@@ -619,8 +622,8 @@ pub fn imap_session(data: &[u8]) {
             io.upstream_in.extend_from_slice(chunk);
             imap.upstream_input(&mut io, now);
         }
-        if imap.wake().is_some() {
-            imap.woken_at(&mut io, now + std::time::Duration::from_secs(3600));
+        if let Some(at) = imap.wake_at() {
+            imap.woken(&mut io, at);
         }
         assert!(
             imap.commands() <= max_commands,

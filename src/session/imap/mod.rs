@@ -200,10 +200,10 @@ impl<'a> Imap<'a> {
             tls: ctx.tls,
             bounds: Bounds {
                 max_line: config.limits.max_line_length,
-                max_literal: 64 * 1024,
-                commands: 20,
-                preauth_idle: Duration::from_secs(30),
-                authenticated_idle: Duration::from_secs(31 * 60),
+                max_literal: config.mailbox.max_literal as u64,
+                commands: u64::from(config.mailbox.preauth_commands),
+                preauth_idle: config.mailbox.preauth_idle,
+                authenticated_idle: config.mailbox.authenticated_idle,
             },
             phase: Phase::Line,
             reading: None,
@@ -893,33 +893,9 @@ impl<'a> Imap<'a> {
         }
     }
 
-    /// The tarpit's hold is over: wake a held login status.
-    pub fn woken_at(&mut self, io: &mut Buffers, now: Instant) {
-        let Some(held) = self.held.take_if(|h| h.until <= now) else {
-            return;
-        };
-        self.release_login_status(io, held.status, held.success);
-        self.release_local_replies(io);
-        if !io.upstream_in.is_empty() {
-            self.upstream_input(io, now);
-        }
-    }
-
     /// Commands allowed before login.
     pub fn preauth_commands(&self) -> u64 {
         self.bounds.commands
-    }
-
-    pub fn wake(&self) -> Option<Instant> {
-        self.held.as_ref().map(|h| h.until)
-    }
-
-    pub fn idle_limit(&self) -> Duration {
-        if self.authenticated {
-            self.bounds.authenticated_idle
-        } else {
-            self.bounds.preauth_idle
-        }
     }
 
     /// The client's bytes are read now, a command being in the middle.
@@ -933,6 +909,31 @@ impl<'a> Imap<'a> {
 }
 
 impl Protocol for Imap<'_> {
+    fn idle_timeout(&self) -> Duration {
+        if self.authenticated {
+            self.bounds.authenticated_idle
+        } else {
+            self.bounds.preauth_idle
+        }
+    }
+
+    fn wake_at(&self) -> Option<Instant> {
+        self.held.as_ref().map(|h| h.until)
+    }
+
+    /// The account tarpit's hold is over: the login status goes out, and
+    /// what the receiver sent after it is read.
+    fn woken(&mut self, io: &mut Buffers, now: Instant) {
+        let Some(held) = self.held.take_if(|h| h.until <= now) else {
+            return;
+        };
+        self.release_login_status(io, held.status, held.success);
+        self.release_local_replies(io);
+        if !io.upstream_in.is_empty() {
+            self.upstream_input(io, now);
+        }
+    }
+
     fn client_input(&mut self, io: &mut Buffers, now: Instant) {
         while !io.client_in.is_empty() && self.closing.is_none() && !self.last_word_queued() {
             let progressed = match self.phase {

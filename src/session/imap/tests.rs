@@ -4,32 +4,46 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::config::Protocol as Speaks;
 use crate::metrics::Metrics;
 use crate::session::login::LoginContext;
+use crate::shaping::Shaping;
 use crate::tls::TlsVersion;
 
 struct Fixture {
     config: Config,
     metrics: Arc<Metrics>,
+    shaping: Shaping,
 }
+
+const CLIENT: &str = "192.0.2.7";
 
 impl Fixture {
     fn new(toml: &str) -> Fixture {
         let config = Config::from_toml(toml, std::path::Path::new("test.toml")).expect("config");
+        let metrics = Arc::new(Metrics::new());
+        let shaping = Shaping::detached(&config, &metrics);
         Fixture {
             config,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
+            shaping,
         }
     }
 
     fn imap(&self, tls_mode: TlsMode, require_tls: bool) -> Imap<'_> {
+        self.imap_from(CLIENT, tls_mode, require_tls)
+    }
+
+    fn imap_from(&self, ip: &str, tls_mode: TlsMode, require_tls: bool) -> Imap<'_> {
         Imap::new(
             MailboxContext {
                 config: &self.config,
                 metrics: &self.metrics,
                 login: LoginContext {
+                    settings: &self.config.mailbox,
                     metrics: &self.metrics,
-                    delay: Duration::ZERO,
+                    shaping: self.shaping.client(ip.parse().unwrap(), false),
+                    protocol: Speaks::Imap,
                 },
                 tls_mode,
                 require_tls,
@@ -37,6 +51,16 @@ impl Fixture {
             },
             Instant::now(),
         )
+    }
+
+    /// `mailmoat_logins_total` for IMAP with this outcome.
+    fn logins(&self, outcome: &str) -> f64 {
+        let series = format!("mailmoat_logins_total{{outcome=\"{outcome}\",protocol=\"imap\"}}");
+        self.metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     fn protocol_errors(&self) -> u64 {
@@ -330,7 +354,7 @@ fn a_successful_login_relays_unread_from_then_on() {
         s.receiver(b"a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n* 3 EXISTS {\r\n"),
         "a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n* 3 EXISTS {\r\n"
     );
-    assert_eq!(s.imap.idle_limit(), Duration::from_secs(31 * 60));
+    assert_eq!(s.imap.idle_timeout(), Duration::from_secs(31 * 60));
     let big = vec![b'x'; 100_000];
     assert_eq!(s.client(&big).0.len(), 100_000 + "b SELECT {5}\r\n".len());
     assert_eq!(s.imap.next(), Next::Relay);
@@ -484,4 +508,163 @@ fn a_command_broken_after_part_of_it_went_to_the_receiver_ends_the_session() {
     assert_eq!(upstream, "name");
     assert_eq!(client, "* BYE invalid command\r\n");
     assert_eq!(s.imap.next(), Next::Close(CloseReason::ProtocolError));
+}
+
+#[test]
+fn login_verdicts_are_read_from_the_receivers_tagged_status() {
+    let f = Fixture::new("");
+    let mut s = Session::new(f.imap(TlsMode::None, false));
+    s.client(b"a LOGIN joe wrong\r\n");
+    assert_eq!(
+        s.receiver(b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+        "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    );
+    s.client(b"b LOGIN joe \"wrong\"\r\n");
+    s.receiver(b"b NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+    s.client(b"c LOGIN joe other\r\n");
+    s.receiver(b"c NO [UNAVAILABLE] Temporary authentication failure.\r\n");
+    s.client(b"d LOGIN joe other\r\n");
+    s.receiver(b"d NO Something else\r\n");
+    s.client(b"e LOGIN joe x y\r\n");
+    s.receiver(b"e BAD too many arguments\r\n");
+    assert_eq!(
+        (
+            f.logins("failure"),
+            f.logins("repeated"),
+            f.logins("temporary")
+        ),
+        (1.0, 1.0, 2.0),
+        "the same wrong password counts once; UNAVAILABLE and other NO not at all"
+    );
+    assert_eq!(f.metrics.auth_failures.get(), 1);
+    assert_eq!(f.protocol_errors(), 1, "BAD is a protocol error");
+    s.client(b"f LOGIN {3}\r\n");
+    s.receiver(b"+ go\r\n");
+    s.client(b"joe {5+}\r\nright\r\n");
+    s.receiver(b"f OK Logged in\r\n");
+    assert_eq!(f.logins("success"), 1.0);
+    assert_eq!(s.imap.next(), Next::Relay);
+    assert_eq!(s.client(b"g SELECT INBOX\r\n").0, "g SELECT INBOX\r\n");
+}
+
+/// An account with two distinct failures is delayed (`account_failures =
+/// 2`): the next login's status is held. Used to tell whether a mechanism
+/// gave the module the account and password.
+const TARPIT: &str = "[mailbox]\naccount_failures = 2\naccount_delay = \"5s\"\n";
+const FAILED: &[u8] = b"NO [AUTHENTICATIONFAILED] Authentication failed.\r\n";
+
+fn tagged(tag: &str, status: &[u8]) -> Vec<u8> {
+    let mut line = format!("{tag} ").into_bytes();
+    line.extend_from_slice(status);
+    line
+}
+
+#[test]
+fn an_account_under_attack_has_its_login_status_held_until_release() {
+    let f = Fixture::new(TARPIT);
+    for (i, ip) in ["192.0.2.10", "192.0.2.11"].into_iter().enumerate() {
+        let mut s = Session::new(f.imap_from(ip, TlsMode::None, false));
+        s.client(format!("a LOGIN joe guess{i}\r\n").as_bytes());
+        assert_eq!(
+            s.receiver(&tagged("a", FAILED)).as_bytes(),
+            tagged("a", FAILED)
+        );
+    }
+    // Another account is answered at once.
+    let mut other = Session::new(f.imap(TlsMode::None, false));
+    other.client(b"a LOGIN ann hers\r\n");
+    assert_eq!(other.receiver(b"a OK in\r\n"), "a OK in\r\n");
+    assert_eq!(other.imap.wake_at(), None);
+
+    let mut s = Session::new(f.imap(TlsMode::None, false));
+    let before = Instant::now();
+    s.client(b"a LOGIN joe right\r\n");
+    assert_eq!(
+        s.receiver(b"a OK [CAPABILITY IMAP4rev1] in\r\n* 1 EXISTS\r\n"),
+        ""
+    );
+    let at = s.imap.wake_at().expect("the status is held");
+    assert!(at >= before + Duration::from_secs(5), "{:?}", at - before);
+    assert!(!s.imap.wants_client_bytes());
+    assert_eq!(s.client_finished_now(), None, "the status is still owed");
+    // Too early: still held.
+    s.imap.woken(&mut s.io, at - Duration::from_millis(1));
+    assert_eq!(take(&mut s.io.to_client), "");
+    s.imap.woken(&mut s.io, at);
+    assert_eq!(
+        take(&mut s.io.to_client),
+        "a OK [CAPABILITY IMAP4rev1] in\r\n* 1 EXISTS\r\n"
+    );
+    assert_eq!(s.imap.wake_at(), None);
+    assert!(s.imap.wants_client_bytes());
+    assert_eq!(s.client(b"b IDLE\r\n").0, "b IDLE\r\n");
+    assert_eq!(f.logins("success"), 2.0);
+}
+
+impl Session<'_> {
+    fn client_finished_now(&self) -> Option<CloseReason> {
+        self.imap.client_finished()
+    }
+}
+
+/// Two distinct failures for joe through `exchange` (client lines, each
+/// followed by the receiver's `+`), then a LOGIN for joe: held only if the
+/// exchanges gave the module joe's name and the passwords.
+fn fails_twice_then_held(exchange: impl Fn(usize) -> Vec<Vec<u8>>) -> bool {
+    let f = Fixture::new(TARPIT);
+    for i in 0..2 {
+        let mut s = Session::new(f.imap(TlsMode::None, false));
+        let lines = exchange(i);
+        for (n, line) in lines.iter().enumerate() {
+            s.client(line);
+            if n + 1 < lines.len() {
+                assert_eq!(s.receiver(b"+ \r\n"), "+ \r\n");
+            }
+        }
+        s.receiver(&tagged("a", FAILED));
+    }
+    let mut s = Session::new(f.imap(TlsMode::None, false));
+    s.client(b"a LOGIN joe right\r\n");
+    s.receiver(b"a OK in\r\n");
+    s.imap.wake_at().is_some()
+}
+
+fn b64(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+#[test]
+fn authenticate_plain_and_login_give_the_account_and_password() {
+    let plain_ir =
+        |i| vec![format!("a AUTHENTICATE PLAIN {}\r\n", b64(&format!("\0joe\0g{i}"))).into_bytes()];
+    assert!(fails_twice_then_held(plain_ir));
+    let plain = |i| {
+        vec![
+            b"a AUTHENTICATE PLAIN\r\n".to_vec(),
+            format!("{}\r\n", b64(&format!("\0joe\0g{i}"))).into_bytes(),
+        ]
+    };
+    assert!(fails_twice_then_held(plain));
+    let login = |i| {
+        vec![
+            b"a AUTHENTICATE LOGIN\r\n".to_vec(),
+            format!("{}\r\n", b64("joe")).into_bytes(),
+            format!("{}\r\n", b64(&format!("g{i}"))).into_bytes(),
+        ]
+    };
+    assert!(fails_twice_then_held(login));
+    let login_ir = |i| {
+        vec![
+            format!("a AUTHENTICATE LOGIN {}\r\n", b64("joe")).into_bytes(),
+            format!("{}\r\n", b64(&format!("g{i}"))).into_bytes(),
+        ]
+    };
+    assert!(fails_twice_then_held(login_ir));
+    // Another account's failures, or a mechanism that hides the account,
+    // do not delay joe.
+    let ann = |i| vec![format!("a LOGIN ann g{i}\r\n").into_bytes()];
+    assert!(!fails_twice_then_held(ann));
+    let scram = |_| vec![b"a AUTHENTICATE SCRAM-SHA-256 biwsbj1qb2Uscj1y\r\n".to_vec()];
+    assert!(!fails_twice_then_held(scram));
 }
