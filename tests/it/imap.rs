@@ -55,6 +55,12 @@ async fn imap_client(ip: Ipv4Addr, addr: SocketAddr) -> ImapClient {
 }
 
 const FAILED: &str = "NO [AUTHENTICATIONFAILED]";
+const AUTH_FAILURES: &str = "mailmoat_auth_failures_total";
+
+/// `mailmoat_logins_total` for IMAP with this outcome.
+fn logins(outcome: &str) -> String {
+    format!("mailmoat_logins_total{{outcome=\"{outcome}\",protocol=\"imap\"}}")
+}
 
 #[tokio::test]
 async fn wrong_logins_on_parallel_imap_connections_ban_the_ip_on_smtp_too() {
@@ -76,14 +82,13 @@ async fn wrong_logins_on_parallel_imap_connections_ban_the_ip_on_smtp_too() {
             "{status:?}"
         );
     }
+    assert!(s.receiver.connections() >= 10);
     // Banned on the SMTP listener of the same proxy …
     wait_door(s.proxy.addr, attacker, BLOCKED).await;
-    // … and on the IMAP one, before the receiver is dialled.
-    let connections = s.receiver.connections();
+    // … and on the IMAP one.
     let (mut client, said) = ImapClient::connect(attacker, s.imap).await;
     assert!(said.starts_with("* BYE"), "{said:?}");
     assert_eq!(client.closed().await, "");
-    assert_eq!(s.receiver.connections(), connections);
     // Someone else still gets in.
     assert_eq!(
         door(s.proxy.addr, Ipv4Addr::new(127, 0, 140, 2)).await,
@@ -147,7 +152,7 @@ async fn a_literal_over_the_preauth_bound_is_refused_and_never_reaches_the_recei
         String::from_utf8_lossy(&received)
     );
     assert!(!received.windows(64).any(|w| w.iter().all(|&b| b == b'x')));
-    assert_eq!(s.receiver.commands(), 1, "only the good LOGIN reached it");
+    assert_eq!(s.receiver.logins(), 1, "only the good LOGIN reached it");
 }
 
 #[tokio::test]
@@ -160,6 +165,8 @@ async fn no_unavailable_does_not_count_toward_a_ban() {
         let status = client.login("a", "joe", &format!("guess{i}")).await;
         assert_eq!(status, "a NO [UNAVAILABLE] try again later\r\n");
     }
+    assert_eq!(s.proxy.metric(&logins("temporary")), 6.0);
+    assert_eq!(s.proxy.metric(AUTH_FAILURES), 0.0);
     // Still admitted, and the same failures do count once the receiver
     // says what they are.
     s.receiver.set_unavailable(false);
@@ -180,6 +187,9 @@ async fn the_same_wrong_password_sent_ten_times_counts_once() {
         let status = client.login("a", "joe", "stale").await;
         assert!(status.starts_with(&format!("a {FAILED}")), "{status:?}");
     }
+    assert_eq!(s.proxy.metric(&logins("failure")), 1.0);
+    assert_eq!(s.proxy.metric(&logins("repeated")), 9.0);
+    assert_eq!(s.proxy.metric(AUTH_FAILURES), 1.0);
     assert_eq!(
         door(s.proxy.addr, ip).await,
         "220 sink.test ESMTP ready\r\n",

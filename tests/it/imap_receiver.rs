@@ -2,7 +2,7 @@
 //! capabilities, LOGIN and AUTHENTICATE PLAIN checked against a fixed user
 //! table (`NO [AUTHENTICATIONFAILED]` on a wrong password, `NO
 //! [UNAVAILABLE]` while switched to), IDLE, NOOP, ID, CAPABILITY, LOGOUT.
-//! It counts the connections and commands it received and keeps every
+//! It counts the connections and logins it received and keeps every
 //! byte, so a test can assert what never reached it. Plus an IMAP client
 //! that reads lines with deadlines.
 
@@ -26,7 +26,7 @@ const MAX_READ: usize = 1 << 20;
 #[derive(Default)]
 struct State {
     connections: AtomicUsize,
-    commands: AtomicUsize,
+    logins: AtomicUsize,
     unavailable: AtomicBool,
     /// Everything every client sent.
     received: Mutex<Vec<u8>>,
@@ -73,8 +73,9 @@ impl ImapReceiver {
         self.state.connections.load(Ordering::SeqCst)
     }
 
-    pub fn commands(&self) -> usize {
-        self.state.commands.load(Ordering::SeqCst)
+    /// LOGIN and AUTHENTICATE commands received.
+    pub fn logins(&self) -> usize {
+        self.state.logins.load(Ordering::SeqCst)
     }
 
     /// Every byte every client sent, in arrival order per connection.
@@ -98,6 +99,7 @@ async fn serve(
         stream: BufReader::new(stream),
         state,
     };
+    conn.proxy_header().await?;
     conn.write(&format!("* OK [CAPABILITY {CAPABILITIES}] test ready\r\n"))
         .await?;
     let mut logged_in = false;
@@ -105,12 +107,14 @@ async fn serve(
         let Some(args) = conn.command().await? else {
             return Ok(());
         };
-        state.commands.fetch_add(1, Ordering::SeqCst);
         let tag = String::from_utf8_lossy(args.first().map_or(&[][..], |t| t)).into_owned();
         let name = args
             .get(1)
             .map(|n| n.to_ascii_uppercase())
             .unwrap_or_default();
+        if matches!(name.as_slice(), b"LOGIN" | b"AUTHENTICATE") {
+            state.logins.fetch_add(1, Ordering::SeqCst);
+        }
         match (name.as_slice(), logged_in) {
             (b"CAPABILITY", _) => {
                 conn.write(&format!("* CAPABILITY {CAPABILITIES}\r\n{tag} OK done\r\n"))
@@ -184,6 +188,20 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
+    /// The PROXY v2 header mailmoat sends first (`upstream.proxy_protocol`
+    /// defaults to "v2"), skipped as Dovecot's `haproxy = yes` would.
+    async fn proxy_header(&mut self) -> std::io::Result<()> {
+        const SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+        let mut head = [0u8; 16];
+        self.stream.read_exact(&mut head).await?;
+        if &head[..12] != SIGNATURE {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+        let mut rest = vec![0; usize::from(u16::from_be_bytes([head[14], head[15]]))];
+        self.stream.read_exact(&mut rest).await?;
+        Ok(())
+    }
+
     async fn write(&mut self, text: &str) -> std::io::Result<()> {
         self.stream.get_mut().write_all(text.as_bytes()).await
     }
