@@ -9,6 +9,7 @@
 mod close;
 pub mod driver;
 mod greeting;
+pub mod imap;
 pub mod io;
 pub mod login;
 pub mod message;

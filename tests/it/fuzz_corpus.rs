@@ -99,3 +99,13 @@ fn ban_state_corpus() {
 fn fleet_event_corpus() {
     replay("fleet_event");
 }
+
+#[test]
+fn imap_response_corpus() {
+    replay("imap_response");
+}
+
+#[test]
+fn imap_session_corpus() {
+    replay("imap_session");
+}
