@@ -95,7 +95,9 @@ enum Expect {
     Stls,
     Quit,
     /// Anything else; `multiline`: its `+OK` is followed by lines.
-    Other { multiline: bool },
+    Other {
+        multiline: bool,
+    },
 }
 
 impl Expect {
@@ -249,7 +251,8 @@ impl<'a> Pop3<'a> {
             return;
         };
         io.to_upstream.extend_from_slice(b"*\r\n");
-        self.pending.push_back(Pending::Upstream(Expect::Auth(sasl)));
+        self.pending
+            .push_back(Pending::Upstream(Expect::Auth(sasl)));
     }
 
     /// Queues the proxy's own reply in command order.
@@ -395,7 +398,8 @@ impl<'a> Pop3<'a> {
     /// error.
     fn sasl_response(&mut self, io: &mut Buffers, end: usize, now: Instant) {
         let response = sasl::response(&io.client_in[..end]);
-        let Phase::SaslResponse(mut sasl) = std::mem::replace(&mut self.phase, Phase::AwaitingReply)
+        let Phase::SaslResponse(mut sasl) =
+            std::mem::replace(&mut self.phase, Phase::AwaitingReply)
         else {
             return;
         };
@@ -436,10 +440,7 @@ impl<'a> Pop3<'a> {
 
     /// Queues the receiver's reply to what was just forwarded.
     fn expect(&mut self, expect: Expect) {
-        if matches!(
-            expect,
-            Expect::Login(_) | Expect::Auth(_) | Expect::Stls
-        ) {
+        if matches!(expect, Expect::Login(_) | Expect::Auth(_) | Expect::Stls) {
             self.phase = Phase::AwaitingReply;
         }
         self.pending.push_back(Pending::Upstream(expect));
@@ -751,9 +752,7 @@ impl Protocol for Pop3<'_> {
     }
 
     fn is_quiet(&self, io: &Buffers) -> bool {
-        matches!(self.phase, Phase::Command)
-            && self.pending.is_empty()
-            && io.client_in.is_empty()
+        matches!(self.phase, Phase::Command) && self.pending.is_empty() && io.client_in.is_empty()
     }
 
     fn client_finished(&self) -> Option<CloseReason> {
@@ -800,5 +799,481 @@ impl Protocol for Pop3<'_> {
 
     fn messages(&self) -> u64 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The POP3 module alone, without sockets: the test fills the buffers
+    //! the driver would and reads what the module queued.
+
+    use super::*;
+    use crate::tls::TlsVersion;
+
+    use std::sync::Arc;
+
+    use crate::metrics::Metrics;
+    use crate::session::login::LoginContext;
+    use crate::shaping::Shaping;
+
+    struct Fixture {
+        config: Config,
+        metrics: Arc<Metrics>,
+        shaping: Shaping,
+    }
+
+    impl Fixture {
+        fn new(toml: &str) -> Fixture {
+            let config =
+                Config::from_toml(toml, std::path::Path::new("test.toml")).expect("config");
+            let metrics = Arc::new(Metrics::new());
+            let shaping = Shaping::detached(&config, &metrics);
+            Fixture {
+                config,
+                metrics,
+                shaping,
+            }
+        }
+
+        fn pop3(&self, tls_mode: TlsMode, require_tls: bool) -> Pop3<'_> {
+            let ip = "192.0.2.7".parse().unwrap();
+            Pop3::new(
+                MailboxContext {
+                    config: &self.config,
+                    metrics: &self.metrics,
+                    login: LoginContext {
+                        metrics: &self.metrics,
+                        shaping: self.shaping.client(ip, false),
+                        delay: Duration::ZERO,
+                    },
+                    tls_mode,
+                    require_tls,
+                    tls: tls_mode == TlsMode::Implicit,
+                },
+                Instant::now(),
+            )
+        }
+
+        fn banned(&self) -> bool {
+            self.shaping.bans().is_banned("192.0.2.7".parse().unwrap())
+        }
+
+        fn protocol_errors(&self) -> u64 {
+            self.metrics.protocol_errors.get()
+        }
+    }
+
+    /// One session and its buffers, as the driver would hold them.
+    struct Session<'a> {
+        pop3: Pop3<'a>,
+        io: Buffers,
+    }
+
+    const GREETING: &[u8] = b"+OK POP3 ready <1896.697170952@pop3.test>\r\n";
+    const CAPA: &[u8] =
+        b"+OK\r\nCAPA\r\nUSER\r\nSASL PLAIN LOGIN\r\nRESP-CODES\r\nPIPELINING\r\nSTLS\r\n.\r\n";
+    const AUTH_FAILED: &[u8] = b"-ERR [AUTH] Authentication failed.\r\n";
+
+    impl<'a> Session<'a> {
+        fn new(pop3: Pop3<'a>) -> Self {
+            let mut s = Session {
+                pop3,
+                io: Buffers::default(),
+            };
+            assert_eq!(s.receiver(GREETING), String::from_utf8_lossy(GREETING));
+            s
+        }
+
+        /// Client bytes in; what went to the receiver and what to the client.
+        fn client(&mut self, bytes: &[u8]) -> (String, String) {
+            self.client_at(bytes, Instant::now())
+        }
+
+        fn client_at(&mut self, bytes: &[u8], now: Instant) -> (String, String) {
+            self.io.client_in.extend_from_slice(bytes);
+            self.pop3.client_input(&mut self.io, now);
+            (take(&mut self.io.to_upstream), take(&mut self.io.to_client))
+        }
+
+        /// Receiver bytes in; what went to the client.
+        fn receiver(&mut self, bytes: &[u8]) -> String {
+            self.receiver_at(bytes, Instant::now())
+        }
+
+        fn receiver_at(&mut self, bytes: &[u8], now: Instant) -> String {
+            self.io.upstream_in.extend_from_slice(bytes);
+            self.pop3.upstream_input(&mut self.io, now);
+            take(&mut self.io.to_client)
+        }
+
+        fn handshake_done(&mut self) {
+            let facts = TlsFacts {
+                version: TlsVersion::V1_3,
+                cipher: "TLS13_AES_128_GCM_SHA256".into(),
+                sni: None,
+            };
+            self.pop3.tls_started(&facts, Instant::now());
+        }
+    }
+
+    fn take(bytes: &mut Vec<u8>) -> String {
+        String::from_utf8(std::mem::take(bytes)).unwrap()
+    }
+
+    fn text(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
+    #[test]
+    fn pipelined_replies_are_matched_in_order_and_capa_is_read_to_its_dot() {
+        let f = Fixture::new("");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        let (upstream, client) = s.client(b"CAPA\r\nUSER alice\r\nNOOP\r\n");
+        assert_eq!(
+            (upstream.as_str(), client.as_str()),
+            ("CAPA\r\nUSER alice\r\nNOOP\r\n", "")
+        );
+        // The dot-stuffed line and the +OK inside the list are CAPA's.
+        let said =
+            s.receiver(b"+OK\r\nUSER\r\n..odd\r\n+OK\r\n.\r\n+OK\r\n-ERR Unknown command.\r\n");
+        assert_eq!(
+            said,
+            "+OK\r\nUSER\r\n..odd\r\n+OK\r\n.\r\n+OK\r\n-ERR Unknown command.\r\n"
+        );
+        assert!(s.pop3.is_quiet(&s.io));
+        assert_eq!(s.pop3.next(), Next::Relay);
+    }
+
+    #[test]
+    fn a_wrong_password_counts_as_a_failure_toward_a_ban() {
+        let f = Fixture::new("[autoban]\nauth_failures = 1\n");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        assert_eq!(
+            s.client(b"USER alice\r\nPASS wrong\r\n").0,
+            "USER alice\r\nPASS wrong\r\n"
+        );
+        assert_eq!(s.receiver(b"+OK\r\n"), "+OK\r\n");
+        assert!(!f.banned());
+        assert_eq!(s.receiver(AUTH_FAILED), text(AUTH_FAILED));
+        assert!(f.banned());
+        assert_eq!(f.protocol_errors(), 0);
+    }
+
+    #[test]
+    fn temporary_refusals_and_a_refused_user_do_not_count() {
+        let f = Fixture::new("[autoban]\nauth_failures = 1\n");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        s.client(b"USER nobody\r\n");
+        s.receiver(b"-ERR [AUTH] no such user\r\n");
+        s.client(b"USER alice\r\nPASS pw\r\n");
+        s.receiver(b"+OK\r\n-ERR [SYS/TEMP] Temporary authentication failure.\r\n");
+        s.client(b"APOP alice c4c9334bac560ecc979e58001b3e22fb\r\n");
+        s.receiver(b"-ERR [IN-USE] Mailbox is locked.\r\n");
+        s.client(b"USER alice\r\nPASS pw\r\n");
+        s.receiver(b"+OK\r\n-ERR Authentication failed\r\n");
+        assert!(!f.banned());
+        assert_eq!(s.pop3.next(), Next::Relay);
+    }
+
+    #[test]
+    fn after_the_login_the_session_is_relayed_unread_under_the_authenticated_idle_limit() {
+        let f = Fixture::new("[mailbox]\npreauth_idle = \"10s\"\nauthenticated_idle = \"30m\"\n");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        assert_eq!(s.pop3.idle_timeout(), Duration::from_secs(10));
+        s.client(b"USER alice\r\nPASS right\r\n");
+        // Pipelined behind the login: not read until its verdict.
+        assert_eq!(s.client(b"STAT\r\n"), (String::new(), String::new()));
+        assert!(!s.pop3.wants_client_bytes());
+        assert_eq!(
+            s.receiver(b"+OK\r\n+OK Logged in.\r\n+OK 1 3\r\nabc\0"),
+            "+OK\r\n+OK Logged in.\r\n+OK 1 3\r\nabc\0"
+        );
+        assert_eq!(s.pop3.idle_timeout(), Duration::from_secs(30 * 60));
+        let line = vec![b'x'; 10_000];
+        let (upstream, _) = s.client(&line);
+        assert_eq!(upstream.len(), "STAT\r\n".len() + line.len());
+        assert_eq!(s.receiver(b"garbage\n"), "garbage\n");
+        assert_eq!(s.pop3.farewell(Farewell::Timeout), None);
+        assert_eq!(f.protocol_errors(), 0);
+    }
+
+    #[test]
+    fn auth_plain_and_login_exchanges_end_in_a_counted_verdict() {
+        let f = Fixture::new("[autoban]\nauth_failures = 2\n");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        // authzid NUL alice NUL wrong
+        s.client(b"AUTH PLAIN AGFsaWNlAHdyb25n\r\n");
+        assert!(!s.pop3.wants_client_bytes());
+        s.receiver(AUTH_FAILED);
+        assert!(!f.banned());
+        assert_eq!(s.client(b"AUTH LOGIN\r\n").0, "AUTH LOGIN\r\n");
+        assert_eq!(s.receiver(b"+ VXNlcm5hbWU6\r\n"), "+ VXNlcm5hbWU6\r\n");
+        assert_eq!(s.client(b"YWxpY2U=\r\n").0, "YWxpY2U=\r\n");
+        s.receiver(b"+ UGFzc3dvcmQ6\r\n");
+        assert_eq!(s.client(b"d3Jvbmcy\r\n").0, "d3Jvbmcy\r\n");
+        s.receiver(AUTH_FAILED);
+        assert!(f.banned());
+        assert_eq!(f.protocol_errors(), 0);
+    }
+
+    #[test]
+    fn a_sasl_response_that_is_not_base64_is_cancelled_and_counted() {
+        let f = Fixture::new("");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        s.client(b"AUTH PLAIN\r\n");
+        s.receiver(b"+ \r\n");
+        let (upstream, client) = s.client(b"USER alice\r\n");
+        assert_eq!((upstream.as_str(), client.as_str()), ("*\r\n", ""));
+        assert_eq!(f.protocol_errors(), 1);
+        assert_eq!(
+            s.receiver(b"-ERR Authentication cancelled.\r\n"),
+            "-ERR Authentication cancelled.\r\n"
+        );
+        // A cancel from the client is no error.
+        s.client(b"AUTH LOGIN\r\n");
+        s.receiver(b"+ VXNlcm5hbWU6\r\n");
+        assert_eq!(s.client(b"*\r\n").0, "*\r\n");
+        s.receiver(b"-ERR Authentication cancelled.\r\n");
+        assert_eq!(f.protocol_errors(), 1);
+        assert_eq!(s.pop3.next(), Next::Relay);
+    }
+
+    #[test]
+    fn nul_bytes_and_overlong_lines_are_answered_by_the_proxy_and_counted() {
+        let f = Fixture::new("[limits]\nmax_line_length = 64\n");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        assert_eq!(
+            s.client(b"USER a\0b\r\n"),
+            (String::new(), text(NUL_IN_LINE))
+        );
+        assert_eq!(s.client(&[b'x'; 100]), (String::new(), text(LINE_TOO_LONG)));
+        // The rest of that line is skipped; the next one is read.
+        assert_eq!(s.client(b"xxx\r\nCAPA\r\n").0, "CAPA\r\n");
+        assert_eq!(f.protocol_errors(), 2);
+    }
+
+    #[test]
+    fn commands_beyond_the_preauth_bound_are_refused_and_the_session_closed() {
+        let f = Fixture::new("[mailbox]\npreauth_commands = 2\n");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        let (upstream, client) = s.client(b"CAPA\r\nNOOP\r\nUSER a\r\nPASS b\r\n");
+        assert_eq!(upstream, "CAPA\r\nNOOP\r\n");
+        assert_eq!(client, "");
+        assert_eq!(s.pop3.next(), Next::Relay);
+        s.receiver(CAPA);
+        assert_eq!(
+            s.receiver(b"-ERR Unknown command.\r\n"),
+            format!("-ERR Unknown command.\r\n{}", text(TOO_MANY_COMMANDS))
+        );
+        assert_eq!(s.pop3.next(), Next::Close(CloseReason::Limit));
+    }
+
+    #[test]
+    fn stls_is_answered_by_the_proxy_and_the_session_starts_over_inside_tls() {
+        let f = Fixture::new("");
+        let mut s = Session::new(f.pop3(TlsMode::Starttls, false));
+        s.client(b"CAPA\r\n");
+        // Offered whether or not the receiver does.
+        let receiver_capa = b"+OK\r\nUSER\r\nSASL PLAIN\r\n.\r\n";
+        assert_eq!(
+            s.receiver(receiver_capa),
+            "+OK\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\n.\r\n"
+        );
+        let (upstream, client) = s.client(b"STLS\r\n");
+        assert_eq!(
+            (upstream.as_str(), client.as_str()),
+            ("", text(BEGIN_TLS).as_str())
+        );
+        assert_eq!(s.pop3.next(), Next::StartTls);
+        assert!(!s.pop3.wants_client_bytes());
+        s.handshake_done();
+        assert_eq!(s.pop3.next(), Next::Relay);
+        s.client(b"CAPA\r\n");
+        // Inside TLS, STLS is no longer offered, nor accepted.
+        assert_eq!(
+            s.receiver(CAPA),
+            "+OK\r\nCAPA\r\nUSER\r\nSASL PLAIN LOGIN\r\nRESP-CODES\r\nPIPELINING\r\n.\r\n"
+        );
+        assert_eq!(s.client(b"STLS\r\n").1, "-ERR TLS already active\r\n");
+    }
+
+    #[test]
+    fn plaintext_pipelined_behind_the_proxys_stls_is_refused_without_its_ok() {
+        let f = Fixture::new("");
+        let mut s = Session::new(f.pop3(TlsMode::Starttls, false));
+        let (upstream, client) = s.client(b"STLS\r\nUSER evil\r\n");
+        assert_eq!((upstream.as_str(), client.as_str()), ("", ""));
+        assert_eq!(s.pop3.next(), Next::Close(CloseReason::ProtocolError));
+        assert_eq!(f.protocol_errors(), 1);
+    }
+
+    #[test]
+    fn stls_waits_for_the_replies_to_commands_pipelined_before_it() {
+        let f = Fixture::new("");
+        let mut s = Session::new(f.pop3(TlsMode::Starttls, false));
+        assert_eq!(
+            s.client(b"CAPA\r\nSTLS\r\n"),
+            ("CAPA\r\n".into(), String::new())
+        );
+        let said = s.receiver(b"+OK\r\nUSER\r\n.\r\n");
+        assert_eq!(
+            said,
+            format!("+OK\r\nUSER\r\nSTLS\r\n.\r\n{}", text(BEGIN_TLS))
+        );
+        assert_eq!(s.pop3.next(), Next::StartTls);
+    }
+
+    #[test]
+    fn stls_is_neither_offered_nor_accepted_without_a_terminating_listener() {
+        let f = Fixture::new("");
+        for mode in [TlsMode::None, TlsMode::Implicit] {
+            let mut s = Session::new(f.pop3(mode, false));
+            s.client(b"CAPA\r\n");
+            assert_eq!(
+                s.receiver(CAPA),
+                "+OK\r\nCAPA\r\nUSER\r\nSASL PLAIN LOGIN\r\nRESP-CODES\r\nPIPELINING\r\n.\r\n"
+            );
+            let (upstream, client) = s.client(b"STLS\r\n");
+            assert_eq!(upstream, "");
+            assert!(client.starts_with("-ERR "), "{client:?}");
+            assert_eq!(s.pop3.next(), Next::Relay);
+        }
+    }
+
+    #[test]
+    fn passthrough_relays_stls_and_the_receivers_tls_passes_unread() {
+        let f = Fixture::new("");
+        let mut s = Session::new(f.pop3(TlsMode::Passthrough, false));
+        s.client(b"CAPA\r\n");
+        assert_eq!(s.receiver(CAPA), text(CAPA));
+        assert_eq!(s.client(b"STLS\r\n").0, "STLS\r\n");
+        assert_eq!(
+            s.receiver(b"+OK Begin TLS\r\n\x16\x03\x03"),
+            "+OK Begin TLS\r\n\x16\x03\x03"
+        );
+        assert_eq!(s.client(b"\x16\x03\x01\0\x05").0, "\x16\x03\x01\0\x05");
+        assert_eq!(s.pop3.next(), Next::Relay);
+        assert_eq!(f.protocol_errors(), 0);
+    }
+
+    #[test]
+    fn require_tls_refuses_logins_in_the_clear_without_counting_and_hides_them() {
+        let f = Fixture::new("[autoban]\nauth_failures = 1\n");
+        let mut s = Session::new(f.pop3(TlsMode::Starttls, true));
+        s.client(b"CAPA\r\n");
+        assert_eq!(
+            s.receiver(CAPA),
+            "+OK\r\nCAPA\r\nRESP-CODES\r\nPIPELINING\r\nSTLS\r\n.\r\n"
+        );
+        for login in [
+            &b"USER alice\r\n"[..],
+            b"PASS x\r\n",
+            b"APOP a b\r\n",
+            b"AUTH PLAIN AGEAYg==\r\n",
+        ] {
+            assert_eq!(s.client(login), (String::new(), text(TLS_REQUIRED)));
+        }
+        assert!(!f.banned());
+        s.client(b"STLS\r\n");
+        s.handshake_done();
+        assert_eq!(s.client(b"USER alice\r\n").0, "USER alice\r\n");
+    }
+
+    #[test]
+    fn a_refusing_greeting_is_relayed_and_closes_the_session() {
+        let f = Fixture::new("");
+        let mut s = Session {
+            pop3: f.pop3(TlsMode::None, false),
+            io: Buffers::default(),
+        };
+        assert_eq!(
+            s.receiver(b"-ERR [SYS/TEMP] too busy\r\n"),
+            "-ERR [SYS/TEMP] too busy\r\n"
+        );
+        assert_eq!(s.pop3.next(), Next::Close(CloseReason::UpstreamClosed));
+    }
+
+    #[test]
+    fn a_reply_that_is_not_pop3_closes_the_session_as_the_receivers_fault() {
+        let f = Fixture::new("");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        s.client(b"CAPA\r\n");
+        assert_eq!(s.receiver(b"220 smtp.test ESMTP\r\n"), "");
+        assert_eq!(s.pop3.next(), Next::Close(CloseReason::UpstreamError));
+        assert_eq!(f.protocol_errors(), 0);
+    }
+
+    #[test]
+    fn a_login_verdict_is_held_until_the_attempts_release_time() {
+        let f = Fixture::new("[autoban]\nauth_failures = 1\n");
+        let mut pop3 = f.pop3(TlsMode::None, false);
+        pop3.login.delay = Duration::from_secs(3);
+        let mut s = Session::new(pop3);
+        let start = Instant::now();
+        s.client_at(b"USER alice\r\nPASS wrong\r\n", start);
+        let release = s.pop3.wake_at();
+        assert_eq!(
+            s.receiver_at(b"+OK\r\n-ERR [AUTH] Authentication failed.\r\n", start),
+            "+OK\r\n"
+        );
+        assert!(
+            s.pop3
+                .wake_at()
+                .is_some_and(|at| at >= start + Duration::from_secs(3)),
+            "{release:?}"
+        );
+        assert!(!f.banned());
+        assert!(!s.pop3.wants_client_bytes());
+        s.pop3.woken(&mut s.io, start + Duration::from_secs(1));
+        assert_eq!(take(&mut s.io.to_client), "");
+        let at = s.pop3.wake_at().unwrap();
+        s.pop3.woken(&mut s.io, at);
+        assert_eq!(take(&mut s.io.to_client), text(AUTH_FAILED));
+        assert!(f.banned());
+        assert_eq!(s.pop3.wake_at(), None);
+        assert!(s.pop3.wants_client_bytes());
+    }
+
+    #[test]
+    fn quit_closes_after_the_receivers_reply() {
+        let f = Fixture::new("");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        assert_eq!(s.client(b"QUIT\r\n").0, "QUIT\r\n");
+        assert_eq!(s.pop3.client_finished(), None);
+        assert_eq!(s.receiver(b"+OK Bye\r\n"), "+OK Bye\r\n");
+        assert_eq!(s.pop3.next(), Next::Close(CloseReason::ClientQuit));
+    }
+
+    #[test]
+    fn farewells_before_the_login_are_temporary_errors() {
+        let f = Fixture::new("");
+        let s = Session::new(f.pop3(TlsMode::None, false));
+        for why in [
+            Farewell::Timeout,
+            Farewell::Shutdown,
+            Farewell::Blocked,
+            Farewell::ReceiverLost,
+        ] {
+            let said = s.pop3.farewell(why).expect("a farewell");
+            assert!(said.starts_with(b"-ERR [SYS/TEMP] ") && said.ends_with(b"\r\n"));
+        }
+    }
+
+    #[test]
+    fn a_partial_line_must_finish_within_the_command_line_timeout() {
+        let f = Fixture::new("");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        let start = Instant::now();
+        s.client_at(b"USER al", start);
+        let (at, reason) = s.pop3.deadline().expect("a line deadline");
+        assert_eq!(
+            (at, reason),
+            (
+                start + f.config.timeouts.command_line,
+                CloseReason::LineTimeout
+            )
+        );
+        s.client(b"ice\r\n");
+        assert_eq!(s.pop3.deadline(), None);
     }
 }

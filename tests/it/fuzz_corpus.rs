@@ -99,3 +99,8 @@ fn ban_state_corpus() {
 fn fleet_event_corpus() {
     replay("fleet_event");
 }
+
+#[test]
+fn pop3_session_corpus() {
+    replay("pop3_session");
+}
