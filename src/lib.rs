@@ -37,6 +37,7 @@ pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
+pub mod logins;
 pub mod lookup;
 pub mod metrics;
 pub mod pop3;
