@@ -542,9 +542,10 @@ pub fn pop3_session(data: &[u8]) {
             config: &config,
             metrics: &metrics,
             login: crate::session::login::LoginContext {
+                settings: &config.mailbox,
                 metrics: &metrics,
                 shaping: shaping.client(ip, false),
-                delay: std::time::Duration::ZERO,
+                protocol: crate::config::Protocol::Pop3,
             },
             tls_mode,
             require_tls,

@@ -12,6 +12,7 @@ mod greeting;
 pub mod io;
 pub mod login;
 pub mod message;
+pub mod pop3;
 pub mod protocol;
 pub mod registry;
 pub mod smtp;

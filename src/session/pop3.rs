@@ -842,9 +842,10 @@ mod tests {
                     config: &self.config,
                     metrics: &self.metrics,
                     login: LoginContext {
+                        settings: &self.config.mailbox,
                         metrics: &self.metrics,
                         shaping: self.shaping.client(ip, false),
-                        delay: Duration::ZERO,
+                        protocol: crate::config::Protocol::Pop3,
                     },
                     tls_mode,
                     require_tls,
@@ -860,6 +861,18 @@ mod tests {
 
         fn protocol_errors(&self) -> u64 {
             self.metrics.protocol_errors.get()
+        }
+
+        /// `mailmoat_logins_total` for POP3 with `outcome`, or the delays.
+        fn logins(&self, outcome: &str) -> f64 {
+            let series = match outcome {
+                "delayed" => "mailmoat_login_delays_total{protocol=\"pop3\"}".to_string(),
+                _ => format!("mailmoat_logins_total{{outcome=\"{outcome}\",protocol=\"pop3\"}}"),
+            };
+            let text = self.metrics.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+                .unwrap_or(0.0)
         }
     }
 
@@ -994,25 +1007,6 @@ mod tests {
         assert_eq!(upstream.len(), "STAT\r\n".len() + line.len());
         assert_eq!(s.receiver(b"garbage\n"), "garbage\n");
         assert_eq!(s.pop3.farewell(Farewell::Timeout), None);
-        assert_eq!(f.protocol_errors(), 0);
-    }
-
-    #[test]
-    fn auth_plain_and_login_exchanges_end_in_a_counted_verdict() {
-        let f = Fixture::new("[autoban]\nauth_failures = 2\n");
-        let mut s = Session::new(f.pop3(TlsMode::None, false));
-        // authzid NUL alice NUL wrong
-        s.client(b"AUTH PLAIN AGFsaWNlAHdyb25n\r\n");
-        assert!(!s.pop3.wants_client_bytes());
-        s.receiver(AUTH_FAILED);
-        assert!(!f.banned());
-        assert_eq!(s.client(b"AUTH LOGIN\r\n").0, "AUTH LOGIN\r\n");
-        assert_eq!(s.receiver(b"+ VXNlcm5hbWU6\r\n"), "+ VXNlcm5hbWU6\r\n");
-        assert_eq!(s.client(b"YWxpY2U=\r\n").0, "YWxpY2U=\r\n");
-        s.receiver(b"+ UGFzc3dvcmQ6\r\n");
-        assert_eq!(s.client(b"d3Jvbmcy\r\n").0, "d3Jvbmcy\r\n");
-        s.receiver(AUTH_FAILED);
-        assert!(f.banned());
         assert_eq!(f.protocol_errors(), 0);
     }
 
@@ -1204,34 +1198,78 @@ mod tests {
     }
 
     #[test]
-    fn a_login_verdict_is_held_until_the_attempts_release_time() {
-        let f = Fixture::new("[autoban]\nauth_failures = 1\n");
-        let mut pop3 = f.pop3(TlsMode::None, false);
-        pop3.login.delay = Duration::from_secs(3);
-        let mut s = Session::new(pop3);
+    fn an_accounts_login_verdict_is_held_until_its_release_while_another_account_is_answered() {
+        let toml = "[mailbox]\naccount_failures = 1\naccount_delay = \"3s\"\n";
+        let f = Fixture::new(toml);
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        s.client(b"USER alice\r\nPASS wrong1\r\n");
+        assert_eq!(s.receiver(b"+OK\r\n").len(), 5);
+        assert_eq!(s.receiver(AUTH_FAILED), text(AUTH_FAILED));
+        assert_eq!(s.pop3.wake_at(), None);
+        // alice now has a failure: her next verdict waits.
         let start = Instant::now();
-        s.client_at(b"USER alice\r\nPASS wrong\r\n", start);
-        let release = s.pop3.wake_at();
-        assert_eq!(
-            s.receiver_at(b"+OK\r\n-ERR [AUTH] Authentication failed.\r\n", start),
-            "+OK\r\n"
-        );
-        assert!(
-            s.pop3
-                .wake_at()
-                .is_some_and(|at| at >= start + Duration::from_secs(3)),
-            "{release:?}"
-        );
-        assert!(!f.banned());
+        s.client_at(b"USER alice\r\nPASS wrong2\r\n", start);
+        assert_eq!(s.receiver_at(b"+OK\r\n", start), "+OK\r\n");
+        assert_eq!(s.receiver_at(AUTH_FAILED, start), "");
+        let release = s.pop3.wake_at().expect("held");
+        assert!(release >= start + Duration::from_secs(3), "{release:?}");
         assert!(!s.pop3.wants_client_bytes());
         s.pop3.woken(&mut s.io, start + Duration::from_secs(1));
         assert_eq!(take(&mut s.io.to_client), "");
-        let at = s.pop3.wake_at().unwrap();
-        s.pop3.woken(&mut s.io, at);
+        // Another account, another session: answered at once.
+        let mut other = Session::new(f.pop3(TlsMode::None, false));
+        other.client(b"USER bob\r\nPASS wrong\r\n");
+        assert_eq!(
+            other.receiver(b"+OK\r\n-ERR [AUTH] Authentication failed.\r\n"),
+            format!("+OK\r\n{}", text(AUTH_FAILED))
+        );
+        s.pop3.woken(&mut s.io, release);
         assert_eq!(take(&mut s.io.to_client), text(AUTH_FAILED));
-        assert!(f.banned());
         assert_eq!(s.pop3.wake_at(), None);
         assert!(s.pop3.wants_client_bytes());
+        assert_eq!(f.logins("delayed"), 1.0);
+    }
+
+    #[test]
+    fn pass_auth_plain_and_auth_login_each_read_the_user_and_password() {
+        // The same wrong password counts once per account (a stale phone),
+        // which it can only if the module read it.
+        let f = Fixture::new("[autoban]\nauth_failures = 2\n");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        s.client(b"USER alice\r\nPASS wrong\r\n");
+        s.receiver(b"+OK\r\n");
+        s.receiver(AUTH_FAILED);
+        // authzid NUL alice NUL wrong
+        assert_eq!(
+            s.client(b"AUTH PLAIN AGFsaWNlAHdyb25n\r\n").0,
+            "AUTH PLAIN AGFsaWNlAHdyb25n\r\n"
+        );
+        assert!(!s.pop3.wants_client_bytes());
+        s.receiver(AUTH_FAILED);
+        assert_eq!(s.client(b"AUTH LOGIN\r\n").0, "AUTH LOGIN\r\n");
+        assert_eq!(s.receiver(b"+ VXNlcm5hbWU6\r\n"), "+ VXNlcm5hbWU6\r\n");
+        assert_eq!(s.client(b"YWxpY2U=\r\n").0, "YWxpY2U=\r\n");
+        s.receiver(b"+ UGFzc3dvcmQ6\r\n");
+        assert_eq!(s.client(b"d3Jvbmc=\r\n").0, "d3Jvbmc=\r\n");
+        s.receiver(AUTH_FAILED);
+        assert_eq!(f.logins("failure"), 1.0);
+        assert_eq!(f.logins("repeated"), 2.0);
+        assert!(!f.banned());
+        // A new password is a new failure.
+        s.client(b"AUTH PLAIN AGFsaWNlAHdyb25nMg==\r\n");
+        s.receiver(AUTH_FAILED);
+        assert!(f.banned());
+        assert_eq!(f.protocol_errors(), 0);
+    }
+
+    #[test]
+    fn a_login_accepted_by_the_receiver_is_counted_as_a_success() {
+        let f = Fixture::new("");
+        let mut s = Session::new(f.pop3(TlsMode::None, false));
+        s.client(b"APOP alice c4c9334bac560ecc979e58001b3e22fb\r\n");
+        s.receiver(b"+OK Logged in.\r\n");
+        assert_eq!(f.logins("success"), 1.0);
+        assert_eq!(f.logins("failure"), 0.0);
     }
 
     #[test]
