@@ -15,7 +15,7 @@ use crate::smtp::{Command, DataEvent, DataScanner, Reply, ReplyAssembler, Verb};
 pub type Check = fn(data: &[u8]);
 
 /// Every fuzz target, by name: the corpus folder and the check it runs.
-pub const TARGETS: [(&str, Check); 11] = [
+pub const TARGETS: [(&str, Check); 12] = [
     ("smtp_command", smtp_command),
     ("smtp_reply", smtp_reply),
     ("data_scanner", data_scanner),
@@ -27,6 +27,7 @@ pub const TARGETS: [(&str, Check); 11] = [
     ("fleet_event", fleet_event),
     ("imap_response", imap_response),
     ("imap_session", imap_session),
+    ("pop3_session", pop3_session),
 ];
 
 /// Messages on the fleet's channel (and stored ban values), one per line,
@@ -645,6 +646,133 @@ pub fn imap_session(data: &[u8]) {
                 started_tls = true;
                 imap.tls_started(&facts, now);
             }
+        }
+        io.to_client.clear();
+        io.to_upstream.clear();
+    }
+}
+
+/// The POP3 module as the driver runs it, in the format of
+/// [`smtp_session`]: the first byte picks the TLS mode (bits 0-1) and
+/// `require_tls` (bit 2); then records of a direction byte (even: client,
+/// odd: receiver), a length byte and that many bytes. A `StartTls` request
+/// is answered as a finished handshake.
+///
+/// Properties: no panic; TLS starts only on a `starttls` listener, once,
+/// right after the proxy's own `+OK`, with no client byte left unread;
+/// before a login no line reaching the receiver holds a NUL or exceeds the
+/// line limit, STLS reaches it only on a `passthrough` listener, and no
+/// login command reaches it in the clear where TLS is required.
+pub fn pop3_session(data: &[u8]) {
+    use crate::config::TlsMode;
+    use crate::session::pop3::Pop3;
+    use crate::session::protocol::{Buffers, Next, Protocol};
+    use crate::shaping::Shaping;
+    use crate::tls::{TlsFacts, TlsVersion};
+    use std::sync::Arc;
+    use tokio::time::Instant;
+
+    let Some((&mode, mut rest)) = data.split_first() else {
+        return;
+    };
+    let tls_mode = [
+        TlsMode::Starttls,
+        TlsMode::Passthrough,
+        TlsMode::None,
+        TlsMode::Implicit,
+    ][usize::from(mode & 3)];
+    let require_tls = mode & 4 != 0;
+    let config = Config::default();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let shaping = Shaping::detached(&config, &metrics);
+    let ip = "192.0.2.9".parse().expect("an IP");
+    let facts = TlsFacts {
+        version: TlsVersion::V1_3,
+        cipher: "TLS13_AES_128_GCM_SHA256".into(),
+        sni: None,
+    };
+    let mut tls = tls_mode == TlsMode::Implicit;
+    let mut pop3 = Pop3::new(
+        crate::session::login::MailboxContext {
+            config: &config,
+            metrics: &metrics,
+            login: crate::session::login::LoginContext {
+                settings: &config.mailbox,
+                metrics: &metrics,
+                shaping: shaping.client(ip, false),
+                protocol: crate::config::Protocol::Pop3,
+            },
+            tls_mode,
+            require_tls,
+            tls,
+        },
+        Instant::now(),
+    );
+    let preauth_idle = config.mailbox.preauth_idle;
+    let max_line = config.limits.max_line_length;
+    let mut io = Buffers::default();
+    let mut started_tls = false;
+    // The client was last sent a SASL challenge: its next line is a
+    // response (base64, which may spell a command).
+    let mut challenged = false;
+    while let [direction, len, tail @ ..] = rest {
+        let take = usize::from(*len).min(tail.len());
+        let (chunk, after) = tail.split_at(take);
+        rest = after;
+        let now = Instant::now();
+        // Before a login (the only time the module reads the lines).
+        let preauth = pop3.idle_timeout() == preauth_idle && !challenged;
+        if direction % 2 == 0 {
+            if pop3.wants_client_bytes() {
+                io.client_in.extend_from_slice(chunk);
+            }
+            pop3.client_input(&mut io, now);
+        } else {
+            io.upstream_in.extend_from_slice(chunk);
+            pop3.upstream_input(&mut io, now);
+        }
+        if preauth && pop3.idle_timeout() == preauth_idle {
+            for line in io.to_upstream.split_inclusive(|&b| b == b'\n') {
+                assert!(!line.contains(&0), "NUL forwarded: {line:?}");
+                assert!(line.len() <= max_line, "over-long line forwarded");
+                let command = crate::pop3::Command::parse(line);
+                assert!(
+                    command.verb != crate::pop3::Verb::Stls || tls_mode == TlsMode::Passthrough,
+                    "STLS forwarded on a {tls_mode:?} listener"
+                );
+                if require_tls && !tls {
+                    use crate::pop3::Verb;
+                    assert!(
+                        !matches!(
+                            command.verb,
+                            Verb::User | Verb::Pass | Verb::Apop | Verb::Auth
+                        ),
+                        "a login forwarded in the clear: {line:?}"
+                    );
+                }
+            }
+        }
+        match pop3.next() {
+            Next::Relay => {}
+            Next::Close(_) => return,
+            Next::StartTls => {
+                assert!(io.client_in.is_empty(), "plaintext carried into TLS");
+                assert!(
+                    io.to_client.ends_with(b"+OK Begin TLS negotiation\r\n"),
+                    "TLS without the proxy's +OK"
+                );
+                assert!(
+                    matches!(tls_mode, TlsMode::Starttls) && !started_tls,
+                    "TLS started twice or on a listener that does not terminate it"
+                );
+                started_tls = true;
+                tls = true;
+                pop3.tls_started(&facts, now);
+            }
+        }
+        if let Some(last) = io.to_client.split_inclusive(|&b| b == b'\n').next_back() {
+            challenged =
+                crate::pop3::reply::status(last) == Some(crate::pop3::Status::Continuation);
         }
         io.to_client.clear();
         io.to_upstream.clear();

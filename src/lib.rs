@@ -7,7 +7,8 @@
 //! - [`listener`]: listening sockets and the accept loop.
 //! - [`session`]: one client's lifecycle; [`session::relay`] is the
 //!   SMTP-aware loop with every timeout.
-//! - [`smtp`]: command, reply and DATA parsing, pure and fuzzable.
+//! - [`smtp`]: command, reply and DATA parsing, pure and fuzzable; [`pop3`]
+//!   the same for POP3 before a login.
 //! - [`upstream`]: connecting to the receiver, with failover and PROXY.
 //!
 //! Around it: [`config`] (file → validated settings), [`server`]
@@ -39,6 +40,7 @@ pub mod listener;
 pub mod logins;
 pub mod lookup;
 pub mod metrics;
+pub mod pop3;
 pub mod proxy_protocol;
 pub mod redis_server;
 pub mod reload;

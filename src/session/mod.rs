@@ -13,6 +13,7 @@ pub mod imap;
 pub mod io;
 pub mod login;
 pub mod message;
+pub mod pop3;
 pub mod protocol;
 pub mod registry;
 pub mod smtp;

@@ -109,3 +109,8 @@ fn imap_response_corpus() {
 fn imap_session_corpus() {
     replay("imap_session");
 }
+
+#[test]
+fn pop3_session_corpus() {
+    replay("pop3_session");
+}
