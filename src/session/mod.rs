@@ -33,7 +33,9 @@ use tokio_util::sync::CancellationToken;
 pub use close::CloseReason;
 use driver::{Driver, DriverContext};
 use greeting::GreetOutcome;
+use imap::Imap;
 use login::{LoginContext, MailboxContext};
+use pop3::Pop3;
 use protocol::SessionFacts;
 use smtp::{Smtp, SmtpContext};
 use transport::Transport;
@@ -654,13 +656,15 @@ where
                 require_tls: listener.require_tls,
                 tls: tls.is_some(),
             };
-            // The IMAP and POP3 modules are merged next.
-            let _ = (mailbox, client, ctx, early, greeting);
-            tracing::error!(
-                protocol = listener.protocol.as_str(),
-                "no module for this protocol in this build"
-            );
-            (CloseReason::UpstreamError, SessionFacts::default())
+            // Boxed: an SMTP session should not carry the size of the
+            // other protocols' relays.
+            if listener.protocol == Protocol::Imap {
+                let imap = Imap::new(mailbox, now);
+                Box::pin(drive(client, &mut upstream, imap, ctx, early, greeting)).await
+            } else {
+                let pop3 = Pop3::new(mailbox, now);
+                Box::pin(drive(client, &mut upstream, pop3, ctx, early, greeting)).await
+            }
         }
     };
     facts.tls = facts.tls.or(implicit_version);
