@@ -36,6 +36,7 @@ pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
+pub mod logins;
 pub mod lookup;
 pub mod metrics;
 pub mod proxy_protocol;

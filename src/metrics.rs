@@ -16,7 +16,8 @@ use prometheus::{
 };
 
 use crate::admission::Refusal;
-use crate::config::TlsMode;
+use crate::config::{Protocol, TlsMode};
+use crate::logins::LoginCount;
 use crate::session::CloseReason;
 use crate::shaping::{Limit, LimitKind};
 use crate::smtp::Verb;
@@ -46,6 +47,9 @@ pub struct Metrics {
     messages_accepted: IntCounter,
     messages_rejected: IntCounter,
     pub auth_failures: IntCounter,
+    /// By protocol and [`LoginCount`].
+    logins: IntCounterVec,
+    login_delays: IntCounterVec,
     pub active_bans: IntGauge,
     pub bans_evicted: IntCounter,
     /// Handshakes, TLS sessions and certificates.
@@ -224,8 +228,38 @@ impl Metrics {
             .expect("unique metric");
         let auth_failures = counter(
             "mailmoat_auth_failures_total",
-            "AUTH attempts the receiver answered with 535.",
+            "Logins the receiver refused, counted toward the client's bans: SMTP AUTH \
+             answered 535, IMAP NO [AUTHENTICATIONFAILED], POP3 -ERR [AUTH] (a wrong \
+             password repeated for an account counts once).",
         );
+        let logins = IntCounterVec::new(
+            Opts::new(
+                "mailmoat_logins_total",
+                "Login attempts by protocol and the receiver's verdict: success, failure, \
+                 repeated (a wrong password the account already failed with in \
+                 mailbox.account_window, not counted again), temporary (the receiver \
+                 could not check: not the client's fault).",
+            ),
+            &["protocol", "outcome"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(logins.clone()))
+            .expect("unique metric");
+        let login_delays = counter_vec(
+            "mailmoat_login_delays_total",
+            "Logins held back because their account is under attack from any addresses \
+             (mailbox.account_failures).",
+            "protocol",
+        );
+        for protocol in [Protocol::Smtp, Protocol::Imap, Protocol::Pop3] {
+            for count in LoginCount::ALL {
+                logins.with_label_values(&[protocol.as_str(), count.as_str()]);
+            }
+            if protocol != Protocol::Smtp {
+                login_delays.with_label_values(&[protocol.as_str()]);
+            }
+        }
         let active_bans = gauge(
             "mailmoat_active_bans",
             "Automatic and manual bans in force.",
@@ -263,6 +297,8 @@ impl Metrics {
             messages_accepted: messages.with_label_values(&["accepted"]),
             messages_rejected: messages.with_label_values(&["rejected"]),
             auth_failures,
+            logins,
+            login_delays,
             active_bans,
             bans_evicted,
             refused: Refusal::ALL
@@ -290,6 +326,18 @@ impl Metrics {
             session_duration,
             registry,
         }
+    }
+
+    pub fn login(&self, protocol: Protocol, count: LoginCount) {
+        self.logins
+            .with_label_values(&[protocol.as_str(), count.as_str()])
+            .inc();
+    }
+
+    pub fn login_delayed(&self, protocol: Protocol) {
+        self.login_delays
+            .with_label_values(&[protocol.as_str()])
+            .inc();
     }
 
     pub fn session_closed(&self, reason: CloseReason) {

@@ -19,8 +19,9 @@ use governor::Quota;
 
 use crate::admission::{quota, RateCheck, RateTable};
 use crate::bans::{BanEvent, Bans};
-use crate::config::{Config, SharedRate};
+use crate::config::{Config, MailboxSettings, SharedRate};
 use crate::fleet::{FleetVerdict, SharedRates};
+use crate::logins::Logins;
 use crate::metrics::Metrics;
 
 /// The limits a client can hit: the `limit` label of
@@ -89,6 +90,10 @@ pub struct Shaping {
     trusted_proxies: Vec<ipnet::IpNet>,
     /// The fleet's count of the message and recipient rates, when shared.
     fleet: Option<Arc<SharedRates>>,
+    /// IMAP and POP3 login failures per account, and the policy they are
+    /// swept by (`[mailbox]`).
+    logins: Arc<Logins>,
+    mailbox: MailboxSettings,
 }
 
 impl Shaping {
@@ -106,6 +111,8 @@ impl Shaping {
             max_tracked: max,
             trusted_proxies: config.server.trusted_proxies.clone(),
             fleet: None,
+            logins: Arc::new(Logins::new()),
+            mailbox: config.mailbox.clone(),
         }
     }
 
@@ -147,6 +154,8 @@ impl Shaping {
             max_tracked: self.max_tracked,
             trusted_proxies: config.server.trusted_proxies.clone(),
             fleet: self.fleet.clone(),
+            logins: self.logins.clone(),
+            mailbox: config.mailbox.clone(),
         }
     }
 
@@ -218,6 +227,10 @@ impl Shaping {
         &self.bans
     }
 
+    pub fn logins(&self) -> &Logins {
+        &self.logins
+    }
+
     pub fn sweep(&self) {
         self.messages.1.sweep();
         self.recipients.1.sweep();
@@ -229,6 +242,8 @@ impl Shaping {
             *n /= 2;
             *n > 0
         });
+        self.logins
+            .sweep(&self.mailbox, tokio::time::Instant::now());
     }
 }
 
@@ -314,6 +329,10 @@ impl ClientShaping<'_> {
         }
         s.refused(self.ip);
         Verdict::Refuse
+    }
+
+    pub fn logins(&self) -> &Logins {
+        &self.shaping.logins
     }
 
     /// Counts an abuse event; it feeds the client's bans unless allowlisted.

@@ -32,6 +32,7 @@ pub struct FileConfig {
     pub timeouts: TimeoutsFile,
     pub blocklist: BlocklistFile,
     pub autoban: AutobanFile,
+    pub mailbox: MailboxFile,
     pub admin: AdminFile,
     pub log: LogFile,
     /// `[fleet]`; absent: this node is on its own.
@@ -144,6 +145,21 @@ pub struct AutobanFile {
     pub max_bans: Raw<Scalar>,
     pub min_prefix_v4: Raw<Scalar>,
     pub min_prefix_v6: Raw<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailboxFile {
+    pub preauth_idle: Raw<Scalar>,
+    pub preauth_commands: Raw<Scalar>,
+    pub max_literal: Raw<Scalar>,
+    pub authenticated_idle: Raw<Scalar>,
+    pub session: Raw<Scalar>,
+    pub account_failures: Raw<Scalar>,
+    pub account_window: Raw<Scalar>,
+    pub account_delay: Raw<Scalar>,
+    pub account_delay_max: Raw<Scalar>,
+    pub max_tracked_accounts: Raw<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]

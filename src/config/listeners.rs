@@ -224,6 +224,9 @@ impl Validator<'_> {
     ) -> (Vec<ListenerSettings>, Vec<Own>) {
         let mut listeners = Vec::new();
         let mut own = Vec::new();
+        // Each named upstream, with the protocol and listener that named it
+        // first.
+        let mut spoken_by: BTreeMap<String, (Protocol, String)> = BTreeMap::new();
         for (i, table) in raw.into_iter().enumerate() {
             let key = format!("listener[{}]", i + 1);
             let k = |name: &str| format!("{key}.{name}");
@@ -262,7 +265,9 @@ impl Validator<'_> {
             };
             let protocol = self.parse(&k("protocol"), l.protocol, "smtp", |s| match s {
                 "smtp" => Ok(Protocol::Smtp),
-                _ => Err("expected \"smtp\"".into()),
+                "imap" => Ok(Protocol::Imap),
+                "pop3" => Ok(Protocol::Pop3),
+                _ => Err("expected \"smtp\", \"imap\" or \"pop3\"".into()),
             });
             let tls_span = l.tls.as_ref().map_or(span.clone(), Spanned::span);
             let mode = self.parse(&k("tls"), l.tls, "passthrough", |s| match s {
@@ -331,6 +336,28 @@ impl Validator<'_> {
                 }
                 None => None,
             };
+            if protocol != Protocol::Smtp && self.problems.len() == problems_before {
+                self.mailbox_upstream(&key, protocol, upstream.as_deref(), upstreams, &span);
+                if let Some(name) = &upstream {
+                    match spoken_by.get(name) {
+                        Some((other, first)) if *other != protocol => self.problem_at(
+                            Some(span.clone()),
+                            format!(
+                                "{key}.upstream = {name:?} is also {first}'s, {} listener: \
+                                 a receiver speaks one protocol; give each its own \
+                                 [upstreams.NAME] table",
+                                a_listener_of(*other)
+                            ),
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+            if let Some(name) = &upstream {
+                spoken_by
+                    .entry(name.clone())
+                    .or_insert_with(|| (protocol, key.clone()));
+            }
             if let (Some(address), true) = (address, self.problems.len() == problems_before) {
                 listeners.push(ListenerSettings {
                     address,
@@ -342,6 +369,46 @@ impl Validator<'_> {
             }
         }
         (listeners, own)
+    }
+
+    /// An IMAP or POP3 listener relays to a receiver of its own, over a
+    /// link mailmoat does not encrypt itself: its STARTTLS towards a
+    /// receiver is SMTP's.
+    fn mailbox_upstream(
+        &mut self,
+        key: &str,
+        protocol: Protocol,
+        upstream: Option<&str>,
+        upstreams: &BTreeMap<String, UpstreamSettings>,
+        span: &Range<usize>,
+    ) {
+        let a_listener = a_listener_of(protocol);
+        let name = protocol.as_str().to_ascii_uppercase();
+        let Some(upstream) = upstream else {
+            self.problem_at(
+                Some(span.clone()),
+                format!(
+                    "{key}: {a_listener} listener needs upstream = \"NAME\" and an \
+                     [upstreams.NAME] table with the {name} receiver's address (Dovecot's); \
+                     [upstream] is the SMTP receiver"
+                ),
+            );
+            return;
+        };
+        if upstreams
+            .get(upstream)
+            .is_some_and(|u| u.tls == UpstreamTls::Starttls)
+        {
+            self.problem_at(
+                Some(span.clone()),
+                format!(
+                    "{key}.upstream = {upstream:?}: upstreams.{upstream}.tls = \"starttls\" \
+                     is mailmoat's SMTP STARTTLS to a receiver and cannot reach a {name} \
+                     receiver: set upstreams.{upstream}.tls = \"none\" (on a trusted link, \
+                     with proxy_protocol = \"v2\" the receiver still learns the client's TLS)"
+                ),
+            );
+        }
     }
 
     /// Each address is listened on once: the same address twice, or a
@@ -473,6 +540,15 @@ fn server_name(text: &str) -> Result<String, String> {
         .map_err(|_| "not a host name or IP address; write the name on the receiver's certificate, e.g. \"mx.internal\"".into())
 }
 
+/// "an IMAP", for a message about a listener.
+fn a_listener_of(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Smtp => "an SMTP",
+        Protocol::Imap => "an IMAP",
+        Protocol::Pop3 => "a POP3",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
@@ -516,7 +592,7 @@ mod tests {
                     address = \"0.0.0.0:465\"\n\
                     tls = \"implicit\"\n\
                     require_tls = true\n\
-                    protocol = \"imap\"\n\
+                    protocol = \"nntp\"\n\
                     [[listener]]\n\
                     address = \"mx:25\"\n\
                     tls = \"tls\"\n\
@@ -537,7 +613,7 @@ mod tests {
                  [upstreams.submission] table: add one, or remove the key",
                 // require_tls on an implicit listener is always met: no error on line 16.
                 "m.toml:15: listener[4].tls = \"implicit\": mailmoat terminates TLS here",
-                "m.toml:17: listener[4].protocol = \"imap\": expected \"smtp\"",
+                "m.toml:17: listener[4].protocol = \"nntp\": expected \"smtp\", \"imap\" or \"pop3\"",
                 "m.toml:19: listener[5].address = \"mx:25\": invalid socket address syntax; \
                  write IP:port",
                 "m.toml:20: listener[5].tls = \"tls\": expected \"none\", \"starttls\", \
@@ -571,6 +647,50 @@ mod tests {
         assert_eq!(submission.servers[0].name, "192.0.2.1:10587");
         assert_eq!(config.upstream_for(&all[1]).servers[0].name, "127.0.0.1:25");
         assert_eq!(config.listener_key(all[2].address), "listener[3].address");
+    }
+
+    #[test]
+    fn imap_and_pop3_listeners_load_with_their_own_receivers() {
+        let text = format!(
+            "[[listener]]\naddress = \"0.0.0.0:143\"\nprotocol = \"imap\"\ntls = \"starttls\"\n\
+             upstream = \"dovecot-imap\"\n\
+             [[listener]]\naddress = \"0.0.0.0:993\"\nprotocol = \"imap\"\ntls = \"implicit\"\n\
+             upstream = \"dovecot-imap\"\n\
+             [[listener]]\naddress = \"0.0.0.0:110\"\nprotocol = \"pop3\"\ntls = \"none\"\n\
+             upstream = \"dovecot-pop3\"\n\
+             {CERTIFICATE}[upstreams.dovecot-imap]\nservers = [\"127.0.0.1:10143\"]\n\
+             [upstreams.dovecot-pop3]\nservers = [\"127.0.0.1:10110\"]\n"
+        );
+        let config = load(&text).unwrap();
+        let all = config.all_listeners();
+        let protocols: Vec<Protocol> = all.iter().map(|l| l.protocol).collect();
+        assert_eq!(protocols, [Protocol::Imap, Protocol::Imap, Protocol::Pop3]);
+        assert_eq!(
+            config.upstream_for(&all[2]).servers[0].name,
+            "127.0.0.1:10110"
+        );
+    }
+
+    #[test]
+    fn a_mailbox_listener_without_a_receiver_of_its_own_is_refused_with_what_to_set() {
+        let text = "[[listener]]\naddress = \"0.0.0.0:143\"\nprotocol = \"imap\"\n\
+                    [[listener]]\naddress = \"0.0.0.0:110\"\nprotocol = \"pop3\"\n\
+                    upstream = \"secure\"\n\
+                    [[listener]]\naddress = \"0.0.0.0:2525\"\nupstream = \"mx\"\n\
+                    [[listener]]\naddress = \"0.0.0.0:993\"\nprotocol = \"imap\"\n\
+                    upstream = \"mx\"\n\
+                    [upstreams.secure]\nservers = [\"127.0.0.1:10110\"]\ntls = \"starttls\"\n\
+                    pin_sha256 = \"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"\n\
+                    [upstreams.mx]\nservers = [\"127.0.0.1:10025\"]\n";
+        assert_problems(
+            text,
+            &[
+                "m.toml:1: listener[1]: an IMAP listener needs upstream = \"NAME\"",
+                "m.toml:4: listener[2].upstream = \"secure\": upstreams.secure.tls = \"starttls\" \
+                 is mailmoat's SMTP STARTTLS",
+                "m.toml:11: listener[4].upstream = \"mx\" is also listener[3]'s, an SMTP listener",
+            ],
+        );
     }
 
     #[test]

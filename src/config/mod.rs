@@ -56,6 +56,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub blocklist: BlocklistSettings,
     pub autoban: AutobanSettings,
+    pub mailbox: MailboxSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
     /// `[fleet]`: bans and rate counters shared through Redis; none: this
@@ -109,6 +110,18 @@ pub struct UpstreamSettings {
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Smtp,
+    Imap,
+    Pop3,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Smtp => "smtp",
+            Protocol::Imap => "imap",
+            Protocol::Pop3 => "pop3",
+        }
+    }
 }
 
 /// How a listener handles TLS from clients.
@@ -360,6 +373,37 @@ pub struct Timeouts {
     pub session: Duration,
     #[serde(serialize_with = "ser_duration")]
     pub write: Duration,
+}
+
+/// `[mailbox]`: IMAP and POP3 listeners, before and after login, and the
+/// account tarpit that slows a brute force spread over many addresses.
+#[derive(Clone, Debug, Serialize)]
+pub struct MailboxSettings {
+    /// The idle limit before login.
+    #[serde(serialize_with = "ser_duration")]
+    pub preauth_idle: Duration,
+    /// Commands a client may send before a login succeeds.
+    pub preauth_commands: u32,
+    /// The largest IMAP literal accepted before login, in bytes.
+    pub max_literal: usize,
+    /// The idle limit after login (IMAP IDLE re-issues every 29 minutes).
+    #[serde(serialize_with = "ser_duration")]
+    pub authenticated_idle: Duration,
+    /// The longest IMAP or POP3 session.
+    #[serde(serialize_with = "ser_duration")]
+    pub session: Duration,
+    /// Distinct failed passwords for one account within `account_window`
+    /// before its logins are delayed; 0 disables the delay.
+    pub account_failures: u32,
+    #[serde(serialize_with = "ser_duration")]
+    pub account_window: Duration,
+    /// The first delay; it doubles with each further failure.
+    #[serde(serialize_with = "ser_duration")]
+    pub account_delay: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub account_delay_max: Duration,
+    #[serde(serialize_with = "ser_big_int")]
+    pub max_tracked_accounts: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -805,6 +849,7 @@ impl Validator<'_> {
                     |s| prefix_len(s, 128),
                 ),
             },
+            mailbox: self.mailbox(raw.mailbox),
             admin: AdminSettings {
                 token_file: self.optional_path(raw.admin.token_file),
                 listen: match raw.admin.listen {
@@ -860,6 +905,44 @@ impl Validator<'_> {
                     self.origin.display()
                 ),
             )),
+        }
+    }
+
+    fn mailbox(&mut self, m: file::MailboxFile) -> MailboxSettings {
+        MailboxSettings {
+            preauth_idle: self.at_least("mailbox.preauth_idle", m.preauth_idle, "30s", MIN_PERIOD),
+            preauth_commands: self.count("mailbox.preauth_commands", m.preauth_commands, "20"),
+            max_literal: self.size("mailbox.max_literal", m.max_literal, "8KiB") as usize,
+            authenticated_idle: self.at_least(
+                "mailbox.authenticated_idle",
+                m.authenticated_idle,
+                "31m",
+                MIN_PERIOD,
+            ),
+            session: self.at_least("mailbox.session", m.session, "12h", MIN_PERIOD),
+            account_failures: self.parse(
+                "mailbox.account_failures",
+                m.account_failures,
+                "10",
+                whole,
+            ),
+            account_window: self.at_least(
+                "mailbox.account_window",
+                m.account_window,
+                "15m",
+                MIN_PERIOD,
+            ),
+            account_delay: self.duration("mailbox.account_delay", m.account_delay, "2s"),
+            account_delay_max: self.duration(
+                "mailbox.account_delay_max",
+                m.account_delay_max,
+                "15s",
+            ),
+            max_tracked_accounts: self.count(
+                "mailbox.max_tracked_accounts",
+                m.max_tracked_accounts,
+                "100000",
+            ),
         }
     }
 
@@ -1262,7 +1345,7 @@ mod tests {
                 "m.toml:6: limits.max_message_size = \"0\": must be greater than zero",
                 "m.toml:7: nonsense: unknown key `nonsense`, expected one of `server`, \
                  `listener`, `tls`, `upstream`, `upstreams`, `limits`, `timeouts`, \
-                 `blocklist`, `autoban`, `admin`, `log`, `fleet`",
+                 `blocklist`, `autoban`, `mailbox`, `admin`, `log`, `fleet`",
                 "m.toml:10: timeouts.idle = \"3x\": unknown time unit \"x\", supported units: \
                  ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few \
                  variations); write a duration such as \"500ms\", \"30s\" or \"10m\"",
@@ -1411,6 +1494,17 @@ mod tests {
             max_bans = 5000
             min_prefix_v4 = 20
             min_prefix_v6 = 40
+            [mailbox]
+            preauth_idle = "10s"
+            preauth_commands = 5
+            max_literal = "2KiB"
+            authenticated_idle = "40m"
+            session = "2h"
+            account_failures = 4
+            account_window = "30m"
+            account_delay = "1s"
+            account_delay_max = "9s"
+            max_tracked_accounts = 777
             [admin]
             listen = ""
             token_file = "/etc/mailmoat/admin-token"

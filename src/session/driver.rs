@@ -172,9 +172,9 @@ where
         }
 
         let read_client = !self.client_eof && self.protocol.wants_client_bytes();
-        let (deadline, _) = self.next_deadline();
-        if deadline < self.timer.deadline() {
-            self.timer.as_mut().reset(deadline);
+        let wake = self.next_wake();
+        if wake < self.timer.deadline() {
+            self.timer.as_mut().reset(wake);
         }
         let max = if self.protocol.mid_message() {
             BULK_READ
@@ -216,9 +216,14 @@ where
                 return Err(self.receiver_lost(failed).await);
             }
             () = &mut self.timer => {
+                let now = Instant::now();
+                if self.protocol.wake_at().is_some_and(|at| at <= now) {
+                    self.protocol.woken(&mut self.io, now);
+                }
                 let (deadline, expiry) = self.next_deadline();
-                if Instant::now() < deadline {
-                    self.timer.as_mut().reset(deadline);
+                if now < deadline {
+                    let wake = self.next_wake();
+                    self.timer.as_mut().reset(wake);
                     return Ok(());
                 }
                 return Err(self.goodbye(expiry, Farewell::Timeout).await);
@@ -271,10 +276,19 @@ where
         }
     }
 
+    /// When the timer must fire next: the earliest deadline, or sooner if
+    /// the protocol asked to be woken.
+    fn next_wake(&self) -> Instant {
+        let (deadline, _) = self.next_deadline();
+        self.protocol
+            .wake_at()
+            .map_or(deadline, |at| at.min(deadline))
+    }
+
     /// The earliest deadline now in force, and the reason it would close for.
     fn next_deadline(&self) -> (Instant, CloseReason) {
         let idle = (
-            self.last_activity + self.ctx.config.timeouts.idle,
+            self.last_activity + self.protocol.idle_timeout(),
             CloseReason::IdleTimeout,
         );
         let session = (self.ctx.session_deadline, CloseReason::SessionTimeout);

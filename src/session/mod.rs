@@ -10,6 +10,7 @@ mod close;
 pub mod driver;
 mod greeting;
 pub mod io;
+pub mod login;
 pub mod message;
 pub mod protocol;
 pub mod registry;

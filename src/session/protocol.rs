@@ -8,6 +8,8 @@
 //! no clock of its own (`now` is passed in), so it is tested without
 //! sockets. SMTP is `smtp.rs`; IMAP and POP3 plug in here the same way.
 
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use super::CloseReason;
@@ -77,6 +79,16 @@ pub trait Protocol {
     fn wants_client_bytes(&self) -> bool;
     /// The protocol's own deadline (a line's completion, a data rate).
     fn deadline(&self) -> Option<(Instant, CloseReason)>;
+    /// The idle limit in force now (IMAP's is short before login and long
+    /// after it).
+    fn idle_timeout(&self) -> Duration;
+    /// When the protocol wants [`Protocol::woken`] called: it holds bytes
+    /// back until then (a login reply under the account delay).
+    fn wake_at(&self) -> Option<Instant> {
+        None
+    }
+    /// `wake_at` has passed.
+    fn woken(&mut self, _io: &mut Buffers, _now: Instant) {}
     /// A point where closing loses nothing: no command in flight, no message.
     fn is_quiet(&self, io: &Buffers) -> bool;
     /// The client reached end of stream: the reason to close once nothing

@@ -28,6 +28,7 @@ use super::CloseReason;
 use crate::admission::Refusal;
 use crate::bans::BanEvent;
 use crate::config::{Config, TlsMode};
+use crate::logins::LoginCount;
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, Sniff};
 use crate::shaping::{ClientShaping, Limit, Verdict};
@@ -36,6 +37,8 @@ use crate::tls::TlsFacts;
 
 /// Commands in flight before the proxy stops reading from a pipelining client.
 pub const MAX_PIPELINE: usize = 100;
+/// This module's label in `mailmoat_logins_total`.
+const SMTP: crate::config::Protocol = crate::config::Protocol::Smtp;
 /// Longest receiver reply accepted (EHLO replies are the long ones).
 const MAX_REPLY: usize = 64 * 1024;
 /// EHLO extensions the proxy cannot shape; BINARYMIME needs CHUNKING.
@@ -575,8 +578,15 @@ impl<'a> Smtp<'a> {
                 self.phase = Phase::Command;
                 match reply.code {
                     334 => self.phase = Phase::SaslResponse,
-                    235 => self.authenticated = true,
-                    535 => self.shaping.event(BanEvent::AuthFailure),
+                    235 => {
+                        self.authenticated = true;
+                        self.metrics.login(SMTP, LoginCount::Success);
+                    }
+                    535 => {
+                        self.shaping.event(BanEvent::AuthFailure);
+                        self.metrics.login(SMTP, LoginCount::Failure);
+                    }
+                    454 => self.metrics.login(SMTP, LoginCount::Temporary),
                     _ => {}
                 }
             }
@@ -664,6 +674,10 @@ impl<'a> Smtp<'a> {
 }
 
 impl Protocol for Smtp<'_> {
+    fn idle_timeout(&self) -> Duration {
+        self.config.timeouts.idle
+    }
+
     fn client_input(&mut self, io: &mut Buffers, now: Instant) {
         while !io.client_in.is_empty() && self.closing.is_none() && !self.last_word_queued() {
             let progressed = match self.phase {
