@@ -354,8 +354,12 @@ admin_get() {
 metric() {
     admin_get /metrics 2>/dev/null | awk -v m="$1" '$1 == m { print $2; found = 1 } END { if (!found) print 0 }'
 }
-readyz() { admin_get /readyz 2>/dev/null | head -1; }
-wait_for "/readyz 200 (mailmoat's receiver check agrees with Dovecot)" eval '[[ $(readyz) == *" 200 "* ]]'
+# mailmoat's receiver check (a PROXY LOCAL header, the greeting, LOGOUT or
+# QUIT) agrees with Dovecot's haproxy listeners.
+for port in "$dv_imap" "$dv_pop3"; do
+    wait_for "mailmoat_upstream_up 1 for Dovecot on $port" eval \
+        "[[ \$(metric 'mailmoat_upstream_up{server=\"127.0.0.1:$port\"}') == 1 ]]"
+done
 
 # --- correct logins through mailmoat ------------------------------------------------
 say "IMAP from 127.0.0.21 through mailmoat, STARTTLS terminated by mailmoat"
