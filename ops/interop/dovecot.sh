@@ -30,7 +30,8 @@
 # Dovecot (if any) is never touched, and no packet leaves loopback. Every
 # wait is bounded.
 #
-# Environment: KEEP=1 keeps the temp dir (logs, configs) after a pass too.
+# Environment: KEEP=1 keeps the temp dir (logs, configs) after a pass too;
+# DOVECOT_ONLY=1 stops after the Dovecot-alone checks (to debug its config).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 here=$PWD/ops/interop
@@ -326,6 +327,11 @@ auth_failures = $auth_failures
 window = "10m"
 ttl = "1h"
 
+# The brute force aims at alice's account: from account_failures wrong
+# passwords on, her login replies are held back, at most this long.
+[mailbox]
+account_delay_max = "5s"
+
 [blocklist]
 files = []
 
@@ -395,7 +401,7 @@ failures=$(metric "mailmoat_logins_total{outcome=\"failure\",protocol=\"imap\"}"
     fail "mailmoat_logins_total{outcome=\"failure\",protocol=\"imap\"} is $failures, expected at least $auth_failures"
 wait_for "Dovecot to log the failed logins of 127.0.0.23" \
     in_log "auth: Info: passwd-file\(alice,127\.0\.0\.23,.*\): Password mismatch"
-say "a correct login from 127.0.0.24 during the ban"
+say "a correct login to the attacked account from 127.0.0.24 (delayed at most mailbox.account_delay_max)"
 client imap --port "$mm_imap" --source 127.0.0.24 --ca "$tls/ca.pem" --password "$password" \
     --subject "$subject" || fail "a correct IMAP login from another address after the brute force"
 

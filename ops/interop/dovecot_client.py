@@ -163,7 +163,7 @@ def brute(args):
 
 def refused(args):
     """A new connection is refused: closed or reset before or at the
-    greeting, or a greeting that is * BYE."""
+    greeting, or a greeting that is IMAP's * BYE or POP3's -ERR."""
     try:
         sock = socket.create_connection(
             (args.host, args.port), TIMEOUT, source_address=(args.source, 0)
@@ -178,7 +178,7 @@ def refused(args):
         return
     finally:
         sock.close()
-    if greeting == b"" or greeting.startswith(b"* BYE"):
+    if greeting == b"" or greeting.startswith((b"* BYE", b"-ERR")):
         print(f"connection from {args.source} refused: {greeting!r}")
         return
     fail(f"connection from {args.source} greeted {greeting!r}, expected a refusal")
