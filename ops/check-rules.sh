@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Checks the Prometheus alerting rules: syntax (promtool check rules) and
-# behaviour (promtool test rules with ops/mailmoat.rules.test.yml).
+# behaviour (promtool test rules with ops/mailmoat.rules.test.yml); and that
+# every mailmoat_* metric the rules and the Grafana dashboard query is one
+# the code registers (a renamed metric otherwise leaves a silent alert or an
+# empty panel).
 #
 # Uses promtool from PATH when there is one. Otherwise takes it from Debian's
 # `prometheus` package without installing that package (which would add a
@@ -34,4 +37,16 @@ echo "check-rules: $("$promtool" --version 2>&1 | head -n1)" >&2
 
 "$promtool" check rules ops/*.rules.yml
 "$promtool" test rules ops/*.rules.test.yml
+
+# Metric names are registered as whole string literals ("mailmoat_x_total")
+# under src/; a histogram's series add _bucket, _sum and _count.
+queried=$(grep -ohE '\bmailmoat_[a-z0-9_]+' ops/*.rules.yml ops/grafana/*.json |
+    sed -E 's/_(bucket|sum|count)$//' | sort -u)
+registered=$(grep -rhoE '"mailmoat_[a-z0-9_]+"' src --include='*.rs' | tr -d '"' | sort -u)
+unknown=$(comm -23 <(echo "$queried") <(echo "$registered"))
+if [[ -n $unknown ]]; then
+    echo "check-rules: FAIL: ops/*.rules.yml or ops/grafana/*.json query metrics no code under src/ registers (renamed or removed? see docs/metrics.md):" >&2
+    echo "$unknown" | sed 's/^/  /' >&2
+    exit 1
+fi
 echo "check-rules: PASS"
