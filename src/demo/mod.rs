@@ -6,11 +6,14 @@
 //! actor from its own addresses, every loop bounded by the demo's deadline.
 //! The listener terminates STARTTLS with a certificate made at start, and
 //! the AUTH brute force runs inside TLS, as it does on a real submission
-//! port: mailmoat still counts its failures and bans it. When
+//! port: mailmoat still counts its failures and bans it. An IMAP listener
+//! in front of a stand-in for Dovecot (`imap.rs`) takes a brute force of
+//! wrong LOGINs from a few addresses while a user keeps logging in. When
 //! `redis-server` is installed, a fleet act follows (`fleet.rs`): three
 //! nodes sharing a private Redis, a block pushed to one, enforced by all.
 
 mod fleet;
+mod imap;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -67,6 +70,7 @@ struct Tally {
     push_killed_ms: AtomicU64,
     /// The held session ended before the push (it then measures nothing).
     push_held_lost: std::sync::atomic::AtomicBool,
+    imap: imap::Tally,
 }
 
 pub struct DemoOptions {
@@ -97,9 +101,20 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoOutcome> {
         },
     )
     .await?;
-    let config = demo_config(&blocklist, sink.addr(), &dir, &certificate)?;
+    let imap_receiver = imap::Receiver::start()
+        .await
+        .context("starting the demo's IMAP receiver")?;
+    let config = demo_config(
+        &blocklist,
+        sink.addr(),
+        imap_receiver.addr(),
+        &dir,
+        &certificate,
+    )?;
     let server = Server::bind(config).await?;
-    let proxy = server.listen_addrs()[0];
+    let [proxy, imap_proxy] = server.listen_addrs()[..] else {
+        anyhow::bail!("the demo's server should listen twice (SMTP, IMAP)");
+    };
     let metrics = server.metrics();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let proxy_task = tokio::spawn(server.run(async {
@@ -110,6 +125,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoOutcome> {
         "mailmoat demo: proxy on {proxy} in front of a sink with 100 slots; {}s of traffic",
         options.duration.as_secs()
     );
+    println!("  IMAP on {imap_proxy} in front of a stand-in for Dovecot: wrong LOGINs from {} addresses, a user logging in every second from {}", imap::ATTACKERS.len(), imap::USER_IP);
     println!("  legit sender {LEGIT}; {} trickling sockets from {TRICKLE_IPS} IPs (each reconnects when refused or cut); a flood from 4 IPs; AUTH brute force from {BRUTE} inside STARTTLS (mailmoat terminates TLS with a certificate made at start)", TRICKLE_IPS as usize * TRICKLE_SOCKETS_PER_IP);
 
     let tally = Arc::new(Tally::default());
@@ -131,6 +147,16 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoOutcome> {
         actors.spawn(flood(ip, proxy, tally.clone(), deadline));
     }
     actors.spawn(brute_force(proxy, brute_tls, tally.clone(), deadline));
+    for ip in imap::ATTACKERS {
+        let tally = tally.clone();
+        actors.spawn(
+            async move { imap::attacker(ip, imap_proxy, proxy, &tally.imap, deadline).await },
+        );
+    }
+    {
+        let tally = tally.clone();
+        actors.spawn(async move { imap::user(imap_proxy, &tally.imap, deadline).await });
+    }
     actors.spawn(push_block(
         proxy,
         blocklist.clone(),
@@ -155,8 +181,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoOutcome> {
     println!("  fleet act: three nodes sharing a private redis-server, a block pushed to one");
     let fleet_act = fleet::play(&dir, sink.addr()).await;
     report(started, &metrics, &tally, &sink);
+    imap::report(&metrics, &tally.imap, &imap_receiver);
     println!("{}", fleet::report(&fleet_act));
     let mut failed_claims = failed_claims(&tally);
+    failed_claims.extend(imap::failed_claims(&tally.imap));
     failed_claims.extend(fleet::failed_claims(&fleet_act));
     if failed_claims.is_empty() {
         println!("  every claim above held");
@@ -209,16 +237,18 @@ fn failed_claims(tally: &Tally) -> Vec<String> {
 fn demo_config(
     blocklist: &std::path::Path,
     sink: SocketAddr,
+    imap: SocketAddr,
     dir: &std::path::Path,
     certificate: &DemoCertificate,
 ) -> anyhow::Result<Config> {
-    let toml = demo_toml(blocklist, sink, dir, certificate);
+    let toml = demo_toml(blocklist, sink, imap, dir, certificate);
     Ok(Config::from_toml(&toml, std::path::Path::new("<demo>"))?)
 }
 
 fn demo_toml(
     blocklist: &std::path::Path,
     sink: SocketAddr,
+    imap: SocketAddr,
     dir: &std::path::Path,
     certificate: &DemoCertificate,
 ) -> String {
@@ -231,11 +261,21 @@ state_sweep = "1s"
 [[listener]]
 address = "127.0.0.1:0"
 tls = "starttls"
+[[listener]]
+# Port 0 may appear once per address: IMAP listens on another loopback one.
+address = "127.0.1.1:0"
+protocol = "imap"
+tls = "none"
+upstream = "imap"
 [tls]
 certificate = "{cert}"
 key = "{key}"
 [upstream]
 servers = ["{sink}"]
+[upstreams.imap]
+servers = ["{imap}"]
+# The stand-in for Dovecot reads no PROXY header.
+proxy_protocol = "off"
 [limits]
 per_ip_connections = 3
 per_prefix_connections = 20
@@ -649,7 +689,11 @@ fn report(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
     println!(
         "  AUTH brute force:  inside TLS ({} STARTTLS sessions, terminated by mailmoat): {} failures seen; {}",
         tally.brute_tls_sessions.load(Ordering::Relaxed),
-        value(metrics, "mailmoat_auth_failures_total"),
+        // mailmoat_auth_failures_total counts the IMAP act's failures too.
+        value(
+            metrics,
+            "mailmoat_logins_total{outcome=\"failure\",protocol=\"smtp\"}"
+        ),
         if tally.brute_banned.load(Ordering::Relaxed) {
             format!(
                 "banned after {} attempts (refused with 554 5.7.1 since); the encryption hid nothing from mailmoat",
@@ -679,53 +723,100 @@ fn report(started: Instant, metrics: &Metrics, tally: &Tally, sink: &Sink) {
 mod tests {
     use super::*;
 
+    /// The demo's server, its receivers and certificate, with `edits`
+    /// (each `(from, to)` replaced in the demo's config, which must set
+    /// `from`), until `stop`.
+    struct DemoServer {
+        smtp: SocketAddr,
+        imap: SocketAddr,
+        certificate: DemoCertificate,
+        dir: PathBuf,
+        stop_tx: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<()>,
+        _sink: Sink,
+        _imap_receiver: imap::Receiver,
+    }
+
+    impl DemoServer {
+        async fn start(name: &str, edits: &[(&str, &str)]) -> DemoServer {
+            let dir = std::env::temp_dir()
+                .join(format!("mailmoat-demo-test-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let blocklist = dir.join("blocklist.txt");
+            std::fs::write(&blocklist, "").unwrap();
+            let certificate = DemoCertificate::generate(&dir).unwrap();
+            let sink = Sink::start(
+                "127.0.0.1:0".parse().unwrap(),
+                SinkOptions {
+                    auth: Some(("user".into(), "correct horse".into())),
+                    ..SinkOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+            let imap_receiver = imap::Receiver::start().await.unwrap();
+            let demo = demo_toml(
+                &blocklist,
+                sink.addr(),
+                imap_receiver.addr(),
+                &dir,
+                &certificate,
+            );
+            let toml = edits.iter().fold(demo, |toml, (from, to)| {
+                assert!(toml.contains(from), "the demo's config sets {from}");
+                toml.replace(from, to)
+            });
+            let config = Config::from_toml(&toml, std::path::Path::new("<test>")).unwrap();
+            let server = Server::bind(config).await.unwrap();
+            let [smtp, imap] = server.listen_addrs()[..] else {
+                panic!("the demo listens for SMTP and IMAP");
+            };
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(server.run(async {
+                let _ = stop_rx.await;
+            }));
+            DemoServer {
+                smtp,
+                imap,
+                certificate,
+                dir,
+                stop_tx,
+                task,
+                _sink: sink,
+                _imap_receiver: imap_receiver,
+            }
+        }
+
+        async fn stop(self) {
+            let _ = self.stop_tx.send(());
+            let _ = timeout(Duration::from_secs(10), self.task).await;
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     /// The demo's setup with autoban's AUTH counting off and a connection
     /// rate the brute force exceeds at its second connection: what refuses
     /// it then is a `421`, which is not a ban.
     #[tokio::test]
     async fn brute_force_refused_for_its_rate_is_not_reported_banned() {
-        let dir =
-            std::env::temp_dir().join(format!("mailmoat-demo-test-{}-rate", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let blocklist = dir.join("blocklist.txt");
-        std::fs::write(&blocklist, "").unwrap();
-        let certificate = DemoCertificate::generate(&dir).unwrap();
-        let sink = Sink::start(
-            "127.0.0.1:0".parse().unwrap(),
-            SinkOptions {
-                auth: Some(("user".into(), "correct horse".into())),
-                ..SinkOptions::default()
-            },
+        let demo = DemoServer::start(
+            "rate",
+            &[
+                ("auth_failures = 5", "auth_failures = 0"),
+                (
+                    "connection_rate = \"60/min\"",
+                    "connection_rate = \"1/min\"",
+                ),
+                ("connection_burst = 10", "connection_burst = 1"),
+            ],
         )
-        .await
-        .unwrap();
-        let demo = demo_toml(&blocklist, sink.addr(), &dir, &certificate);
-        let toml = [
-            ("auth_failures = 5", "auth_failures = 0"),
-            (
-                "connection_rate = \"60/min\"",
-                "connection_rate = \"1/min\"",
-            ),
-            ("connection_burst = 10", "connection_burst = 1"),
-        ]
-        .iter()
-        .fold(demo, |toml, (from, to)| {
-            assert!(toml.contains(from), "the demo's config sets {from}");
-            toml.replace(from, to)
-        });
-        let config = Config::from_toml(&toml, std::path::Path::new("<test>")).unwrap();
-        let server = Server::bind(config).await.unwrap();
-        let proxy = server.listen_addrs()[0];
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let proxy_task = tokio::spawn(server.run(async {
-            let _ = stop_rx.await;
-        }));
+        .await;
 
         let tally = Arc::new(Tally::default());
         let deadline = Instant::now() + Duration::from_secs(2);
         brute_force(
-            proxy,
-            certificate.connector().unwrap(),
+            demo.smtp,
+            demo.certificate.connector().unwrap(),
             tally.clone(),
             deadline,
         )
@@ -744,9 +835,27 @@ mod tests {
             failed.iter().any(|c| c.contains("was not banned")),
             "{failed:?}"
         );
-        let _ = stop_tx.send(());
-        let _ = timeout(Duration::from_secs(10), proxy_task).await;
-        let _ = std::fs::remove_dir_all(&dir);
+        demo.stop().await;
+    }
+
+    /// The IMAP act on the demo's own config, for a few seconds: each
+    /// attacker banned after its wrong LOGINs and then refused on SMTP too,
+    /// the user logging in all along.
+    #[tokio::test]
+    async fn imap_brute_force_is_banned_while_the_user_logs_in() {
+        let demo = DemoServer::start("imap", &[]).await;
+        let tally = imap::Tally::default();
+        let deadline = Instant::now() + Duration::from_secs(4);
+        let [a, b, c] =
+            imap::ATTACKERS.map(|ip| imap::attacker(ip, demo.imap, demo.smtp, &tally, deadline));
+        tokio::join!(a, b, c, imap::user(demo.imap, &tally, deadline));
+        let failed = imap::failed_claims(&tally);
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(
+            tally.banned.load(Ordering::Relaxed),
+            imap::ATTACKERS.len() as u64
+        );
+        demo.stop().await;
     }
 
     #[test]
