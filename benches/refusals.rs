@@ -116,7 +116,10 @@ limit_violations = 0
     let bare_rt = common::runtime("bench-bare", 2);
     let client_rt = common::runtime("bench-client", 0);
     let proxy = InProcessProxy::start(&proxy_rt, &toml, common::unused_addr());
-    let bare_reply: &'static [u8] = Refusal::Blocked.reply(HOSTNAME).leak().as_bytes();
+    let bare_reply: &'static [u8] = Refusal::Blocked
+        .reply(mailmoat::config::Protocol::Smtp, HOSTNAME)
+        .leak()
+        .as_bytes();
     let bare = {
         let _enter = bare_rt.enter();
         let listener = mailmoat::listener::bind("127.0.0.1:0".parse().unwrap()).expect("bind");

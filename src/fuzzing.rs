@@ -15,7 +15,7 @@ use crate::smtp::{Command, DataEvent, DataScanner, Reply, ReplyAssembler, Verb};
 pub type Check = fn(data: &[u8]);
 
 /// Every fuzz target, by name: the corpus folder and the check it runs.
-pub const TARGETS: [(&str, Check); 10] = [
+pub const TARGETS: [(&str, Check); 12] = [
     ("smtp_command", smtp_command),
     ("smtp_reply", smtp_reply),
     ("data_scanner", data_scanner),
@@ -25,6 +25,8 @@ pub const TARGETS: [(&str, Check); 10] = [
     ("ban_state", ban_state),
     ("smtp_session", smtp_session),
     ("fleet_event", fleet_event),
+    ("imap_response", imap_response),
+    ("imap_session", imap_session),
     ("pop3_session", pop3_session),
 ];
 
@@ -490,6 +492,159 @@ pub fn smtp_session(data: &[u8]) {
                 );
                 started_tls = true;
                 smtp.tls_started(&facts, now);
+            }
+        }
+        io.to_client.clear();
+        io.to_upstream.clear();
+    }
+}
+
+/// The receiver's IMAP responses, framed as the IMAP module frames them:
+/// the same responses whether the bytes come whole or one at a time, none
+/// over the bound, each one whole response; a capability edit keeps the
+/// response one response of the same kind, and editing again changes
+/// nothing.
+pub fn imap_response(data: &[u8]) {
+    use crate::session::imap::reply::{edit_capabilities, kind, CapabilityEdit, Framer};
+    const MAX: usize = 512;
+    let frame = |chunk: usize| {
+        let mut framer = Framer::default();
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        for piece in data.chunks(chunk.max(1)) {
+            buf.extend_from_slice(piece);
+            loop {
+                match framer.next(&buf, MAX) {
+                    Ok(Some(n)) => out.push(Ok(buf.drain(..n).collect::<Vec<u8>>())),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e));
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    };
+    let whole = frame(data.len());
+    assert_eq!(whole, frame(1), "framing depends on how the bytes arrive");
+    let edits = [
+        CapabilityEdit {
+            remove: &["STARTTLS", "LOGINDISABLED"],
+            add: &["STARTTLS"],
+        },
+        CapabilityEdit {
+            remove: &["STARTTLS", "AUTH="],
+            add: &["LOGINDISABLED"],
+        },
+    ];
+    for response in whole.iter().flatten() {
+        assert!(response.len() <= MAX);
+        assert!(response.ends_with(b"\n"));
+        let mut again = Framer::default();
+        assert_eq!(again.next(response, MAX), Ok(Some(response.len())));
+        for edit in &edits {
+            let Some(edited) = edit_capabilities(response, edit) else {
+                continue;
+            };
+            assert_eq!(kind(&edited).ok(), kind(response).ok());
+            let twice = edit_capabilities(&edited, edit).expect("still a capability list");
+            assert_eq!(twice, edited, "a second edit changed the response");
+        }
+    }
+}
+
+/// The IMAP module as the driver runs it, fed as `smtp_session` is: the
+/// first byte picks the TLS mode and `require_tls`, then records of a
+/// direction byte (even: client, odd: receiver), a length byte and that
+/// many bytes. A `StartTls` request is answered as a finished handshake; a
+/// held login status is woken at once.
+///
+/// Properties: no panic; TLS starts only on a `starttls` listener, once,
+/// right after the proxy's own OK, with no client byte left unread; no
+/// more commands are taken before login than `mailbox.preauth_commands`
+/// and the one refused for it.
+pub fn imap_session(data: &[u8]) {
+    use crate::config::TlsMode;
+    use crate::session::imap::Imap;
+    use crate::session::protocol::{Buffers, Next, Protocol};
+    use crate::tls::{TlsFacts, TlsVersion};
+    use std::sync::Arc;
+    use tokio::time::Instant;
+
+    let Some((&mode, mut rest)) = data.split_first() else {
+        return;
+    };
+    let tls_mode = [
+        TlsMode::Starttls,
+        TlsMode::Passthrough,
+        TlsMode::None,
+        TlsMode::Implicit,
+    ][usize::from(mode & 3)];
+    let mut config = Config::default();
+    config.limits.max_line_length = 256;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let facts = TlsFacts {
+        version: TlsVersion::V1_3,
+        cipher: "TLS13_AES_128_GCM_SHA256".into(),
+        sni: None,
+    };
+    let shaping = crate::shaping::Shaping::detached(&config, &metrics);
+    let mut imap = Imap::new(
+        crate::session::login::MailboxContext {
+            config: &config,
+            metrics: &metrics,
+            login: crate::session::login::LoginContext {
+                settings: &config.mailbox,
+                metrics: &metrics,
+                shaping: shaping.client("192.0.2.9".parse().expect("an IP"), false),
+                protocol: crate::config::Protocol::Imap,
+            },
+            tls_mode,
+            require_tls: mode & 4 != 0,
+            tls: tls_mode == TlsMode::Implicit,
+        },
+        Instant::now(),
+    );
+    let max_commands = imap.preauth_commands() + 1;
+    let mut io = Buffers::default();
+    let mut started_tls = false;
+    while let [direction, len, tail @ ..] = rest {
+        let take = usize::from(*len).min(tail.len());
+        let (chunk, after) = tail.split_at(take);
+        rest = after;
+        let now = Instant::now();
+        if direction % 2 == 0 {
+            if imap.wants_client_bytes() {
+                io.client_in.extend_from_slice(chunk);
+            }
+            imap.client_input(&mut io, now);
+        } else {
+            io.upstream_in.extend_from_slice(chunk);
+            imap.upstream_input(&mut io, now);
+        }
+        if let Some(at) = imap.wake_at() {
+            imap.woken(&mut io, at);
+        }
+        assert!(
+            imap.commands() <= max_commands,
+            "too many commands before login"
+        );
+        match imap.next() {
+            Next::Relay => {}
+            Next::Close(_) => return,
+            Next::StartTls => {
+                assert!(io.client_in.is_empty(), "plaintext carried into TLS");
+                assert!(
+                    io.to_client.ends_with(b" OK Begin TLS negotiation now\r\n"),
+                    "TLS without the proxy's OK"
+                );
+                assert!(
+                    matches!(tls_mode, TlsMode::Starttls) && !started_tls,
+                    "TLS started twice or on a listener that does not terminate it"
+                );
+                started_tls = true;
+                imap.tls_started(&facts, now);
             }
         }
         io.to_client.clear();

@@ -117,6 +117,7 @@ pub async fn accept_loop(
                             &stream,
                             remote.ip(),
                             refusal,
+                            &settings,
                             &live.config,
                             &live.shared,
                         );

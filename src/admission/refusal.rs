@@ -1,5 +1,6 @@
 //! Why a client is refused at the door.
 
+use crate::config::Protocol;
 use crate::session::CloseReason;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,11 +43,14 @@ impl Refusal {
         }
     }
 
-    /// The SMTP reply that refuses, naming the limit (never the list entry).
-    pub fn reply(self, hostname: &str) -> String {
+    /// The reply that refuses, in the listener's protocol, naming the limit
+    /// (never the list entry). IMAP and POP3 servers may greet with a
+    /// refusal (`* BYE`, `-ERR`); a temporary one carries the response
+    /// code that tells a client to retry (`[UNAVAILABLE]`, `[SYS/TEMP]`).
+    pub fn reply(self, protocol: Protocol, hostname: &str) -> String {
         // Built by hand, once per refused connection under a flood: no
         // formatting machinery, one allocation.
-        let (code, text) = match self {
+        let (smtp_code, text) = match self {
             Refusal::Blocked => ("554 5.7.1 ", " access denied"),
             Refusal::GlobalCap => ("421 4.7.0 ", " too many connections, try again later"),
             Refusal::IpCap => ("421 4.7.0 ", " too many connections from your IP address"),
@@ -60,6 +64,14 @@ impl Refusal {
                 ("554 5.7.1 ", " PROXY header not accepted from your address")
             }
             Refusal::ProxyMalformed => ("421 4.7.0 ", " malformed PROXY header"),
+        };
+        let temporary = smtp_code.starts_with('4');
+        let code = match (protocol, temporary) {
+            (Protocol::Smtp, _) => smtp_code,
+            (Protocol::Imap, true) => "* BYE [UNAVAILABLE] ",
+            (Protocol::Imap, false) => "* BYE ",
+            (Protocol::Pop3, true) => "-ERR [SYS/TEMP] ",
+            (Protocol::Pop3, false) => "-ERR ",
         };
         let mut reply = String::with_capacity(code.len() + hostname.len() + text.len() + 2);
         for part in [code, hostname, text, "\r\n"] {
@@ -78,5 +90,35 @@ impl Refusal {
                 CloseReason::ProtocolError
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_speak_the_listeners_protocol_and_say_when_to_retry() {
+        let reply = |r: Refusal, p: Protocol| r.reply(p, "mx.test");
+        assert_eq!(
+            reply(Refusal::IpCap, Protocol::Smtp),
+            "421 4.7.0 mx.test too many connections from your IP address\r\n"
+        );
+        assert_eq!(
+            reply(Refusal::IpCap, Protocol::Imap),
+            "* BYE [UNAVAILABLE] mx.test too many connections from your IP address\r\n"
+        );
+        assert_eq!(
+            reply(Refusal::Blocked, Protocol::Imap),
+            "* BYE mx.test access denied\r\n"
+        );
+        assert_eq!(
+            reply(Refusal::ConnectionRate, Protocol::Pop3),
+            "-ERR [SYS/TEMP] mx.test connection rate limit exceeded, try again later\r\n"
+        );
+        assert_eq!(
+            reply(Refusal::Blocked, Protocol::Pop3),
+            "-ERR mx.test access denied\r\n"
+        );
     }
 }

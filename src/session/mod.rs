@@ -9,6 +9,7 @@
 mod close;
 pub mod driver;
 mod greeting;
+pub mod imap;
 pub mod io;
 pub mod login;
 pub mod message;
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub use close::CloseReason;
 use driver::{Driver, DriverContext};
 use greeting::GreetOutcome;
+use login::{LoginContext, MailboxContext};
 use protocol::SessionFacts;
 use smtp::{Smtp, SmtpContext};
 use transport::Transport;
@@ -39,7 +41,7 @@ use transport::Transport;
 use crate::admission::{Admission, Permit, Refusal};
 use crate::bans::BanEvent;
 use crate::blocklist::Blocklist;
-use crate::config::{BlockAction, Config, ListenerSettings, TlsMode};
+use crate::config::{BlockAction, Config, ListenerSettings, Protocol, TlsMode};
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, Inbound, Sniff};
 use crate::shaping::{Limit, Shaping};
@@ -125,6 +127,7 @@ pub fn refuse_at_accept(
     client: &std::net::TcpStream,
     ip: std::net::IpAddr,
     refusal: Refusal,
+    listener: &ListenerSettings,
     config: &Config,
     shared: &Shared,
 ) {
@@ -132,7 +135,7 @@ pub fn refuse_at_accept(
     if (refusal, config.blocklist.action) == (Refusal::Blocked, BlockAction::Drop) {
         return;
     }
-    let reply = refusal.reply(&config.server.hostname);
+    let reply = refusal.reply(listener.protocol, &config.server.hostname);
     // MSG_MORE holds the reply until the shutdown, whose FIN rides in the
     // same segment: one packet instead of two, and on loopback the
     // client's side of each packet is processed in our send. MSG_NOSIGNAL
@@ -212,8 +215,9 @@ where
         local,
         proxy_check: false,
     };
-    // A client on an implicit-TLS listener cannot read a plaintext banner.
-    let may_pause = listener.tls != TlsMode::Implicit;
+    // A client on an implicit-TLS listener cannot read a plaintext banner,
+    // and the pause's half banner is SMTP's.
+    let may_pause = listener.tls != TlsMode::Implicit && listener.protocol == Protocol::Smtp;
     // Boxed: the PROXY header and greet pause futures are large and done
     // before the relay.
     let admitted = Box::pin(admit(
@@ -229,7 +233,7 @@ where
     match admitted {
         Err(refusal) => {
             record_refusal(&shared.shaping, peer.client.ip(), refusal);
-            let reply = refusal.reply(&config.server.hostname);
+            let reply = refusal.reply(listener.protocol, &config.server.hostname);
             match (refusal, config.blocklist.action) {
                 (Refusal::Blocked, BlockAction::Drop) => {}
                 (Refusal::Blocked, BlockAction::Tarpit) => {
@@ -504,7 +508,11 @@ where
 {
     let metrics = &shared.metrics;
     let ip = peer.client.ip();
-    let session_deadline = Instant::now() + config.timeouts.session;
+    let session_limit = match listener.protocol {
+        Protocol::Smtp => config.timeouts.session,
+        Protocol::Imap | Protocol::Pop3 => config.mailbox.session,
+    };
+    let session_deadline = Instant::now() + session_limit;
     let terminator = match listener.tls {
         TlsMode::Starttls | TlsMode::Implicit => shared.tls.as_deref(),
         TlsMode::None | TlsMode::Passthrough => None,
@@ -583,10 +591,18 @@ where
         Ok(upstream::Connected { stream, greeting }) => (stream, greeting),
         Err(e) => {
             tracing::warn!(client = %peer.client, error = %e, "no upstream for client");
-            let reply = format!(
-                "421 4.3.2 {} service temporarily unavailable, try again later\r\n",
-                config.server.hostname
-            );
+            let hostname = &config.server.hostname;
+            let reply = match listener.protocol {
+                Protocol::Smtp => format!(
+                    "421 4.3.2 {hostname} service temporarily unavailable, try again later\r\n"
+                ),
+                Protocol::Imap => format!(
+                    "* BYE [UNAVAILABLE] {hostname} service temporarily unavailable, try again later\r\n"
+                ),
+                Protocol::Pop3 => format!(
+                    "-ERR [SYS/TEMP] {hostname} service temporarily unavailable, try again later\r\n"
+                ),
+            };
             Box::pin(write_refusal(
                 &mut client,
                 reply.as_bytes(),
@@ -596,18 +612,7 @@ where
             return (CloseReason::UpstreamError, SessionFacts::default());
         }
     };
-    let smtp = Smtp::new(
-        SmtpContext {
-            config,
-            metrics,
-            shaping: shared.shaping.client(ip, allowlisted),
-            client_ip: ip,
-            tls_mode: listener.tls,
-            require_tls: listener.require_tls,
-            tls,
-        },
-        Instant::now(),
-    );
+    let shaping = shared.shaping.client(ip, allowlisted);
     let ctx = DriverContext {
         config,
         metrics,
@@ -618,13 +623,68 @@ where
         session_deadline,
     };
     let early = std::mem::take(early);
-    let mut driver = Driver::new(client, &mut upstream, smtp, ctx, early, greeting);
-    let reason = driver.run().await;
-    let mut facts = driver.facts();
+    let now = Instant::now();
+    let (reason, mut facts) = match listener.protocol {
+        Protocol::Smtp => {
+            let smtp = Smtp::new(
+                SmtpContext {
+                    config,
+                    metrics,
+                    shaping,
+                    client_ip: ip,
+                    tls_mode: listener.tls,
+                    require_tls: listener.require_tls,
+                    tls,
+                },
+                now,
+            );
+            drive(client, &mut upstream, smtp, ctx, early, greeting).await
+        }
+        Protocol::Imap | Protocol::Pop3 => {
+            let mailbox = MailboxContext {
+                config,
+                metrics,
+                login: LoginContext {
+                    settings: &config.mailbox,
+                    metrics,
+                    shaping,
+                    protocol: listener.protocol,
+                },
+                tls_mode: listener.tls,
+                require_tls: listener.require_tls,
+                tls: tls.is_some(),
+            };
+            // The IMAP and POP3 modules are merged next.
+            let _ = (mailbox, client, ctx, early, greeting);
+            tracing::error!(
+                protocol = listener.protocol.as_str(),
+                "no module for this protocol in this build"
+            );
+            (CloseReason::UpstreamError, SessionFacts::default())
+        }
+    };
     facts.tls = facts.tls.or(implicit_version);
-    drop(driver);
     Box::pin(upstream::close(upstream)).await;
     (reason, facts)
+}
+
+/// Runs one protocol module's relay to its end.
+async fn drive<C, U, P>(
+    client: Transport<C>,
+    upstream: U,
+    protocol: P,
+    ctx: DriverContext<'_>,
+    early: Vec<u8>,
+    greeting: Vec<u8>,
+) -> (CloseReason, SessionFacts)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+    P: protocol::Protocol,
+{
+    let mut driver = Driver::new(client, upstream, protocol, ctx, early, greeting);
+    let reason = driver.run().await;
+    (reason, driver.facts())
 }
 
 /// Feeds a refusal to the ban counters: early talking and protocol abuse

@@ -290,7 +290,7 @@ impl<'a> Smtp<'a> {
             // is the session's protocol error, not a refused connection.
             let refusal = Refusal::ProxyUntrusted;
             self.protocol_error();
-            let reply = refusal.reply(&self.config.server.hostname);
+            let reply = refusal.reply(SMTP, &self.config.server.hostname);
             self.answer(
                 io,
                 reply.as_bytes(),

@@ -18,7 +18,7 @@ use tokio::time::{timeout, Instant};
 
 use super::starttls::{self, last_line, Replies, StarttlsError};
 use super::{Connector, Upstream};
-use crate::config::{ProxyProtocol, UpstreamSettings};
+use crate::config::{Protocol, ProxyProtocol, UpstreamSettings};
 use crate::metrics::Metrics;
 use crate::proxy_protocol;
 
@@ -205,6 +205,9 @@ pub async fn check(upstream: &Upstream, server: SocketAddr) -> Result<(), Proble
         .map_err(|e| Problem::Unreachable(e.to_string()))?;
     let _ = stream.set_nodelay(true);
     let header = proxy_protocol::health_check(settings.proxy_protocol);
+    if upstream.protocol != Protocol::Smtp {
+        return check_mailbox(stream, &header, upstream).await;
+    }
     let sent_header = !header.is_empty();
     let deadline = Instant::now() + CHECK_REPLY_TIMEOUT;
     let mut replies = Replies::new(stream);
@@ -240,6 +243,129 @@ pub async fn check(upstream: &Upstream, server: SocketAddr) -> Result<(), Proble
             };
             let deadline = Instant::now() + CHECK_REPLY_TIMEOUT;
             quit(Replies::new(stream), false, deadline).await
+        }
+    }
+}
+
+/// The receiver check of an IMAP or POP3 receiver (Dovecot): the header,
+/// the greeting, then `LOGOUT` or `QUIT` and its answer.
+async fn check_mailbox(
+    stream: TcpStream,
+    header: &[u8],
+    upstream: &Upstream,
+) -> Result<(), Problem> {
+    let imap = upstream.protocol == Protocol::Imap;
+    let deadline = Instant::now() + CHECK_REPLY_TIMEOUT;
+    let mut lines = Lines::new(stream);
+    lines
+        .send(header, deadline)
+        .await
+        .map_err(|e| Problem::Broken(format!("sending the PROXY header: {e}")))?;
+    let greeting = match lines.next(deadline).await {
+        Ok(Some(line)) => line,
+        Ok(None) | Err(_) if header.is_empty() => {
+            return Err(Problem::Broken(format!(
+                "the receiver sent no greeting within {}s to a connection without a PROXY \
+                 header: it expects one. Set {}.proxy_protocol = \"v2\" (recommended), or \
+                 remove haproxy = yes from Dovecot's inet_listener",
+                CHECK_REPLY_TIMEOUT.as_secs(),
+                upstream.key
+            )))
+        }
+        Ok(None) => return Err(Problem::Broken("closed without a greeting".into())),
+        Err(e) => return Err(Problem::Broken(format!("no greeting: {e}"))),
+    };
+    let greeted = if imap {
+        greeting.starts_with("* OK") || greeting.starts_with("* PREAUTH")
+    } else {
+        greeting.starts_with("+OK")
+    };
+    if !greeted && !header.is_empty() {
+        return Err(Problem::Broken(format!(
+            "the receiver answered the PROXY header with {greeting:?}: set haproxy = yes on \
+             Dovecot's inet_listener and haproxy_trusted_networks to mailmoat's address, or \
+             {}.proxy_protocol = \"off\" (then Dovecot sees every client as mailmoat)",
+            upstream.key
+        )));
+    }
+    if !greeted {
+        return Err(Problem::Broken(format!("greeted with {greeting:?}")));
+    }
+    let (bye, done): (&[u8], &str) = if imap {
+        (b"m1 LOGOUT\r\n", "m1 OK")
+    } else {
+        (b"QUIT\r\n", "+OK")
+    };
+    let deadline = Instant::now() + CHECK_REPLY_TIMEOUT;
+    lines
+        .send(bye, deadline)
+        .await
+        .map_err(|e| Problem::Broken(format!("sending {:?}: {e}", String::from_utf8_lossy(bye))))?;
+    // IMAP says `* BYE` before the tagged OK; a few lines at most.
+    for _ in 0..4 {
+        match lines.next(deadline).await {
+            Ok(Some(line)) if line.starts_with(done) => return Ok(()),
+            Ok(Some(line)) if line.starts_with("* ") => continue,
+            Ok(Some(line)) => {
+                return Err(Problem::Broken(format!(
+                    "answered the logout with {line:?}"
+                )))
+            }
+            Ok(None) => {
+                return Err(Problem::Broken(
+                    "closed without answering the logout".into(),
+                ))
+            }
+            Err(e) => return Err(Problem::Broken(format!("no answer to the logout: {e}"))),
+        }
+    }
+    Err(Problem::Broken("no end to the answer to the logout".into()))
+}
+
+/// A receiver's lines, each bounded, read under a deadline.
+struct Lines {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// The longest line the check reads (a greeting with its capabilities).
+const MAX_CHECK_LINE: usize = 4096;
+
+impl Lines {
+    fn new(stream: TcpStream) -> Lines {
+        Lines {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        tokio::time::timeout_at(deadline, self.stream.write_all(bytes))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)?
+    }
+
+    /// The next line, without its ending; `None` at end of stream.
+    async fn next(&mut self, deadline: Instant) -> std::io::Result<Option<String>> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(end) = memchr::memchr(b'\n', &self.buf) {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                let text = String::from_utf8_lossy(&line);
+                return Ok(Some(text.trim_end().to_string()));
+            }
+            if self.buf.len() >= MAX_CHECK_LINE {
+                return Err(std::io::Error::other("line too long"));
+            }
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
+                .await
+                .map_err(|_| std::io::ErrorKind::TimedOut)??;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 }

@@ -31,7 +31,9 @@ pub use starttls::{StarttlsError, TlsClient, TlsClientError};
 pub use stream::{close, UpstreamStream, UPSTREAM_LINGER};
 use tokio_util::either::Either;
 
-use crate::config::{Config, ListenerSettings, ProxyProtocol, UpstreamSettings, UpstreamTls};
+use crate::config::{
+    Config, ListenerSettings, Protocol, ProxyProtocol, UpstreamSettings, UpstreamTls,
+};
 use crate::metrics::Metrics;
 use crate::proxy_protocol;
 use crate::tls::TlsFacts;
@@ -50,6 +52,9 @@ pub struct Upstream {
     /// The table in the file: `upstream` or `upstreams.NAME`.
     pub key: String,
     pub settings: UpstreamSettings,
+    /// What its receivers speak: the protocol of the listeners that relay
+    /// to it (one, by config validation); the receiver check speaks it.
+    pub protocol: Protocol,
     /// The name mailmoat gives in its own EHLO (`server.hostname`).
     hostname: String,
     /// With `tls = "starttls"`.
@@ -60,6 +65,7 @@ impl Upstream {
     pub fn new(
         key: &str,
         settings: &UpstreamSettings,
+        protocol: Protocol,
         hostname: &str,
     ) -> Result<Upstream, TlsClientError> {
         let tls = match settings.tls {
@@ -69,6 +75,7 @@ impl Upstream {
         Ok(Upstream {
             key: key.to_string(),
             settings: settings.clone(),
+            protocol,
             hostname: hostname.to_string(),
             tls,
         })
@@ -102,23 +109,31 @@ impl Connector {
     pub fn new(config: &Config) -> Result<Connector, ConnectorError> {
         let hostname = &config.server.hostname;
         let mut problems = Vec::new();
-        let mut build = |key: &str, settings: &UpstreamSettings| {
-            Upstream::new(key, settings, hostname)
+        let listeners = config.all_listeners();
+        let mut build = |key: &str, settings: &UpstreamSettings, name: Option<&str>| {
+            let protocol = listeners
+                .iter()
+                .find(|l| name.is_some() && l.upstream.as_deref() == name)
+                .map_or(Protocol::Smtp, |l| l.protocol);
+            Upstream::new(key, settings, protocol, hostname)
                 .map(Arc::new)
                 .map_err(|e| problems.push(e))
                 .ok()
         };
-        let default = build("upstream", &config.upstream);
+        let default = build("upstream", &config.upstream, None);
         let named: BTreeMap<String, Arc<Upstream>> = config
             .upstreams
             .iter()
-            .filter_map(|(name, s)| Some((name.clone(), build(&format!("upstreams.{name}"), s)?)))
+            .filter_map(|(name, s)| {
+                let upstream = build(&format!("upstreams.{name}"), s, Some(name))?;
+                Some((name.clone(), upstream))
+            })
             .collect();
         let Some(default) = default.filter(|_| problems.is_empty()) else {
             return Err(ConnectorError { problems });
         };
         let mut in_use: Vec<Arc<Upstream>> = Vec::new();
-        for listener in config.all_listeners() {
+        for listener in listeners {
             let upstream = pick(&default, &named, &listener);
             if !in_use.iter().any(|u| Arc::ptr_eq(u, upstream)) {
                 in_use.push(upstream.clone());

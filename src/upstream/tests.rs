@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 use super::*;
-use crate::config::{Config, ProxyProtocol, UpstreamTls};
+use crate::config::{Config, Protocol, ProxyProtocol, UpstreamTls};
 use crate::sink::{Sink, SinkCertificate, SinkOptions};
 use crate::tls::TlsVersion;
 
@@ -67,7 +67,7 @@ async fn connect_to(
     settings: &UpstreamSettings,
     tls: Option<&TlsFacts>,
 ) -> Result<Connected, UpstreamError> {
-    let upstream = Upstream::new("upstream", settings, "mailmoat.test").unwrap();
+    let upstream = Upstream::new("upstream", settings, Protocol::Smtp, "mailmoat.test").unwrap();
     let client: SocketAddr = "192.0.2.7:4000".parse().unwrap();
     let local: SocketAddr = "127.0.0.1:25".parse().unwrap();
     let metrics = Metrics::new();
@@ -270,11 +270,17 @@ async fn the_receiver_check_handshakes_and_names_a_wrong_pin() {
     let sink = tls_sink(&cert, true).await;
     let mut good = settings(&sink, None, Some(verify::sha256_hex(&cert.leaf)));
     good.proxy_protocol = ProxyProtocol::V2;
-    let upstream = Upstream::new("upstream", &good, "mailmoat.test").unwrap();
+    let upstream = Upstream::new("upstream", &good, Protocol::Smtp, "mailmoat.test").unwrap();
     assert_eq!(check(&upstream, sink.addr()).await, Ok(()));
     let mut bad = good.clone();
     bad.pin_sha256 = Some(verify::sha256_hex(&other.leaf));
-    let upstream = Upstream::new("upstreams.submission", &bad, "mailmoat.test").unwrap();
+    let upstream = Upstream::new(
+        "upstreams.submission",
+        &bad,
+        Protocol::Smtp,
+        "mailmoat.test",
+    )
+    .unwrap();
     match check(&upstream, sink.addr()).await {
         Err(Problem::Tls(e)) => assert!(e.contains("upstreams.submission.pin_sha256"), "{e}"),
         other => panic!("expected a TLS problem, got {other:?}"),
@@ -285,7 +291,7 @@ async fn the_receiver_check_handshakes_and_names_a_wrong_pin() {
 
 #[tokio::test]
 async fn receiver_check_is_unready_when_any_upstream_a_listener_uses_fails_and_names_it() {
-    use crate::config::{ListenerSettings, Protocol, TlsMode};
+    use crate::config::{ListenerSettings, TlsMode};
     let sink = Sink::start("127.0.0.1:0".parse().unwrap(), SinkOptions::default())
         .await
         .unwrap();
@@ -328,4 +334,52 @@ async fn receiver_check_is_unready_when_any_upstream_a_listener_uses_fails_and_n
         verdict.problems[0].0,
         format!("{dead_addr} (upstreams.submission)")
     );
+}
+
+/// A receiver that takes a PROXY v2 header and answers with `lines`, one
+/// per line it reads after the greeting.
+async fn mailbox_receiver(greeting: &'static str, answers: &'static str) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        // A v2 LOCAL header: 16 bytes, no addresses.
+        let mut header = [0u8; 16];
+        stream.read_exact(&mut header).await.unwrap();
+        stream.write_all(greeting.as_bytes()).await.unwrap();
+        let mut command = [0u8; 64];
+        let _ = stream.read(&mut command).await;
+        let _ = stream.write_all(answers.as_bytes()).await;
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_receiver_check_speaks_imap_and_pop3_to_their_receivers() {
+    let mut config = Config::default();
+    config.upstream.proxy_protocol = ProxyProtocol::V2;
+    let imap = mailbox_receiver(
+        "* OK [CAPABILITY IMAP4rev1] ready\r\n",
+        "* BYE\r\nm1 OK bye\r\n",
+    )
+    .await;
+    config.upstream.servers = vec![imap.into()];
+    let upstream =
+        Upstream::new("upstreams.imap", &config.upstream, Protocol::Imap, "m.test").unwrap();
+    assert_eq!(check(&upstream, imap).await, Ok(()));
+
+    let pop3 = mailbox_receiver("+OK ready\r\n", "+OK bye\r\n").await;
+    let upstream =
+        Upstream::new("upstreams.pop3", &config.upstream, Protocol::Pop3, "m.test").unwrap();
+    assert_eq!(check(&upstream, pop3).await, Ok(()));
+
+    // An IMAP receiver that took the header for a command.
+    let confused = mailbox_receiver("* BAD invalid command\r\n", "").await;
+    let upstream =
+        Upstream::new("upstreams.imap", &config.upstream, Protocol::Imap, "m.test").unwrap();
+    match check(&upstream, confused).await {
+        Err(Problem::Broken(e)) => assert!(e.contains("haproxy_trusted_networks"), "{e}"),
+        other => panic!("expected the header advice, got {other:?}"),
+    }
 }

@@ -101,6 +101,16 @@ fn fleet_event_corpus() {
 }
 
 #[test]
+fn imap_response_corpus() {
+    replay("imap_response");
+}
+
+#[test]
+fn imap_session_corpus() {
+    replay("imap_session");
+}
+
+#[test]
 fn pop3_session_corpus() {
     replay("pop3_session");
 }

@@ -15,6 +15,8 @@ mod fleet;
 mod fuzz_corpus;
 mod haproxy;
 mod harness;
+mod imap;
+mod imap_receiver;
 mod listeners;
 mod lists;
 mod logs;
