@@ -81,7 +81,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
         loop {
             let line = self.line().await;
-            assert!(!line.is_empty(), "closed inside a multi-line reply: {all:?}");
+            assert!(
+                !line.is_empty(),
+                "closed inside a multi-line reply: {all:?}"
+            );
             all.push_str(&line);
             if line == ".\r\n" {
                 return all;
@@ -121,10 +124,16 @@ async fn pop3_auth_failures_count_toward_a_ban_and_the_ip_is_then_refused() {
     }
     let reached = receiver.connections();
     assert_eq!(reached, 3);
+    // Bans reach the door's list a moment later.
+    proxy.wait_metric("mailmoat_active_bans", 1.0).await;
     let mut refused = Client::connect(ip, proxy.addr).await;
     let said = refused.closed().await;
     assert!(said.starts_with("-ERR"), "{said:?}");
-    assert_eq!(receiver.connections(), reached, "a banned IP reached the receiver");
+    assert_eq!(
+        receiver.connections(),
+        reached,
+        "a banned IP reached the receiver"
+    );
     // Another IP is not touched.
     let mut other = Client::connect(Ipv4Addr::new(127, 0, 110, 2), proxy.addr).await;
     assert!(other.line().await.starts_with("+OK test POP3 ready"));
@@ -141,13 +150,22 @@ async fn pop3_sys_temp_and_in_use_refusals_do_not_count_toward_a_ban() {
         "-ERR [IN-USE] Mailbox is locked by another session.",
     ] {
         receiver.answer_logins_with(Some(reply));
-        for _ in 0..3 {
+        // Distinct passwords: were these failures, each would count.
+        for guess in 0..3 {
             let mut client = Client::connect(ip, proxy.addr).await;
             assert!(client.line().await.starts_with("+OK"));
-            assert_eq!(client.login(USER, PASSWORD).await, format!("{reply}\r\n"));
+            let verdict = client.login(USER, &format!("guess{guess}")).await;
+            assert_eq!(verdict, format!("{reply}\r\n"));
             assert_eq!(client.ask("QUIT").await, "+OK Bye\r\n");
         }
     }
+    let logins = |outcome: &str| {
+        proxy.metric(&format!(
+            "mailmoat_logins_total{{outcome=\"{outcome}\",protocol=\"pop3\"}}"
+        ))
+    };
+    assert_eq!((logins("temporary"), logins("failure")), (6.0, 0.0));
+    assert_eq!(proxy.metric("mailmoat_active_bans"), 0.0);
     receiver.answer_logins_with(None);
     let mut client = Client::connect(ip, proxy.addr).await;
     assert!(client.line().await.starts_with("+OK test POP3 ready"));
@@ -232,17 +250,15 @@ async fn stls_is_answered_by_mailmoat_and_a_failed_login_inside_tls_counts_towar
     let commands = receiver.commands();
     assert_eq!(client.ask("STLS").await, "+OK Begin TLS negotiation\r\n");
     assert!(client.reader.buffer().is_empty(), "bytes after the +OK");
-    let stream = tls_handshake(client.reader.into_inner(), &[kit.root.clone()]).await;
+    let stream = tls_handshake(client.reader.into_inner(), std::slice::from_ref(&kit.root)).await;
     let mut tls = Client::over(stream);
     assert_eq!(receiver.commands(), commands, "STLS reached the receiver");
     let capa = tls.ask_lines("CAPA").await;
     assert!(!capa.contains("STLS"), "{capa:?}");
     assert!(capa.contains("\r\nUSER\r\n"), "{capa:?}");
-    assert_eq!(
-        tls.login(USER, "wrong").await,
-        format!("{AUTH_FAILED}\r\n")
-    );
+    assert_eq!(tls.login(USER, "wrong").await, format!("{AUTH_FAILED}\r\n"));
     let reached = receiver.connections();
+    proxy.wait_metric("mailmoat_active_bans", 1.0).await;
     let mut refused = Client::connect(ip, proxy.addr).await;
     let said = refused.closed().await;
     assert!(said.starts_with("-ERR"), "{said:?}");

@@ -1,13 +1,16 @@
 //! A small POP3 receiver for the tests: one mailbox with one message, a
 //! fixed user table, RFC 3206 response codes, and counters of what reached
 //! it. A tokio task on loopback; each connection runs until QUIT or EOF.
+//! Like Dovecot with `haproxy_trusted_networks`, it reads mailmoat's PROXY
+//! v2 header first; connections whose header is LOCAL (mailmoat's receiver
+//! check) are not counted as clients'.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -45,14 +48,13 @@ impl Pop3Receiver {
         let shared = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                shared.connections.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(serve(stream, shared.clone()));
             }
         });
         Pop3Receiver { addr, state, task }
     }
 
-    /// Connections accepted so far.
+    /// Client connections accepted so far (PROXY, not LOCAL).
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
     }
@@ -75,8 +77,29 @@ impl Drop for Pop3Receiver {
     }
 }
 
+/// Reads a PROXY v2 header: whether it carries a client (PROXY) rather
+/// than a health check (LOCAL); `None` if it is not one.
+async fn proxy_header(stream: &mut BufReader<TcpStream>) -> Option<bool> {
+    let mut fixed = [0u8; 16];
+    let read = tokio::time::timeout(crate::harness::WAIT, stream.read_exact(&mut fixed));
+    read.await.ok()?.ok()?;
+    if fixed[..12] != *b"\r\n\r\n\0\r\nQUIT\n" {
+        return None;
+    }
+    let mut rest = vec![0u8; usize::from(u16::from_be_bytes([fixed[14], fixed[15]]))];
+    stream.read_exact(&mut rest).await.ok()?;
+    Some(fixed[12] & 0x0f == 1)
+}
+
 async fn serve(stream: TcpStream, state: Arc<State>) {
     let mut stream = BufReader::new(stream);
+    match proxy_header(&mut stream).await {
+        Some(true) => {
+            state.connections.fetch_add(1, Ordering::SeqCst);
+        }
+        Some(false) => {}
+        None => return,
+    }
     if stream.get_mut().write_all(GREETING).await.is_err() {
         return;
     }
@@ -114,10 +137,11 @@ async fn serve(stream: TcpStream, state: Arc<State>) {
                         .decode(initial)
                         .unwrap_or_default();
                     let mut fields = decoded.split(|&b| b == 0).skip(1);
-                    let name = fields.next().map(|f| String::from_utf8_lossy(f).into_owned());
+                    let name = fields
+                        .next()
+                        .map(|f| String::from_utf8_lossy(f).into_owned());
                     let password = fields.next().map(String::from_utf8_lossy);
-                    let verdict =
-                        login(&state, name.as_deref(), password.as_deref().unwrap_or(""));
+                    let verdict = login(&state, name.as_deref(), password.as_deref().unwrap_or(""));
                     logged_in = verdict.starts_with("+OK");
                     verdict
                 }
