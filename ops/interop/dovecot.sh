@@ -392,10 +392,12 @@ client brute --port "$mm_imap" --source 127.0.0.23 --ca "$tls/ca.pem" --count "$
     fail "the brute force through mailmoat"
 bans() { admin_get /admin/bans 2>/dev/null; }
 wait_for "/admin/bans to list 127.0.0.23" eval '[[ $(bans) == *127.0.0.23* ]]'
-client refused --port "$mm_imap" --source 127.0.0.23 ||
-    fail "the banned 127.0.0.23 was not refused on the IMAP listener"
-client refused --port "$mm_pop3" --source 127.0.0.23 ||
-    fail "the banned 127.0.0.23 was not refused on the POP3 listener"
+# A ban reaches the door when the ban list is rebuilt, a moment after
+# /admin/bans shows it: wait for the refusal, bounded.
+wait_for "the banned 127.0.0.23 to be refused on the IMAP listener" \
+    client refused --port "$mm_imap" --source 127.0.0.23
+wait_for "the banned 127.0.0.23 to be refused on the POP3 listener" \
+    client refused --port "$mm_pop3" --source 127.0.0.23
 failures=$(metric "mailmoat_logins_total{outcome=\"failure\",protocol=\"imap\"}")
 ((failures >= auth_failures)) ||
     fail "mailmoat_logins_total{outcome=\"failure\",protocol=\"imap\"} is $failures, expected at least $auth_failures"

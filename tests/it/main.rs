@@ -21,6 +21,8 @@ mod listeners;
 mod lists;
 mod logs;
 mod metrics;
+mod pop3;
+mod pop3_receiver;
 mod receiver_check;
 mod relay;
 mod reload;
