@@ -114,3 +114,8 @@ fn imap_session_corpus() {
 fn pop3_session_corpus() {
     replay("pop3_session");
 }
+
+#[test]
+fn smtp_session_corpus() {
+    replay("smtp_session");
+}
