@@ -8,7 +8,8 @@
 //! - [`session`]: one client's lifecycle; [`session::relay`] is the
 //!   SMTP-aware loop with every timeout.
 //! - [`smtp`]: command, reply and DATA parsing, pure and fuzzable; [`pop3`]
-//!   the same for POP3 before a login.
+//!   the same for POP3 before a login; [`sasl`] the SASL credentials both
+//!   IMAP and POP3 read.
 //! - [`upstream`]: connecting to the receiver, with failover and PROXY.
 //!
 //! Around it: [`config`] (file → validated settings), [`server`]
@@ -44,6 +45,7 @@ pub mod pop3;
 pub mod proxy_protocol;
 pub mod redis_server;
 pub mod reload;
+pub mod sasl;
 pub mod server;
 pub mod session;
 pub mod shaping;

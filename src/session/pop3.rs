@@ -33,9 +33,10 @@ use super::protocol::{Buffers, Farewell, Next, Protocol};
 use super::CloseReason;
 use crate::config::{Config, TlsMode};
 use crate::pop3::reply::{self as replies, Refusal};
-use crate::pop3::sasl::{self, Mechanism};
+use crate::pop3::sasl::{self as pop3_sasl, Response};
 use crate::pop3::{Command, Reply, ReplyReader, Status, Verb};
 use crate::proxy_protocol::{self, Sniff};
+use crate::sasl::{self, Mechanism};
 use crate::tls::TlsFacts;
 
 /// Commands in flight before the proxy stops reading from a pipelining client.
@@ -359,7 +360,7 @@ impl<'a> Pop3<'a> {
         });
         match words.next() {
             Some(initial) => {
-                let decoded = sasl::initial_response(initial).ok()?;
+                let decoded = pop3_sasl::initial_response(initial).ok()?;
                 self.sasl_data(&mut sasl, &decoded, now);
             }
             None if mechanism == Mechanism::Other => {
@@ -397,15 +398,15 @@ impl<'a> Pop3<'a> {
     /// anything else cancels the exchange and is the client's protocol
     /// error.
     fn sasl_response(&mut self, io: &mut Buffers, end: usize, now: Instant) {
-        let response = sasl::response(&io.client_in[..end]);
+        let response = pop3_sasl::response(&io.client_in[..end]);
         let Phase::SaslResponse(mut sasl) =
             std::mem::replace(&mut self.phase, Phase::AwaitingReply)
         else {
             return;
         };
         match response {
-            Ok(sasl::Response::Cancel) => {}
-            Ok(sasl::Response::Data(data)) => self.sasl_data(&mut sasl, &data, now),
+            Ok(Response::Cancel) => {}
+            Ok(Response::Data(data)) => self.sasl_data(&mut sasl, &data, now),
             Err(_) => {
                 self.login.protocol_error();
                 self.phase = Phase::SaslResponse(sasl);

@@ -24,7 +24,6 @@
 
 pub mod command;
 pub mod reply;
-pub mod sasl;
 #[cfg(test)]
 mod tests;
 
@@ -38,10 +37,10 @@ use super::login::{Attempt, LoginContext, LoginOutcome, MailboxContext};
 use super::protocol::{Buffers, Farewell, Next, Protocol};
 use super::CloseReason;
 use crate::config::{Config, TlsMode};
+use crate::sasl::{self, Mechanism};
 use crate::tls::TlsFacts;
 use command::{parse_head, Args, End, Name};
 use reply::{CapabilityEdit, Framer, Kind, Status};
-use sasl::Mechanism;
 
 /// Commands in flight before the proxy stops reading from a pipelining client.
 const MAX_PIPELINE: usize = 100;

@@ -1,14 +1,20 @@
-//! The credentials in a SASL exchange, where the mechanism carries them in
-//! the clear: PLAIN (RFC 4616) and LOGIN (two base64 responses, user then
-//! password). Other mechanisms (SCRAM, OAUTHBEARER, …) give none: the login
-//! is still counted, only not per account.
+//! The credentials in a SASL exchange, shared by IMAP `AUTHENTICATE`
+//! (RFC 4959) and POP3 `AUTH` (RFC 5034), where the mechanism carries them
+//! in the clear: PLAIN (RFC 4616) and LOGIN (two base64 responses, user
+//! then password). Other mechanisms (SCRAM, OAUTHBEARER, …) give none: the
+//! login is still counted, only not per account. What is decoded here is
+//! handed to the login accounting and dropped. Protocol framing (line
+//! endings, `*` to cancel) stays with each protocol.
 
 use base64::Engine;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mechanism {
+    /// One response: `authzid NUL authcid NUL password`.
     Plain,
+    /// Two responses: the user name, then the password.
     Login,
+    /// Anything else: its responses are checked for form only.
     Other,
 }
 
@@ -25,8 +31,8 @@ impl Mechanism {
 }
 
 /// One client response (a line without its ending, or an initial
-/// response), decoded: `=` is the empty response (RFC 4959). None when it
-/// is not base64, or is `*` (the client cancels).
+/// response), decoded: `=` is the empty response (RFC 4959, RFC 5034 §4).
+/// None when it is not base64, or is `*` (the client cancels).
 pub fn decode(response: &[u8]) -> Option<Vec<u8>> {
     if response == b"=" {
         return Some(Vec::new());
@@ -37,7 +43,10 @@ pub fn decode(response: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// PLAIN's `authzid NUL authcid NUL passwd`: the account that
-/// authenticates (authcid) and its password.
+/// authenticates (authcid) and its password. None when it is not three
+/// NUL-separated fields, the account is empty, or the password holds a NUL
+/// (RFC 4616 forbids both), so a malformed message is never counted
+/// against an account.
 pub fn plain(decoded: &[u8]) -> Option<(&[u8], &[u8])> {
     let mut parts = decoded.splitn(3, |&b| b == 0);
     let _authzid = parts.next()?;
@@ -65,16 +74,32 @@ mod tests {
         assert_eq!(plain(&decoded), Some((&b"joe"[..], &b"secret"[..])));
         let decoded = decode(&b64(b"admin\0joe\0s")).unwrap();
         assert_eq!(plain(&decoded), Some((&b"joe"[..], &b"s"[..])));
+        let decoded = decode(b"AGFsaWNlAHMzY3JldA==").unwrap();
+        assert_eq!(plain(&decoded), Some((&b"alice"[..], &b"s3cret"[..])));
     }
 
     #[test]
     fn malformed_plain_responses_give_nothing() {
-        for text in [&b"joe"[..], b"\0joe", b"\0\0pw", b"\0joe\0pw\0more"] {
+        for text in [
+            &b"joe"[..],
+            b"\0joe",
+            b"alice\0pw",
+            b"\0\0pw",
+            b"\0joe\0pw\0more",
+            b"admin\0alice\0pw\0with nul",
+        ] {
             assert_eq!(plain(text), None, "{text:?}");
         }
+    }
+
+    #[test]
+    fn responses_are_base64_or_the_empty_response() {
+        assert_eq!(decode(b"YWxpY2U="), Some(b"alice".to_vec()));
+        assert_eq!(decode(b""), Some(Vec::new()));
+        assert_eq!(decode(b"="), Some(Vec::new()));
         assert_eq!(decode(b"*"), None);
         assert_eq!(decode(b"not base64!"), None);
-        assert_eq!(decode(b"="), Some(Vec::new()));
+        assert_eq!(decode(b"a b"), None);
     }
 
     #[test]
