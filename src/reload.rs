@@ -186,8 +186,6 @@ impl Reloader {
             blocklist: shared.blocklist.clone(),
             tarpit_slots: shared.tarpit_slots.clone(),
             registry: shared.registry.clone(),
-            drain: shared.drain.clone(),
-            abort: shared.abort.clone(),
             tls: shared.tls.clone(),
             upstreams: Arc::new(upstreams),
         };

@@ -314,17 +314,17 @@ impl Server {
         let grace = live.load().config.server.shutdown_grace;
         tracing::info!(sessions = sessions.len(), grace = ?grace, "shutting down: no new clients, draining sessions");
         stop_accepting.cancel();
-        shared.drain.cancel();
+        shared.registry.drain_all();
         sessions.close();
         if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
             tracing::warn!(
                 sessions = sessions.len(),
                 "shutdown grace ran out; closing the remaining sessions"
             );
-            shared.abort.cancel();
+            shared.registry.stop_all();
             let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
         }
-        shared.abort.cancel();
+        shared.registry.stop_all();
         stop_background.cancel();
         tasks.wait().await;
         workers.stop().await;

@@ -8,8 +8,6 @@
 
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
-
 use crate::admission::Admission;
 use crate::bans::Bans;
 use crate::blocklist::sources::{SourceMetrics, Sources};
@@ -88,8 +86,6 @@ impl Core {
             blocklist: live_lists.clone(),
             registry: registry.clone(),
             tarpit_slots: Arc::new(tokio::sync::Semaphore::new(config.blocklist.tarpit_max)),
-            drain: CancellationToken::new(),
-            abort: CancellationToken::new(),
             tls,
             upstreams,
         });

@@ -18,11 +18,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout_at, Instant, Sleep};
-use tokio_util::sync::CancellationToken;
 
 use super::io::{read_bulk_into, read_into, write_all_within, WriteError, BULK_READ, READ_CHUNK};
 use super::protocol::{Buffers, Farewell, Next, Protocol, SessionFacts};
-use super::registry::Stop;
+use super::registry::{Signal, Stop};
 use super::transport::Transport;
 use super::CloseReason;
 use crate::config::{Config, TlsMode};
@@ -45,9 +44,8 @@ pub struct DriverContext<'a> {
     /// Present on a listener that terminates TLS.
     pub terminator: Option<&'a Terminator>,
     pub tls_mode: TlsMode,
-    /// Stop at the next quiet point (graceful shutdown).
-    pub drain: &'a CancellationToken,
-    /// Stop now, for the reason it carries.
+    /// Close at the next quiet point (graceful shutdown), or now, for the
+    /// reason it carries.
     pub stop: &'a Stop,
     pub session_deadline: Instant,
 }
@@ -144,10 +142,13 @@ where
         reason
     }
 
+    /// The session's last words (`goodbye`, `receiver_lost`) are boxed
+    /// here: awaited inline, their writes would size the future every
+    /// relayed session holds while it waits, for a path taken once.
     async fn step(&mut self) -> Result<(), CloseReason> {
         self.protocol.client_input(&mut self.io, Instant::now());
         if let Err(reason) = self.flush_upstream().await {
-            return Err(self.receiver_lost(reason).await);
+            return Err(Box::pin(self.receiver_lost(reason)).await);
         }
         self.flush_client().await?;
         match self.protocol.next() {
@@ -156,7 +157,7 @@ where
             // would carry its size in every loop turn's.
             Next::StartTls => return Box::pin(self.start_tls()).await,
             Next::Close(reason @ (CloseReason::UpstreamError | CloseReason::UpstreamClosed)) => {
-                return Err(self.receiver_lost(reason).await)
+                return Err(Box::pin(self.receiver_lost(reason)).await)
             }
             Next::Close(reason) => return Err(reason),
         }
@@ -166,9 +167,8 @@ where
             }
         }
         if self.draining && self.protocol.is_quiet(&self.io) {
-            return Err(self
-                .goodbye(CloseReason::Shutdown, Farewell::Shutdown)
-                .await);
+            let farewell = self.goodbye(CloseReason::Shutdown, Farewell::Shutdown);
+            return Err(Box::pin(farewell).await);
         }
 
         let read_client = !self.client_eof && self.protocol.wants_client_bytes();
@@ -213,7 +213,7 @@ where
                 if failed == CloseReason::ClientQuit {
                     return Err(failed);
                 }
-                return Err(self.receiver_lost(failed).await);
+                return Err(Box::pin(self.receiver_lost(failed)).await);
             }
             () = &mut self.timer => {
                 let now = Instant::now();
@@ -226,15 +226,18 @@ where
                     self.timer.as_mut().reset(wake);
                     return Ok(());
                 }
-                return Err(self.goodbye(expiry, Farewell::Timeout).await);
+                return Err(Box::pin(self.goodbye(expiry, Farewell::Timeout)).await);
             }
-            () = self.ctx.drain.cancelled(), if !self.draining => self.draining = true,
-            reason = self.ctx.stop.stopped() => {
+            signal = self.ctx.stop.signal(self.draining) => {
+                let Signal::Stop(reason) = signal else {
+                    self.draining = true;
+                    return Ok(());
+                };
                 let why = match reason {
                     CloseReason::Blocked => Farewell::Blocked,
                     _ => Farewell::Shutdown,
                 };
-                return Err(self.goodbye(reason, why).await);
+                return Err(Box::pin(self.goodbye(reason, why)).await);
             }
         }
         Ok(())

@@ -140,7 +140,9 @@ pub async fn write_all_within<W: AsyncWrite + Unpin>(
     });
     let written = match poll_once(write.as_mut()).await {
         Poll::Ready(written) => written,
-        Poll::Pending => match tokio::time::timeout(deadline, write).await {
+        // Boxed: the timer is large, and every session's future would
+        // carry it for a wait that is rare.
+        Poll::Pending => match Box::pin(tokio::time::timeout(deadline, write)).await {
             Ok(written) => written,
             Err(_) => return Err(WriteError::TimedOut),
         },

@@ -21,6 +21,7 @@ pub mod smtp;
 mod tests;
 pub mod transport;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
@@ -28,7 +29,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 pub use close::CloseReason;
 use driver::{Driver, DriverContext};
@@ -59,15 +59,12 @@ pub struct Shared {
     pub blocklist: Arc<Blocklist>,
     /// Bounds how many blocked clients are tarpitted at once.
     pub tarpit_slots: Arc<tokio::sync::Semaphore>,
-    /// Open sessions by client, for kill-on-block and `/admin/top`.
+    /// Open sessions by client, for kill-on-block, `/admin/top` and the
+    /// graceful drain at shutdown.
     pub registry: Arc<Registry>,
     /// Terminates TLS on `starttls` and `implicit` listeners; none when no
     /// certificate is configured.
     pub tls: Option<Arc<Terminator>>,
-    /// Stop at the next quiet point (graceful shutdown).
-    pub drain: CancellationToken,
-    /// Stop now (the shutdown grace ran out).
-    pub abort: CancellationToken,
     /// The receivers, with their TLS clients; rebuilt on reload.
     pub upstreams: Arc<upstream::Connector>,
 }
@@ -521,7 +518,7 @@ where
     };
     // Registered before any TLS work, so a ban reaches a client still
     // handshaking or waiting for its receiver.
-    let registration = shared.registry.register(ip, &shared.abort);
+    let registration = shared.registry.register(ip);
     // Blocks here end what they borrow before the relay starts: a local
     // that was ever borrowed is kept in the session's future until its
     // scope ends, for the whole relay.
@@ -620,7 +617,6 @@ where
         metrics,
         terminator,
         tls_mode: listener.tls,
-        drain: &shared.drain,
         stop: &registration.stop,
         session_deadline,
     };
@@ -673,22 +669,28 @@ where
 }
 
 /// Runs one protocol module's relay to its end.
-async fn drive<C, U, P>(
+///
+/// Not an `async fn`: its future would hold the arguments beside the
+/// driver built from them, for the whole relay (384 bytes per SMTP
+/// session); built first, the future holds only the driver.
+fn drive<'a, C, U, P>(
     client: Transport<C>,
     upstream: U,
     protocol: P,
-    ctx: DriverContext<'_>,
+    ctx: DriverContext<'a>,
     early: Vec<u8>,
     greeting: Vec<u8>,
-) -> (CloseReason, SessionFacts)
+) -> impl Future<Output = (CloseReason, SessionFacts)> + use<'a, C, U, P>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
     P: protocol::Protocol,
 {
     let mut driver = Driver::new(client, upstream, protocol, ctx, early, greeting);
-    let reason = driver.run().await;
-    (reason, driver.facts())
+    async move {
+        let reason = driver.run().await;
+        (reason, driver.facts())
+    }
 }
 
 /// Feeds a refusal to the ban counters: early talking and protocol abuse

@@ -9,7 +9,6 @@ use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::driver::{Driver, DriverContext};
 use super::registry::Stop;
@@ -48,7 +47,7 @@ where
     let config = Config::from_toml(toml, std::path::Path::new("test.toml")).expect("config");
     let metrics = std::sync::Arc::new(Metrics::new());
     let shaping = Shaping::detached(&config, &metrics);
-    let (drain, stop) = (CancellationToken::new(), Stop::default());
+    let stop = Stop::default();
     let (client, client_end) = duplex(64 * 1024);
     let (upstream, upstream_end) = duplex(64 * 1024);
     let ip = "192.0.2.1".parse().unwrap();
@@ -69,7 +68,6 @@ where
         metrics: &metrics,
         terminator: None,
         tls_mode: TlsMode::Passthrough,
-        drain: &drain,
         stop: &stop,
         session_deadline: Instant::now() + config.timeouts.session,
     };

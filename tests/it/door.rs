@@ -50,8 +50,6 @@ fn shared(config: &Config) -> Shared {
         blocklist: lists,
         tarpit_slots: Arc::new(tokio::sync::Semaphore::new(1)),
         registry: Arc::new(Registry::default()),
-        drain: Default::default(),
-        abort: Default::default(),
         tls: None,
         metrics,
         upstreams: Arc::new(mailmoat::upstream::Connector::new(config).unwrap()),
