@@ -69,6 +69,9 @@ pub async fn accept_loop(
     };
     let mut budget_spent = false;
     let mut accept_failing = false;
+    // One wait for the whole loop: a fresh one per accept took a lock to
+    // register and another to drop, for every client.
+    let mut stopped = std::pin::pin!(stop.cancelled());
     loop {
         let slot = match budget.try_session() {
             Some(slot) => {
@@ -86,13 +89,14 @@ pub async fn accept_loop(
                     );
                 }
                 tokio::select! {
-                    () = stop.cancelled() => return,
+                    () = &mut stopped => return,
                     slot = budget.session() => slot,
                 }
             }
         };
         let accepted = tokio::select! {
-            () = stop.cancelled() => return,
+            biased;
+            () = &mut stopped => return,
             accepted = accept(&listener) => accepted,
         };
         match accepted {

@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
@@ -14,6 +15,11 @@ use crate::config::Rate;
 pub struct RateTable<C: Clock = DefaultClock> {
     limiter: RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, NoOpMiddleware<C::Instant>>,
     max_tracked: usize,
+    /// At least the number of buckets: the last exact count plus every
+    /// check since (each may add one). Counting exactly locks every shard
+    /// of the map, which per check was most of a check's cost; now that
+    /// happens only when this estimate reaches `max_tracked`.
+    at_most: AtomicUsize,
 }
 
 /// What a bucket said.
@@ -45,12 +51,17 @@ impl<C: Clock> RateTable<C> {
         RateTable {
             limiter: RateLimiter::dashmap_with_clock(quota, clock),
             max_tracked,
+            at_most: AtomicUsize::new(0),
         }
     }
 
     pub fn check(&self, ip: IpAddr) -> RateCheck {
-        if self.limiter.len() >= self.max_tracked {
-            return RateCheck::Untracked;
+        if self.at_most.fetch_add(1, Ordering::Relaxed) >= self.max_tracked {
+            let tracked = self.limiter.len();
+            self.at_most.store(tracked, Ordering::Relaxed);
+            if tracked >= self.max_tracked {
+                return RateCheck::Untracked;
+            }
         }
         match self.limiter.check_key(&ip) {
             Ok(_) => RateCheck::Allowed,
@@ -64,7 +75,9 @@ impl<C: Clock> RateTable<C> {
         let before = self.limiter.len();
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
-        before.saturating_sub(self.limiter.len())
+        let after = self.limiter.len();
+        self.at_most.store(after, Ordering::Relaxed);
+        before.saturating_sub(after)
     }
 
     pub fn len(&self) -> usize {
