@@ -30,6 +30,8 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it (Linux): no setsockopt per client.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     TcpListener::from_std(socket.into())
@@ -59,7 +61,11 @@ pub async fn accept_loop(
     // for taking any raw descriptor, even one it does not own; here it owns
     // its listener, the sound use (its replacement is `unsafe`).
     #[allow(deprecated)]
-    let listener = match socket.try_clone().and_then(AsyncFd::new) {
+    let listener = match socket
+        .try_clone()
+        .map(mio::net::TcpListener::from_std)
+        .and_then(AsyncFd::new)
+    {
         Ok(listener) => listener,
         Err(e) => {
             // Returning is a failure the supervisor retries with backoff.
@@ -67,6 +73,13 @@ pub async fn accept_loop(
             return;
         }
     };
+    // Every client of a listener bound to one address arrives at that
+    // address: no getsockname per client. A wildcard listener asks.
+    let bound = socket
+        .local_addr()
+        .ok()
+        .filter(|addr| !addr.ip().is_unspecified())
+        .map(canonical);
     let mut budget_spent = false;
     let mut accept_failing = false;
     // One wait for the whole loop: a fresh one per accept took a lock to
@@ -128,10 +141,18 @@ pub async fn accept_loop(
                         continue;
                     }
                 }
+                let local = match bound {
+                    Some(local) => local,
+                    None => match stream.local_addr() {
+                        Ok(local) => canonical(local),
+                        Err(_) => continue,
+                    },
+                };
                 let (config, shared) = (live.config.clone(), live.shared.clone());
                 let door_task = handle(
                     stream,
                     remote,
+                    local,
                     door,
                     settings,
                     config,
@@ -159,12 +180,14 @@ pub async fn accept_loop(
 /// Accepts one client, not yet registered with the runtime: a client
 /// refused at the door never is.
 async fn accept(
-    listener: &AsyncFd<std::net::TcpListener>,
+    listener: &AsyncFd<mio::net::TcpListener>,
 ) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
     loop {
         let mut ready = listener.readable().await?;
+        // mio accepts with SOCK_NONBLOCK: no second syscall per client to
+        // make it so.
         if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
-            return accepted;
+            return accepted.map(|(stream, addr)| (stream.into(), addr));
         }
     }
 }
@@ -177,6 +200,7 @@ async fn accept(
 async fn handle(
     stream: std::net::TcpStream,
     remote: SocketAddr,
+    local: SocketAddr,
     door: Door,
     listener: ListenerSettings,
     config: Arc<Config>,
@@ -184,21 +208,14 @@ async fn handle(
     slot: tokio::sync::OwnedSemaphorePermit,
     tracker: TaskTracker,
 ) {
-    let registered = stream
-        .set_nonblocking(true)
-        .and_then(|()| TcpStream::from_std(stream));
-    let stream = match registered {
+    // Non-blocking since its accept.
+    let stream = match TcpStream::from_std(stream) {
         Ok(stream) => stream,
         Err(e) => {
             tracing::debug!(client = %remote, error = %e, "cannot register an accepted client");
             return;
         }
     };
-    let _ = stream.set_nodelay(true);
-    let Ok(local) = stream.local_addr() else {
-        return;
-    };
-    let local = canonical(local);
     let entered = session::enter(stream, remote, local, door, &listener, &config, &shared).await;
     if let Ok(mut entered) = entered {
         tracker.spawn(async move {
