@@ -2,11 +2,13 @@
 //!
 //! An idle session must cost almost nothing (SPEC: 3 KiB waiting for its
 //! greeting, 16 KiB relayed), so no read buffer lives in the session between
-//! reads: each read lands in its worker thread's read buffer, and only the
-//! bytes that arrived are appended to the session's buffer, which is freed
-//! once consumed. (Reading straight into a session buffer reserved for the
-//! largest read, then trimmed, cost a large allocation and a reallocation
-//! per read: a sixth of mailmoat's user time per transaction.)
+//! reads: a command or reply lands in its worker thread's read buffer, and
+//! only the bytes that arrived are appended to the session's buffer, which
+//! is freed once consumed. (Reserving a session buffer for the largest read
+//! and trimming it after cost a large allocation and a reallocation per
+//! read: a sixth of mailmoat's user time per transaction.) A message's
+//! content, read in bulk, still lands straight in the session's buffer:
+//! there the copy would cost more than the allocation it saves.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -16,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::io::poll_read_buf;
 
 /// Bytes per read outside a message.
 pub const READ_CHUNK: usize = 16 * 1024;
@@ -68,11 +71,31 @@ pub async fn read_bulk_into<R: AsyncRead + Unpin>(
         return Err(e);
     }
     let mut reader = Pin::new(reader);
-    let max = max.min(BULK_READ);
+    if max > READ_CHUNK {
+        return poll_fn(|cx| {
+            let limit = buf.len() + max;
+            buf.reserve_exact(max);
+            let ready = read_ready(cx, deferred, |cx| {
+                // Within the capacity reserved: past it, `Vec` grows.
+                let room = buf.len() < limit.min(buf.capacity());
+                room.then(|| poll_read_buf(reader.as_mut(), cx, buf))
+            });
+            fit(buf);
+            ready
+        })
+        .await;
+    }
     poll_fn(|cx| {
         READ_BUFFER.with_borrow_mut(|scratch| {
             let mut read = ReadBuf::new(&mut scratch[..max]);
-            let ready = read_ready(reader.as_mut(), cx, &mut read, deferred);
+            let ready = read_ready(cx, deferred, |cx| {
+                let before = read.filled().len();
+                let room = read.remaining() > 0;
+                room.then(|| {
+                    let polled = reader.as_mut().poll_read(cx, &mut read);
+                    polled.map_ok(|()| read.filled().len() - before)
+                })
+            });
             buf.extend_from_slice(read.filled());
             ready
         })
@@ -80,28 +103,38 @@ pub async fn read_bulk_into<R: AsyncRead + Unpin>(
     .await
 }
 
-/// Fills `read` with what is ready, in as many reads as that takes.
-fn read_ready<R: AsyncRead>(
-    mut reader: Pin<&mut R>,
+/// Reads with `read_once` until it would wait, reaches the end of the
+/// stream, or has no room left (`None`); the bytes read in all.
+fn read_ready(
     cx: &mut Context<'_>,
-    read: &mut ReadBuf<'_>,
     deferred: &mut Option<io::Error>,
+    mut read_once: impl FnMut(&mut Context<'_>) -> Option<Poll<io::Result<usize>>>,
 ) -> Poll<io::Result<usize>> {
-    while read.remaining() > 0 {
-        let before = read.filled().len();
-        match reader.as_mut().poll_read(cx, read) {
-            Poll::Ready(Ok(())) if read.filled().len() == before => break,
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) if before == 0 => return Poll::Ready(Err(e)),
+    let mut total = 0;
+    while let Some(polled) = read_once(cx) {
+        match polled {
+            Poll::Ready(Ok(0)) => break,
+            Poll::Ready(Ok(n)) => total += n,
+            Poll::Ready(Err(e)) if total == 0 => return Poll::Ready(Err(e)),
             Poll::Ready(Err(e)) => {
                 *deferred = Some(e);
                 break;
             }
-            Poll::Pending if before == 0 => return Poll::Pending,
+            Poll::Pending if total == 0 => return Poll::Pending,
             Poll::Pending => break,
         }
     }
-    Poll::Ready(Ok(read.filled().len()))
+    Poll::Ready(Ok(total))
+}
+
+/// Gives back the capacity a bulk read reserved and did not use, so a
+/// session waiting with a few bytes (or none) holds only those.
+fn fit(buf: &mut Vec<u8>) {
+    if buf.is_empty() {
+        *buf = Vec::new();
+    } else if buf.capacity() > buf.len() {
+        buf.shrink_to_fit();
+    }
 }
 
 /// Drops the first `n` bytes; frees the allocation once nothing is left.
