@@ -73,13 +73,7 @@ pub async fn accept_loop(
             return;
         }
     };
-    // Every client of a listener bound to one address arrives at that
-    // address: no getsockname per client. A wildcard listener asks.
-    let bound = socket
-        .local_addr()
-        .ok()
-        .filter(|addr| !addr.ip().is_unspecified())
-        .map(canonical);
+    let bound = clients_local_address(&socket);
     let mut budget_spent = false;
     let mut accept_failing = false;
     // One wait for the whole loop: a fresh one per accept took a lock to
@@ -177,6 +171,13 @@ pub async fn accept_loop(
     }
 }
 
+/// The address every client of `socket` arrives at, when it is bound to
+/// one: no getsockname per client. `None` for a wildcard listener.
+fn clients_local_address(socket: &std::net::TcpListener) -> Option<SocketAddr> {
+    let local = canonical(socket.local_addr().ok()?);
+    (!local.ip().is_unspecified()).then_some(local)
+}
+
 /// Accepts one client, not yet registered with the runtime: a client
 /// refused at the door never is.
 async fn accept(
@@ -223,5 +224,33 @@ async fn handle(
             drop(entered);
             drop(slot);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn clients_arrive_at_the_bound_address_with_nodelay_set() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+        let socket = listener.into_std().expect("std listener");
+        let addr = socket.local_addr().expect("bound");
+        assert_eq!(clients_local_address(&socket), Some(addr));
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        socket.set_nonblocking(false).expect("blocking accept");
+        let (accepted, _) = socket.accept().expect("accept");
+        assert_eq!(accepted.local_addr().ok(), Some(addr));
+        assert!(
+            accepted.nodelay().expect("nodelay"),
+            "inherited from the listener"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wildcard_listener_asks_each_client_where_it_arrived() {
+        let listener = bind("0.0.0.0:0".parse().unwrap()).expect("bind");
+        let socket = listener.into_std().expect("std listener");
+        assert_eq!(clients_local_address(&socket), None);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
@@ -16,10 +16,11 @@ pub struct RateTable<C: Clock = DefaultClock> {
     limiter: RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, NoOpMiddleware<C::Instant>>,
     max_tracked: usize,
     /// At least the number of buckets: the last exact count plus every
-    /// check since (each may add one). Counting exactly locks every shard
-    /// of the map, which per check was most of a check's cost; now that
-    /// happens only when this estimate reaches `max_tracked`.
+    /// check since (each may add one), so the map, whose exact count locks
+    /// every shard, is counted only when this reaches `max_tracked`.
     at_most: AtomicUsize,
+    /// One recount at a time, so two cannot both take back the same checks.
+    recounting: AtomicBool,
 }
 
 /// What a bucket said.
@@ -52,16 +53,15 @@ impl<C: Clock> RateTable<C> {
             limiter: RateLimiter::dashmap_with_clock(quota, clock),
             max_tracked,
             at_most: AtomicUsize::new(0),
+            recounting: AtomicBool::new(false),
         }
     }
 
     pub fn check(&self, ip: IpAddr) -> RateCheck {
-        if self.at_most.fetch_add(1, Ordering::Relaxed) >= self.max_tracked {
-            let tracked = self.limiter.len();
-            self.at_most.store(tracked, Ordering::Relaxed);
-            if tracked >= self.max_tracked {
-                return RateCheck::Untracked;
-            }
+        if self.at_most.fetch_add(1, Ordering::AcqRel) >= self.max_tracked
+            && self.recount(1) >= self.max_tracked
+        {
+            return RateCheck::Untracked;
         }
         match self.limiter.check_key(&ip) {
             Ok(_) => RateCheck::Allowed,
@@ -75,9 +75,23 @@ impl<C: Clock> RateTable<C> {
         let before = self.limiter.len();
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
-        let after = self.limiter.len();
-        self.at_most.store(after, Ordering::Relaxed);
-        before.saturating_sub(after)
+        self.recount(0);
+        before.saturating_sub(self.limiter.len())
+    }
+
+    /// Counts the buckets and lowers the estimate to that count, keeping
+    /// the checks made while counting and the `pending` ones about to add
+    /// their bucket (each may add one).
+    fn recount(&self, pending: usize) -> usize {
+        if self.recounting.swap(true, Ordering::AcqRel) {
+            return self.limiter.len();
+        }
+        let estimate = self.at_most.load(Ordering::Acquire);
+        let tracked = self.limiter.len();
+        self.at_most
+            .fetch_sub(estimate.saturating_sub(tracked + pending), Ordering::AcqRel);
+        self.recounting.store(false, Ordering::Release);
+        tracked
     }
 
     pub fn len(&self) -> usize {

@@ -159,6 +159,24 @@ fn rate_table_is_bounded_and_fails_open_when_full() {
     assert_eq!(metrics.rate_untracked.get(), 40);
 }
 
+#[test]
+fn a_rate_table_that_recounts_keeps_tracking_new_clients() {
+    let rate = crate::config::Rate {
+        amount: 1000,
+        per: Duration::from_secs(1),
+    };
+    let table = rate::RateTable::new(rate::quota(rate, 1000), 10);
+    for _ in 0..50 {
+        assert_eq!(table.check(v4(0x0a00_0001)), RateCheck::Allowed);
+    }
+    for i in 2..11u32 {
+        assert_eq!(table.check(v4(0x0a00_0000 + i)), RateCheck::Allowed);
+    }
+    assert_eq!(table.len(), 10);
+    assert_eq!(table.check(v4(0x0a00_00ff)), RateCheck::Untracked);
+    assert_eq!(table.check(v4(0x0a00_0001)), RateCheck::Untracked);
+}
+
 /// sozu-style: random admits and releases never push a count past its cap
 /// nor leave a count behind.
 #[test]

@@ -4,11 +4,11 @@
 //! greeting, 16 KiB relayed), so no read buffer lives in the session between
 //! reads: a command or reply lands in its worker thread's read buffer, and
 //! only the bytes that arrived are appended to the session's buffer, which
-//! is freed once consumed. (Reserving a session buffer for the largest read
-//! and trimming it after cost a large allocation and a reallocation per
-//! read: a sixth of mailmoat's user time per transaction.) A message's
-//! content, read in bulk, still lands straight in the session's buffer:
-//! there the copy would cost more than the allocation it saves.
+//! is freed once consumed: a session buffer reserved for the largest read
+//! and trimmed after cost a large allocation and a reallocation per read.
+//! A message's content, read in bulk, still lands straight in the
+//! session's buffer: there the copy would cost more than the allocation
+//! it saves.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -29,7 +29,7 @@ pub const BULK_READ: usize = 64 * 1024;
 thread_local! {
     /// The worker thread's read buffer, zeroed once: reads borrow it only
     /// inside one poll, never across an await.
-    static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; BULK_READ].into_boxed_slice());
+    static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
 }
 
 /// Reads what is available into `buf` (one read, up to 16 KiB); `Ok(0)` is
@@ -44,7 +44,7 @@ pub async fn read_into<R: AsyncRead + Unpin>(
             let mut read = ReadBuf::new(&mut scratch[..READ_CHUNK]);
             match reader.as_mut().poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) => {
-                    buf.extend_from_slice(read.filled());
+                    append(buf, read.filled());
                     Poll::Ready(Ok(read.filled().len()))
                 }
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -87,7 +87,7 @@ pub async fn read_bulk_into<R: AsyncRead + Unpin>(
     }
     poll_fn(|cx| {
         READ_BUFFER.with_borrow_mut(|scratch| {
-            let mut read = ReadBuf::new(&mut scratch[..max]);
+            let mut read = ReadBuf::new(&mut scratch[..max.min(READ_CHUNK)]);
             let ready = read_ready(cx, deferred, |cx| {
                 let before = read.filled().len();
                 let room = read.remaining() > 0;
@@ -96,7 +96,7 @@ pub async fn read_bulk_into<R: AsyncRead + Unpin>(
                     polled.map_ok(|()| read.filled().len() - before)
                 })
             });
-            buf.extend_from_slice(read.filled());
+            append(buf, read.filled());
             ready
         })
     })
@@ -125,6 +125,13 @@ fn read_ready(
         }
     }
     Poll::Ready(Ok(total))
+}
+
+/// Appends what a read brought, growing `buf` by that much only: an idle
+/// session holding a partial line holds just its bytes.
+fn append(buf: &mut Vec<u8>, read: &[u8]) {
+    buf.reserve_exact(read.len());
+    buf.extend_from_slice(read);
 }
 
 /// Gives back the capacity a bulk read reserved and did not use, so a
@@ -192,5 +199,105 @@ pub async fn write_all_within<W: AsyncWrite + Unpin>(
             Ok(n)
         }
         Err(e) => Err(WriteError::Io(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::task::Waker;
+
+    use super::*;
+
+    /// A reader that answers each poll with the next step of its script.
+    struct Script(VecDeque<Poll<io::Result<&'static [u8]>>>);
+
+    impl AsyncRead for Script {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.0.pop_front() {
+                Some(Poll::Ready(Ok(bytes))) => {
+                    buf.put_slice(bytes);
+                    Poll::Ready(Ok(()))
+                }
+                Some(Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
+                Some(Poll::Pending) => Poll::Pending,
+                None => Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    fn script(steps: Vec<Poll<io::Result<&'static [u8]>>>) -> Script {
+        Script(steps.into())
+    }
+
+    fn reset() -> Poll<io::Result<&'static [u8]>> {
+        Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+    }
+
+    fn now<T>(future: impl Future<Output = T>) -> Poll<T> {
+        pin!(future).poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn bytes_before_an_error_are_read_first_and_the_error_comes_next() {
+        for max in [READ_CHUNK, BULK_READ] {
+            let mut reader = script(vec![
+                Poll::Ready(Ok(b"ab")),
+                Poll::Ready(Ok(b"cd")),
+                reset(),
+            ]);
+            let (mut buf, mut deferred) = (b"x".to_vec(), None);
+            let read = now(read_bulk_into(&mut reader, &mut buf, max, &mut deferred));
+            assert!(matches!(read, Poll::Ready(Ok(4))), "max {max}: {read:?}");
+            assert_eq!(buf, b"xabcd");
+            let next = now(read_bulk_into(&mut reader, &mut buf, max, &mut deferred));
+            let Poll::Ready(Err(e)) = next else {
+                panic!("max {max}: {next:?}");
+            };
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        }
+    }
+
+    #[test]
+    fn a_read_returns_what_is_ready_without_waiting_for_more() {
+        for max in [READ_CHUNK, BULK_READ] {
+            let mut reader = script(vec![
+                Poll::Ready(Ok(b"ab")),
+                Poll::Pending,
+                Poll::Ready(Ok(b"cd")),
+            ]);
+            let (mut buf, mut deferred) = (Vec::new(), None);
+            let read = now(read_bulk_into(&mut reader, &mut buf, max, &mut deferred));
+            assert!(matches!(read, Poll::Ready(Ok(2))), "max {max}: {read:?}");
+            assert_eq!(buf, b"ab");
+            assert_eq!(
+                buf.capacity(),
+                buf.len(),
+                "max {max}: trimmed to what arrived"
+            );
+        }
+    }
+
+    #[test]
+    fn a_read_with_nothing_ready_waits_and_keeps_the_buffer_empty() {
+        for max in [READ_CHUNK, BULK_READ] {
+            let mut reader = script(vec![Poll::Pending]);
+            let (mut buf, mut deferred) = (Vec::new(), None);
+            let read = now(read_bulk_into(&mut reader, &mut buf, max, &mut deferred));
+            assert!(read.is_pending(), "max {max}");
+            assert_eq!(buf.capacity(), 0, "max {max}: nothing held while waiting");
+        }
+        let mut reader = script(vec![Poll::Pending, Poll::Ready(Ok(b"250 ok\r\n"))]);
+        let mut buf = Vec::new();
+        assert!(now(read_into(&mut reader, &mut buf)).is_pending());
+        assert!(matches!(
+            now(read_into(&mut reader, &mut buf)),
+            Poll::Ready(Ok(8))
+        ));
+        assert_eq!(buf, b"250 ok\r\n");
     }
 }

@@ -671,8 +671,8 @@ where
 /// Runs one protocol module's relay to its end.
 ///
 /// Not an `async fn`: its future would hold the arguments beside the
-/// driver built from them, for the whole relay (384 bytes per SMTP
-/// session); built first, the future holds only the driver.
+/// driver built from them, for the whole relay; built first, the future
+/// holds only the driver.
 fn drive<'a, C, U, P>(
     client: Transport<C>,
     upstream: U,

@@ -19,9 +19,8 @@ const STOP: u8 = 2;
 
 /// Tells one session to finish: at its next quiet point (a graceful
 /// drain), or now, and why. One per session, waited on by that session's
-/// task alone: a relay loop turn waits for both with one small future and
-/// no lock, where a pair of cancellation tokens cost two futures, a lock
-/// each per turn, and a lock on their shared parent per session.
+/// task alone, so a relay loop turn waits for both with one small future
+/// and no lock.
 #[derive(Debug, Default)]
 pub struct Stop {
     state: AtomicU8,
@@ -234,6 +233,29 @@ mod tests {
         assert_eq!(now(session.stop.stopped()), Some(CloseReason::Blocked));
         drop(session);
         assert!(registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_session_is_woken_by_a_drain_then_waits_for_the_stop() {
+        let registry = Arc::new(Registry::default());
+        let session = registry.register(IP);
+        let stop = session.stop.clone();
+        let waiting = tokio::spawn(async move {
+            let first = stop.signal(false).await;
+            (first, stop.signal(true).await)
+        });
+        tokio::task::yield_now().await;
+        registry.drain_all();
+        registry.drain_all();
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "a second drain is not a stop");
+        registry.stop_all();
+        let heard = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
+        let stopped = Signal::Stop(CloseReason::Shutdown);
+        assert_eq!(
+            heard.expect("woken").expect("joined"),
+            (Signal::Drain, stopped)
+        );
     }
 
     #[tokio::test]
