@@ -8,6 +8,8 @@
 
 mod close;
 pub mod driver;
+#[cfg(test)]
+mod fixture;
 mod greeting;
 pub mod imap;
 pub mod io;

@@ -811,31 +811,11 @@ mod tests {
     use super::*;
     use crate::tls::TlsVersion;
 
-    use std::sync::Arc;
-
-    use crate::metrics::Metrics;
     use crate::session::login::LoginContext;
-    use crate::shaping::Shaping;
 
-    struct Fixture {
-        config: Config,
-        metrics: Arc<Metrics>,
-        shaping: Shaping,
-    }
+    use crate::session::fixture::Fixture;
 
     impl Fixture {
-        fn new(toml: &str) -> Fixture {
-            let config =
-                Config::from_toml(toml, std::path::Path::new("test.toml")).expect("config");
-            let metrics = Arc::new(Metrics::new());
-            let shaping = Shaping::detached(&config, &metrics);
-            Fixture {
-                config,
-                metrics,
-                shaping,
-            }
-        }
-
         fn pop3(&self, tls_mode: TlsMode, require_tls: bool) -> Pop3<'_> {
             let ip = "192.0.2.7".parse().unwrap();
             Pop3::new(
@@ -860,20 +840,12 @@ mod tests {
             self.shaping.bans().is_banned("192.0.2.7".parse().unwrap())
         }
 
-        fn protocol_errors(&self) -> u64 {
-            self.metrics.protocol_errors.get()
-        }
-
         /// `mailmoat_logins_total` for POP3 with `outcome`, or the delays.
-        fn logins(&self, outcome: &str) -> f64 {
-            let series = match outcome {
+        fn pop3_logins(&self, outcome: &str) -> f64 {
+            self.counted(&match outcome {
                 "delayed" => "mailmoat_login_delays_total{protocol=\"pop3\"}".to_string(),
                 _ => format!("mailmoat_logins_total{{outcome=\"{outcome}\",protocol=\"pop3\"}}"),
-            };
-            let text = self.metrics.render();
-            text.lines()
-                .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
-                .unwrap_or(0.0)
+            })
         }
     }
 
@@ -1228,7 +1200,7 @@ mod tests {
         assert_eq!(take(&mut s.io.to_client), text(AUTH_FAILED));
         assert_eq!(s.pop3.wake_at(), None);
         assert!(s.pop3.wants_client_bytes());
-        assert_eq!(f.logins("delayed"), 1.0);
+        assert_eq!(f.pop3_logins("delayed"), 1.0);
     }
 
     #[test]
@@ -1253,8 +1225,8 @@ mod tests {
         s.receiver(b"+ UGFzc3dvcmQ6\r\n");
         assert_eq!(s.client(b"d3Jvbmc=\r\n").0, "d3Jvbmc=\r\n");
         s.receiver(AUTH_FAILED);
-        assert_eq!(f.logins("failure"), 1.0);
-        assert_eq!(f.logins("repeated"), 2.0);
+        assert_eq!(f.pop3_logins("failure"), 1.0);
+        assert_eq!(f.pop3_logins("repeated"), 2.0);
         assert!(!f.banned());
         // A new password is a new failure.
         s.client(b"AUTH PLAIN AGFsaWNlAHdyb25nMg==\r\n");
@@ -1269,8 +1241,8 @@ mod tests {
         let mut s = Session::new(f.pop3(TlsMode::None, false));
         s.client(b"APOP alice c4c9334bac560ecc979e58001b3e22fb\r\n");
         s.receiver(b"+OK Logged in.\r\n");
-        assert_eq!(f.logins("success"), 1.0);
-        assert_eq!(f.logins("failure"), 0.0);
+        assert_eq!(f.pop3_logins("success"), 1.0);
+        assert_eq!(f.pop3_logins("failure"), 0.0);
     }
 
     #[test]

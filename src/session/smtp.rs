@@ -857,31 +857,12 @@ mod tests {
     //! The SMTP module alone, without sockets: the test fills the buffers
     //! the driver would and reads what the module queued.
 
-    use std::sync::Arc;
-
     use super::*;
-    use crate::shaping::Shaping;
     use crate::tls::TlsVersion;
 
-    struct Fixture {
-        config: Config,
-        metrics: Arc<Metrics>,
-        shaping: Shaping,
-    }
+    use crate::session::fixture::Fixture;
 
     impl Fixture {
-        fn new(toml: &str) -> Fixture {
-            let config =
-                Config::from_toml(toml, std::path::Path::new("test.toml")).expect("config");
-            let metrics = Arc::new(Metrics::new());
-            let shaping = Shaping::detached(&config, &metrics);
-            Fixture {
-                config,
-                metrics,
-                shaping,
-            }
-        }
-
         fn smtp(&self, tls_mode: TlsMode, require_tls: bool) -> Smtp<'_> {
             let ip = "192.0.2.7".parse().unwrap();
             Smtp::new(

@@ -1,35 +1,15 @@
 //! The IMAP module alone, without sockets: the test fills the buffers the
 //! driver would and reads what the module queued.
 
-use std::sync::Arc;
-
 use super::*;
 use crate::config::Protocol as Speaks;
-use crate::metrics::Metrics;
+use crate::session::fixture::Fixture;
 use crate::session::login::LoginContext;
-use crate::shaping::Shaping;
 use crate::tls::TlsVersion;
-
-struct Fixture {
-    config: Config,
-    metrics: Arc<Metrics>,
-    shaping: Shaping,
-}
 
 const CLIENT: &str = "192.0.2.7";
 
 impl Fixture {
-    fn new(toml: &str) -> Fixture {
-        let config = Config::from_toml(toml, std::path::Path::new("test.toml")).expect("config");
-        let metrics = Arc::new(Metrics::new());
-        let shaping = Shaping::detached(&config, &metrics);
-        Fixture {
-            config,
-            metrics,
-            shaping,
-        }
-    }
-
     fn imap(&self, tls_mode: TlsMode, require_tls: bool) -> Imap<'_> {
         self.imap_from(CLIENT, tls_mode, require_tls)
     }
@@ -54,17 +34,10 @@ impl Fixture {
     }
 
     /// `mailmoat_logins_total` for IMAP with this outcome.
-    fn logins(&self, outcome: &str) -> f64 {
-        let series = format!("mailmoat_logins_total{{outcome=\"{outcome}\",protocol=\"imap\"}}");
-        self.metrics
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    fn protocol_errors(&self) -> u64 {
-        self.metrics.protocol_errors.get()
+    fn imap_logins(&self, outcome: &str) -> f64 {
+        self.counted(&format!(
+            "mailmoat_logins_total{{outcome=\"{outcome}\",protocol=\"imap\"}}"
+        ))
     }
 }
 
@@ -529,9 +502,9 @@ fn login_verdicts_are_read_from_the_receivers_tagged_status() {
     s.receiver(b"e BAD too many arguments\r\n");
     assert_eq!(
         (
-            f.logins("failure"),
-            f.logins("repeated"),
-            f.logins("temporary")
+            f.imap_logins("failure"),
+            f.imap_logins("repeated"),
+            f.imap_logins("temporary")
         ),
         (1.0, 1.0, 2.0),
         "the same wrong password counts once; UNAVAILABLE and other NO not at all"
@@ -542,7 +515,7 @@ fn login_verdicts_are_read_from_the_receivers_tagged_status() {
     s.receiver(b"+ go\r\n");
     s.client(b"joe {5+}\r\nright\r\n");
     s.receiver(b"f OK Logged in\r\n");
-    assert_eq!(f.logins("success"), 1.0);
+    assert_eq!(f.imap_logins("success"), 1.0);
     assert_eq!(s.imap.next(), Next::Relay);
     assert_eq!(s.client(b"g SELECT INBOX\r\n").0, "g SELECT INBOX\r\n");
 }
@@ -598,7 +571,7 @@ fn an_account_under_attack_has_its_login_status_held_until_release() {
     assert_eq!(s.imap.wake_at(), None);
     assert!(s.imap.wants_client_bytes());
     assert_eq!(s.client(b"b IDLE\r\n").0, "b IDLE\r\n");
-    assert_eq!(f.logins("success"), 2.0);
+    assert_eq!(f.imap_logins("success"), 2.0);
 }
 
 impl Session<'_> {
