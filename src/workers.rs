@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 /// At most this many workers, whatever the core count says.
 const MAX_WORKERS: usize = 64;
+/// How often an idle worker wakes: see [`keep_time_near`].
+const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub struct Workers {
     handles: Vec<Handle>,
@@ -55,7 +57,10 @@ impl Workers {
             let stop = stop.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("mailmoat-w{i}"))
-                .spawn(move || runtime.block_on(stop.cancelled()))?;
+                .spawn(move || {
+                    runtime.spawn(keep_time_near());
+                    runtime.block_on(stop.cancelled())
+                })?;
             workers.threads.push(thread);
         }
         Ok(workers)
@@ -101,6 +106,22 @@ impl Workers {
             }
         })
         .await;
+    }
+}
+
+/// Keeps a timer always due within [`TICK`] on the worker's runtime.
+///
+/// Tokio's time driver wakes its reactor (an eventfd write, then one more
+/// `epoll_wait`) whenever a timer is armed earlier than the driver's next
+/// planned wake. With only sessions' idle deadlines (minutes away) in the
+/// wheel, every upstream connect timeout, ten seconds away, did that: one
+/// write and one extra turn per transaction. With a tick always nearer,
+/// deadlines a second or more away are armed silently.
+async fn keep_time_near() {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
     }
 }
 

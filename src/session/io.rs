@@ -165,6 +165,15 @@ pub async fn poll_once<F: Future>(future: F) -> Poll<F::Output> {
     poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
 }
 
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub bytes: usize,
+    /// The socket did not take them at once: time has passed since the
+    /// caller last read the clock.
+    pub waited: bool,
+}
+
 /// Writes all of `bytes` within `deadline`, then frees them.
 ///
 /// The deadline's timer is armed only when the socket does not take the
@@ -174,11 +183,14 @@ pub async fn write_all_within<W: AsyncWrite + Unpin>(
     writer: &mut W,
     bytes: &mut Vec<u8>,
     deadline: Duration,
-) -> Result<usize, WriteError> {
+) -> Result<Written, WriteError> {
+    let mut done = Written {
+        bytes: bytes.len(),
+        waited: false,
+    };
     if bytes.is_empty() {
-        return Ok(0);
+        return Ok(done);
     }
-    let n = bytes.len();
     // A TLS stream holds what it encrypted until flushed.
     let mut write = pin!(async {
         writer.write_all(bytes).await?;
@@ -188,15 +200,18 @@ pub async fn write_all_within<W: AsyncWrite + Unpin>(
         Poll::Ready(written) => written,
         // Boxed: the timer is large, and every session's future would
         // carry it for a wait that is rare.
-        Poll::Pending => match Box::pin(tokio::time::timeout(deadline, write)).await {
-            Ok(written) => written,
-            Err(_) => return Err(WriteError::TimedOut),
-        },
+        Poll::Pending => {
+            done.waited = true;
+            match Box::pin(tokio::time::timeout(deadline, write)).await {
+                Ok(written) => written,
+                Err(_) => return Err(WriteError::TimedOut),
+            }
+        }
     };
     match written {
         Ok(()) => {
             *bytes = Vec::new();
-            Ok(n)
+            Ok(done)
         }
         Err(e) => Err(WriteError::Io(e)),
     }
