@@ -32,7 +32,7 @@ pub use stream::{close, UpstreamStream, UPSTREAM_LINGER};
 use tokio_util::either::Either;
 
 use crate::config::{
-    Config, ListenerSettings, Protocol, ProxyProtocol, UpstreamSettings, UpstreamTls,
+    Config, ListenerSettings, Protocol, UpstreamSettings, UpstreamTls,
 };
 use crate::metrics::Metrics;
 use crate::proxy_protocol;
@@ -221,14 +221,7 @@ async fn connect_one(
     let settings = &upstream.settings;
     // With STARTTLS, connect_timeout bounds the whole exchange.
     let deadline = Instant::now() + settings.connect_timeout;
-    let mut stream = tcp_connect(server, settings.connect_timeout).await?;
-    if settings.proxy_protocol != ProxyProtocol::Off {
-        timeout(write_timeout, stream.write_all(header))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "PROXY header write timed out")
-            })??;
-    }
+    let stream = tcp_connect(server, settings.connect_timeout, header, write_timeout).await?;
     let Some(tls) = &upstream.tls else {
         return Ok(Connected {
             stream: Either::Left(stream),
@@ -249,11 +242,47 @@ async fn connect_one(
     })
 }
 
-async fn tcp_connect(server: SocketAddr, within: Duration) -> std::io::Result<TcpStream> {
-    let stream = timeout(within, TcpStream::connect(server))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
+/// Connects to `server` within `within` and sends `header` (the PROXY
+/// header; empty without one) within `write_timeout`.
+///
+/// On loopback and on a fast network the handshake is over by the time the
+/// non-blocking connect returns, so the header is written at once: waiting
+/// first for the socket to report writable cost a reactor turn and a
+/// `getsockopt` per connection. When the write would block, the connection
+/// is still opening: it waits for that as usual.
+async fn tcp_connect(
+    server: SocketAddr,
+    within: Duration,
+    header: &[u8],
+    write_timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let socket = mio::net::TcpStream::connect(server)?;
+    socket.set_nodelay(true)?;
+    let sent = if header.is_empty() {
+        0
+    } else {
+        match std::io::Write::write(&mut &socket, header) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        }
+    };
+    let mut stream = TcpStream::from_std(socket.into())?;
+    if sent == 0 {
+        timeout(within, stream.writable())
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    if sent < header.len() {
+        timeout(write_timeout, stream.write_all(&header[sent..]))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "PROXY header write timed out")
+            })??;
+    }
     Ok(stream)
 }
 
