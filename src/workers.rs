@@ -47,8 +47,9 @@ impl Workers {
             stop: stop.clone(),
         };
         for i in 0..count.max(1) {
-            // No signal driver: signals are the main runtime's business,
-            // and each driver costs descriptors.
+            // Signals are the main runtime's business, but tokio gives every
+            // runtime with I/O its own signal and process drivers all the
+            // same (their descriptors counted in `descriptors_held`).
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .enable_time()
@@ -70,9 +71,8 @@ impl Workers {
         &self.handles
     }
 
-    /// Descriptors the workers hold with `listeners` listening sockets:
-    /// each worker's reactor (epoll and its wakeup eventfd) and its copy of
-    /// every listening socket.
+    /// Descriptors the workers hold with `listeners` listening sockets
+    /// (see [`descriptors_held`]).
     pub fn descriptors(&self, listeners: usize) -> u64 {
         descriptors_held(self.handles.len(), listeners)
     }
@@ -131,9 +131,12 @@ pub fn per_core_count() -> usize {
     cores.min(MAX_WORKERS)
 }
 
-/// Descriptors `workers` hold with `listeners` listening sockets.
+/// Descriptors `workers` hold with `listeners` listening sockets: each
+/// worker's runtime opens four (two epoll instances, a wakeup eventfd and
+/// its copy of tokio's signal pipe, as `/proc/self/fd` shows for tokio
+/// 1.54), plus its copy of every listening socket.
 pub fn descriptors_held(workers: usize, listeners: usize) -> u64 {
-    let per_worker = 2 + listeners as u64;
+    let per_worker = 4 + listeners as u64;
     per_worker.saturating_mul(workers as u64)
 }
 

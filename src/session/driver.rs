@@ -445,3 +445,21 @@ impl<C, U, P> Drop for Driver<'_, C, U, P> {
             .inc_by(u64::from(self.unreported_to_client));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_reach_the_shared_counter_in_batches_and_none_are_lost() {
+        let counter = IntCounter::new("bytes", "bytes").unwrap();
+        let mut unreported = tally(&counter, 0, 100);
+        unreported = tally(&counter, unreported, 200);
+        assert_eq!((counter.get(), unreported), (0, 300));
+        let batch = REPORT_BYTES_EVERY as usize;
+        unreported = tally(&counter, unreported, batch);
+        assert_eq!((counter.get(), unreported), (300 + REPORT_BYTES_EVERY, 0));
+        unreported = tally(&counter, unreported, usize::MAX);
+        assert_eq!(unreported, 0, "a huge count is reported, not wrapped");
+    }
+}

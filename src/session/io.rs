@@ -315,4 +315,36 @@ mod tests {
         ));
         assert_eq!(buf, b"250 ok\r\n");
     }
+
+    #[tokio::test]
+    async fn a_write_says_whether_it_had_to_wait() {
+        let (mut ours, mut theirs) = tokio::io::duplex(4);
+        let within = Duration::from_secs(5);
+        let mut small = b"ok\r\n".to_vec();
+        let written = write_all_within(&mut ours, &mut small, within).await;
+        assert_eq!(
+            written.ok(),
+            Some(Written {
+                bytes: 4,
+                waited: false
+            })
+        );
+        assert!(small.is_empty(), "freed once written");
+
+        let mut large = b"more than fits".to_vec();
+        let mut read = vec![0; 4 + large.len()];
+        let (written, read_back) = tokio::join!(
+            write_all_within(&mut ours, &mut large, within),
+            tokio::io::AsyncReadExt::read_exact(&mut theirs, &mut read),
+        );
+        assert_eq!(
+            written.ok(),
+            Some(Written {
+                bytes: 14,
+                waited: true
+            })
+        );
+        read_back.expect("read");
+        assert_eq!(read, b"ok\r\nmore than fits");
+    }
 }

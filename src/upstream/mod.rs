@@ -31,9 +31,7 @@ pub use starttls::{StarttlsError, TlsClient, TlsClientError};
 pub use stream::{close, UpstreamStream, UPSTREAM_LINGER};
 use tokio_util::either::Either;
 
-use crate::config::{
-    Config, ListenerSettings, Protocol, UpstreamSettings, UpstreamTls,
-};
+use crate::config::{Config, ListenerSettings, Protocol, UpstreamSettings, UpstreamTls};
 use crate::metrics::Metrics;
 use crate::proxy_protocol;
 use crate::tls::TlsFacts;
@@ -269,9 +267,9 @@ async fn tcp_connect(
     };
     let mut stream = TcpStream::from_std(socket.into())?;
     if sent == 0 {
-        timeout(within, stream.writable())
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+        timeout(within, stream.writable()).await.map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+        })??;
         if let Some(e) = stream.take_error()? {
             return Err(e);
         }

@@ -383,3 +383,36 @@ async fn the_receiver_check_speaks_imap_and_pop3_to_their_receivers() {
         other => panic!("expected the header advice, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_connection_sends_its_header_first_whether_or_not_the_handshake_is_done() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let header = b"PROXY TCP4 127.0.0.9 127.0.0.1 5000 25\r\n";
+    let within = Duration::from_secs(5);
+    let mut stream = tcp_connect(server, within, header, within)
+        .await
+        .expect("connects");
+    stream.write_all(b"EHLO x\r\n").await.unwrap();
+    let (mut accepted, _) = listener.accept().await.unwrap();
+    let mut got = vec![0; header.len() + 8];
+    tokio::io::AsyncReadExt::read_exact(&mut accepted, &mut got)
+        .await
+        .unwrap();
+    assert_eq!(&got[..header.len()], header);
+    assert_eq!(&got[header.len()..], b"EHLO x\r\n");
+    assert!(stream.nodelay().unwrap());
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_an_error_with_or_without_a_header() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let within = Duration::from_secs(5);
+    for header in [&b""[..], b"PROXY UNKNOWN\r\n"] {
+        let refused = tcp_connect(closed, within, header, within).await;
+        assert!(refused.is_err(), "header {header:?}: {refused:?}");
+    }
+}
