@@ -105,7 +105,7 @@ impl Metrics {
             .collect();
         let bytes = counter_vec(
             "mailmoat_bytes_total",
-            "Bytes relayed, by direction: from_client or to_client.",
+            "Bytes relayed, by direction: from_client or to_client; a session adds its own every 16 KiB and when it ends.",
             "direction",
         );
         let protocol_errors = counter(

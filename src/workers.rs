@@ -17,6 +17,7 @@
 
 use std::future::Future;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 /// At most this many workers, whatever the core count says.
 const MAX_WORKERS: usize = 64;
 /// How often an idle worker wakes: see [`keep_time_near`].
-const TICK: std::time::Duration = std::time::Duration::from_millis(500);
+const TICK: Duration = Duration::from_millis(500);
 
 pub struct Workers {
     handles: Vec<Handle>,
@@ -116,7 +117,10 @@ impl Workers {
 /// planned wake. With only sessions' idle deadlines (minutes away) in the
 /// wheel, every upstream connect timeout, ten seconds away, did that: one
 /// write and one extra turn per transaction. With a tick always nearer,
-/// deadlines a second or more away are armed silently.
+/// deadlines more than [`TICK`] away are armed silently; the tick's own
+/// re-arm wakes the reactor, twice a second per worker, busy or idle.
+///
+/// Not supervised: it cannot fail, and ends only with its runtime.
 async fn keep_time_near() {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -132,9 +136,9 @@ pub fn per_core_count() -> usize {
 }
 
 /// Descriptors `workers` hold with `listeners` listening sockets: each
-/// worker's runtime opens four (two epoll instances, a wakeup eventfd and
-/// its copy of tokio's signal pipe, as `/proc/self/fd` shows for tokio
-/// 1.54), plus its copy of every listening socket.
+/// worker's runtime opens four (its epoll and a duplicate of it, a wakeup
+/// eventfd and its copy of tokio's signal pipe, as `/proc/self/fd` shows
+/// for tokio 1.54), plus its copy of every listening socket.
 pub fn descriptors_held(workers: usize, listeners: usize) -> u64 {
     let per_worker = 4 + listeners as u64;
     per_worker.saturating_mul(workers as u64)

@@ -221,18 +221,16 @@ where
                 self.last_activity = self.now;
                 self.protocol.upstream_input(&mut self.io, self.now);
             }
-            Wake::Upstream(read) => {
-                let failed = match read {
-                    Ok(_) => self.protocol.upstream_finished(),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "upstream read failed");
-                        CloseReason::UpstreamError
-                    }
-                };
-                if failed == CloseReason::ClientQuit {
-                    return Err(failed);
+            Wake::Upstream(Ok(0)) => {
+                let finished = self.protocol.upstream_finished();
+                if finished == CloseReason::ClientQuit {
+                    return Err(finished);
                 }
-                return Err(Box::pin(self.receiver_lost(failed)).await);
+                return Err(Box::pin(self.receiver_lost(finished)).await);
+            }
+            Wake::Upstream(Err(e)) => {
+                tracing::debug!(error = %e, "upstream read failed");
+                return Err(Box::pin(self.receiver_lost(CloseReason::UpstreamError)).await);
             }
             Wake::Timer => {
                 if self.protocol.wake_at().is_some_and(|at| at <= self.now) {
@@ -451,7 +449,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bytes_reach_the_shared_counter_in_batches_and_none_are_lost() {
+    fn bytes_reach_the_shared_counter_in_batches() {
         let counter = IntCounter::new("bytes", "bytes").unwrap();
         let mut unreported = tally(&counter, 0, 100);
         unreported = tally(&counter, unreported, 200);
@@ -459,7 +457,12 @@ mod tests {
         let batch = REPORT_BYTES_EVERY as usize;
         unreported = tally(&counter, unreported, batch);
         assert_eq!((counter.get(), unreported), (300 + REPORT_BYTES_EVERY, 0));
-        unreported = tally(&counter, unreported, usize::MAX);
-        assert_eq!(unreported, 0, "a huge count is reported, not wrapped");
+        let beyond_u32 = u32::MAX as usize + 1;
+        unreported = tally(&counter, 5, beyond_u32);
+        assert_eq!(unreported, 0);
+        assert_eq!(
+            counter.get(),
+            300 + REPORT_BYTES_EVERY + 5 + beyond_u32 as u64
+        );
     }
 }

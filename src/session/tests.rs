@@ -517,3 +517,32 @@ async fn shadow_mode_counts_a_message_over_the_rate_and_refuses_nothing() {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_byte_relayed_is_counted_once_the_session_ends() {
+    let greeting = b"220 mx.test ESMTP\r\n";
+    let accepted = b"220 2.0.0 go ahead\r\n";
+    let opaque = vec![0x17u8; 40_000];
+    let sent = opaque.clone();
+    let (reason, metrics) = relay_configured("", |mut p| async move {
+        p.greet().await;
+        p.exchange(b"STARTTLS\r\n", accepted).await;
+        // Over two of the driver's reporting batches, then a remainder.
+        p.client.write_all(&sent).await.unwrap();
+        expect_bytes(&mut p.upstream, &sent).await;
+        p.upstream.write_all(b"\x17\x03\x03reply").await.unwrap();
+        expect_bytes(&mut p.client, b"\x17\x03\x03reply").await;
+        let Pipes {
+            client,
+            mut upstream,
+        } = p;
+        drop(client);
+        rest(&mut upstream).await;
+    })
+    .await;
+    assert_eq!(reason, CloseReason::ClientClosed);
+    let from_client = b"STARTTLS\r\n".len() + opaque.len();
+    let to_client = greeting.len() + accepted.len() + b"\x17\x03\x03reply".len();
+    assert_eq!(metrics.bytes_from_client.get(), from_client as u64);
+    assert_eq!(metrics.bytes_to_client.get(), to_client as u64);
+}

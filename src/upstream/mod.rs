@@ -261,7 +261,15 @@ async fn tcp_connect(
     } else {
         match std::io::Write::write(&mut &socket, header) {
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            // Still opening: Linux says EAGAIN, the BSDs ENOTCONN.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::NotConnected
+                ) =>
+            {
+                0
+            }
             Err(e) => return Err(e),
         }
     };

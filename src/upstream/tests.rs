@@ -385,7 +385,7 @@ async fn the_receiver_check_speaks_imap_and_pop3_to_their_receivers() {
 }
 
 #[tokio::test]
-async fn a_connection_sends_its_header_first_whether_or_not_the_handshake_is_done() {
+async fn a_connection_sends_its_header_before_anything_else() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = listener.local_addr().unwrap();
     let header = b"PROXY TCP4 127.0.0.9 127.0.0.1 5000 25\r\n";
