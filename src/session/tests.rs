@@ -144,6 +144,17 @@ impl Pipes {
         expect_bytes(&mut self.client, greeting).await;
     }
 
+    /// The client hangs up first; the receiver's end stays open until the
+    /// relay lets go of it.
+    async fn client_hangs_up(self) {
+        let Pipes {
+            client,
+            mut upstream,
+        } = self;
+        drop(client);
+        rest(&mut upstream).await;
+    }
+
     /// `command` reaches the receiver, whose `reply` reaches the client.
     async fn exchange(&mut self, command: &[u8], reply: &[u8]) {
         self.client.write_all(command).await.unwrap();
@@ -236,14 +247,7 @@ async fn after_starttls_bytes_pass_through_opaquely() {
         expect_bytes(&mut p.upstream, tls).await;
         p.upstream.write_all(b"\x17\x03\x03reply").await.unwrap();
         expect_bytes(&mut p.client, b"\x17\x03\x03reply").await;
-        // The client hangs up first; the receiver's end stays open
-        // until the relay lets go of it.
-        let Pipes {
-            client,
-            mut upstream,
-        } = p;
-        drop(client);
-        rest(&mut upstream).await;
+        p.client_hangs_up().await;
     })
     .await;
     assert_eq!(reason, CloseReason::ClientClosed);
@@ -532,12 +536,7 @@ async fn every_byte_relayed_is_counted_once_the_session_ends() {
         expect_bytes(&mut p.upstream, &sent).await;
         p.upstream.write_all(b"\x17\x03\x03reply").await.unwrap();
         expect_bytes(&mut p.client, b"\x17\x03\x03reply").await;
-        let Pipes {
-            client,
-            mut upstream,
-        } = p;
-        drop(client);
-        rest(&mut upstream).await;
+        p.client_hangs_up().await;
     })
     .await;
     assert_eq!(reason, CloseReason::ClientClosed);
