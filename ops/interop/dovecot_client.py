@@ -181,7 +181,11 @@ def refused(args):
     if greeting == b"" or greeting.startswith((b"* BYE", b"-ERR")):
         print(f"connection from {args.source} refused: {greeting!r}")
         return
-    fail(f"connection from {args.source} greeted {greeting!r}, expected a refusal")
+    # Not a failure by itself: the script polls this until its deadline
+    # (a ban reaches the door a moment after it is listed), and says FAIL
+    # only when that runs out.
+    print(f"connection from {args.source} greeted {greeting!r}, not refused yet")
+    sys.exit(1)
 
 
 def main():
