@@ -227,11 +227,15 @@ impl<C: Clock + Clone> Admission<C> {
 
     /// Evicts idle per-IP state and refreshes the state gauges.
     pub fn sweep(&self, now: Instant) {
-        let evicted = self.rate.sweep();
-        let before = self.greet_passed.len();
-        self.greet_passed.retain(|_, until| *until > now);
+        let mut evicted = self.rate.sweep();
+        // Counted as removed, not as a difference of lengths: clients
+        // pass the greet pause while this runs.
+        self.greet_passed.retain(|_, until| {
+            let keep = *until > now;
+            evicted += usize::from(!keep);
+            keep
+        });
         self.greet_passed.shrink_to_fit();
-        let evicted = evicted + before.saturating_sub(self.greet_passed.len());
         self.metrics.tracked_evictions.inc_by(evicted as u64);
         self.metrics.tracked_ips.set(self.rate.len() as i64);
         self.metrics

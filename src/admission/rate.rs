@@ -4,16 +4,21 @@
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::DashMapStateStore;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 
 use crate::config::Rate;
 
 pub struct RateTable<C: Clock = DefaultClock> {
-    limiter: RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, NoOpMiddleware<C::Instant>>,
+    limiter: RateLimiter<IpAddr, Buckets, C, NoOpMiddleware<C::Instant>>,
+    /// Buckets the sweeps removed and no sweep has reported yet.
+    evicted: Arc<AtomicUsize>,
     max_tracked: usize,
     /// At least the number of buckets: the last exact count plus every
     /// check since (each may add one), so the map, whose exact count locks
@@ -49,8 +54,14 @@ impl RateTable<DefaultClock> {
 
 impl<C: Clock> RateTable<C> {
     pub fn with_clock(quota: Quota, max_tracked: usize, clock: C) -> Self {
+        let evicted = Arc::new(AtomicUsize::new(0));
+        let buckets = Buckets {
+            map: DashMapStateStore::default(),
+            evicted: Arc::clone(&evicted),
+        };
         RateTable {
-            limiter: RateLimiter::dashmap_with_clock(quota, clock),
+            limiter: RateLimiter::new(quota, buckets, clock),
+            evicted,
             max_tracked,
             at_most: AtomicUsize::new(0),
             recounting: AtomicBool::new(false),
@@ -72,11 +83,10 @@ impl<C: Clock> RateTable<C> {
     /// Forgets buckets that are full again (as if never seen); returns how
     /// many were evicted.
     pub fn sweep(&self) -> usize {
-        let before = self.limiter.len();
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
         self.recount(0);
-        before.saturating_sub(self.limiter.len())
+        self.evicted.swap(0, Ordering::AcqRel)
     }
 
     /// Counts the buckets and lowers the estimate to that count, keeping
@@ -100,5 +110,63 @@ impl<C: Clock> RateTable<C> {
 
     pub fn is_empty(&self) -> bool {
         self.limiter.is_empty()
+    }
+}
+
+/// governor's own dashmap store, counting what its sweep removes. The
+/// length before a sweep less the length after it is not that count:
+/// clients keep adding buckets while the sweep runs.
+struct Buckets {
+    map: DashMapStateStore<IpAddr>,
+    evicted: Arc<AtomicUsize>,
+}
+
+impl StateStore for Buckets {
+    type Key = IpAddr;
+
+    fn measure_and_replace<T, F, E>(&self, key: &IpAddr, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.map.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<IpAddr> for Buckets {
+    /// governor's rule (a bucket whose arrival time is at or before
+    /// `drop_below` is as good as new), counted as it removes.
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.map.retain(|_, bucket| {
+            let keep = arrival_time(bucket) > drop_below.as_u64();
+            if !keep {
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
+            keep
+        });
+    }
+
+    fn shrink_to_fit(&self) {
+        self.map.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// A bucket's theoretical arrival time (ns since the limiter's start), read
+/// through the one public door to it: a measurement that declines to
+/// replace anything.
+fn arrival_time(bucket: &InMemoryState) -> u64 {
+    let read = bucket.measure_and_replace(&NotKeyed::NonKey, |tat| {
+        Err::<((), Nanos), u64>(tat.map_or(0, Nanos::as_u64))
+    });
+    match read {
+        Ok(()) => 0,
+        Err(tat) => tat,
     }
 }

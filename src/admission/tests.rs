@@ -250,3 +250,49 @@ fn reload_keeps_connection_rate_buckets_while_the_rate_is_unchanged() {
     let changed = old.reconfigured(&Config::from_toml(faster, Path::new("t.toml")).unwrap());
     assert!(changed.admit(ip("192.0.2.1")).is_ok());
 }
+
+/// Regression: a sweep counted its evictions as the table's length before
+/// it less the length after, so each bucket a client added while the sweep
+/// ran hid one eviction (CI saw 998 of 1,000 sources evicted).
+#[test]
+fn evictions_are_counted_exactly_while_clients_arrive_during_sweeps() {
+    const STALE: u32 = 20_000;
+    const ARRIVING: u32 = 20_000;
+    let clock = FakeRelativeClock::default();
+    let per_second = governor::Quota::per_second(std::num::NonZeroU32::MIN);
+    let table = Arc::new(RateTable::with_clock(per_second, 1_000_000, clock.clone()));
+    for i in 0..STALE {
+        assert_eq!(table.check(v4(0x0a00_0000 + i)), RateCheck::Allowed);
+    }
+    clock.advance(Duration::from_secs(2));
+
+    let start = Arc::new(std::sync::Barrier::new(2));
+    let arrivals = std::thread::spawn({
+        let (table, start) = (Arc::clone(&table), Arc::clone(&start));
+        move || {
+            start.wait();
+            for i in 0..ARRIVING {
+                table.check(v4(0x0b00_0000 + i));
+            }
+        }
+    });
+    start.wait();
+    let mut evicted = 0;
+    for _ in 0..10_000 {
+        evicted += table.sweep();
+        if arrivals.is_finished() {
+            break;
+        }
+    }
+    arrivals.join().expect("arrivals");
+    evicted += table.sweep();
+    assert_eq!(
+        evicted, STALE as usize,
+        "the stale buckets, each counted once"
+    );
+    assert_eq!(table.len(), ARRIVING as usize);
+
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(table.sweep(), ARRIVING as usize);
+    assert!(table.is_empty());
+}
