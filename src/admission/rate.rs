@@ -1,6 +1,7 @@
 //! Per-IP connection-rate token buckets (governor, keyed, dashmap state),
 //! bounded in how many IPs they track.
 
+use std::convert::Infallible;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -162,11 +163,8 @@ impl ShrinkableKeyedStateStore<IpAddr> for Buckets {
 /// through the one public door to it: a measurement that declines to
 /// replace anything.
 fn arrival_time(bucket: &InMemoryState) -> u64 {
-    let read = bucket.measure_and_replace(&NotKeyed::NonKey, |tat| {
-        Err::<((), Nanos), u64>(tat.map_or(0, Nanos::as_u64))
+    let Err(tat) = bucket.measure_and_replace(&NotKeyed::NonKey, |tat| {
+        Err::<(Infallible, Nanos), u64>(tat.map_or(0, Nanos::as_u64))
     });
-    match read {
-        Ok(()) => 0,
-        Err(tat) => tat,
-    }
+    tat
 }
